@@ -1,0 +1,89 @@
+//! Typed configuration of each command, built by the CLI (flags and environment) and
+//! passed whole to the library.
+
+use std::path::PathBuf;
+
+use crate::dtype::FloatDType;
+
+/// `warm fuse`.
+#[derive(Debug, Clone)]
+pub struct FuseConfig {
+    pub members: MembersConfig,
+    pub output: PathBuf,
+    /// Output dtype of the float tensors; None keeps the stored one.
+    pub dtype: Option<FloatDType>,
+    pub max_shard_size: u64,
+}
+
+/// The WARM set: member folders, their weights and how strict the shared-init check is.
+#[derive(Debug, Clone)]
+pub struct MembersConfig {
+    pub dirs: Vec<PathBuf>,
+    /// Raw `--weights` (normalized later); None is uniform.
+    pub weights: Option<Vec<f64>>,
+    pub allow_unrelated_members: bool,
+}
+
+/// Parses a size: plain bytes or a number with a unit. KB/MB/GB/TB are powers of 1000,
+/// KiB/MiB/GiB/TiB powers of 1024 (`5GB`, `512MiB`, `65536`).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid size '{text}': expected e.g. 65536, 8MB or 5GiB"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1_000,
+        "mb" | "m" => 1_000_000,
+        "gb" | "g" => 1_000_000_000,
+        "tb" | "t" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        other => return Err(format!("invalid size '{text}': unknown unit '{other}'")),
+    };
+    let bytes = value * factor as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("invalid size '{text}': out of range"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// Parses `--weights 0.5,0.25,0.25`.
+pub fn parse_weights(text: &str) -> Result<Vec<f64>, String> {
+    text.split(',')
+        .map(|w| {
+            w.trim()
+                .parse::<f64>()
+                .map_err(|_| format!("invalid weight '{}': expected a number", w.trim()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_decimal_and_binary_units() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("8MB"), Ok(8_000_000));
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("2KiB"), Ok(2048));
+        assert_eq!(parse_size("1.5 GiB"), Ok(1_610_612_736));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn weights_parse_as_a_comma_list() {
+        assert_eq!(parse_weights("1, 2,0.5"), Ok(vec![1.0, 2.0, 0.5]));
+        assert!(parse_weights("1,x").unwrap_err().contains("'x'"));
+    }
+}

@@ -1,0 +1,568 @@
+//! The CPU averaging kernel: out = sum_i w_i x_i over M members for one tensor, with f32
+//! accumulation and one rounding to the output type, plus the statistics of the shared-init
+//! check gathered in the same pass over the data.
+//!
+//! The sum is formed around a base member b (the one with the largest weight):
+//! out = x_b + sum_{i != b} w_i (x_i - x_b). With weights summing to one this is the same
+//! average, but it is exact when all members are equal (fusing a model with itself returns
+//! it bit for bit) and more accurate when members are close, which is the WARM case.
+
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+use rayon::prelude::*;
+
+use crate::dtype::FloatDType;
+
+/// Elements per inner block: M blocks of f32 stay in the L1/L2 cache.
+const BLOCK: usize = 1024;
+/// Elements per parallel task.
+const CHUNK: usize = 64 * 1024;
+/// Below this many elements a tensor is done on the calling thread.
+const PARALLEL_MIN: usize = 4 * CHUNK;
+
+/// Sums over one member's elements x, with r = s - x the sum of the other members and
+/// M the member count: |x|^2, <x, r>, |r|^2 and |(M-1) x - r|^2. They give the cosine of x
+/// to the mean of the others and its relative distance to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MemberSums {
+    pub sq: f64,
+    pub dot_rest: f64,
+    pub rest_sq: f64,
+    pub dev_sq: f64,
+}
+
+impl std::ops::AddAssign for MemberSums {
+    fn add_assign(&mut self, o: Self) {
+        self.sq += o.sq;
+        self.dot_rest += o.dot_rest;
+        self.rest_sq += o.rest_sq;
+        self.dev_sq += o.dev_sq;
+    }
+}
+
+/// What averaging one tensor found out about its members.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSums {
+    pub members: Vec<MemberSums>,
+    /// A member whose block sums were not finite holds NaN or Inf (or values so large that
+    /// their squares overflow f32): the caller scans it exactly.
+    pub suspect: Vec<bool>,
+}
+
+impl TensorSums {
+    fn zero(m: usize) -> Self {
+        Self {
+            members: vec![MemberSums::default(); m],
+            suspect: vec![false; m],
+        }
+    }
+
+    fn merge(mut self, other: Self) -> Self {
+        for (a, b) in self.members.iter_mut().zip(other.members) {
+            *a += b;
+        }
+        for (a, b) in self.suspect.iter_mut().zip(other.suspect) {
+            *a |= b;
+        }
+        self
+    }
+}
+
+/// An output element type.
+pub trait OutElem: Copy + Default + Send + Sync + 'static {
+    const DTYPE: FloatDType;
+    fn encode(src: &[f32], dst: &mut [Self]);
+    fn to_f32(self) -> f32;
+}
+
+impl OutElem for f32 {
+    const DTYPE: FloatDType = FloatDType::F32;
+    #[inline(always)]
+    fn encode(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src);
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl OutElem for f16 {
+    const DTYPE: FloatDType = FloatDType::F16;
+    #[inline(always)]
+    fn encode(src: &[f32], dst: &mut [Self]) {
+        // half uses the F16C instructions (round to nearest even) when the CPU has them.
+        dst.convert_from_f32_slice(src);
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+impl OutElem for bf16 {
+    const DTYPE: FloatDType = FloatDType::BF16;
+    #[inline(always)]
+    fn encode(src: &[f32], dst: &mut [Self]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = bf16::from_bits(f32_to_bf16_bits(s));
+        }
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+/// Round to nearest even, branch-free so that it vectorizes. NaN stays NaN.
+#[inline(always)]
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    let is_nan = (bits & 0x7fff_ffff) > 0x7f80_0000;
+    let nan = ((bits >> 16) | 0x40) as u16;
+    if is_nan {
+        nan
+    } else {
+        (rounded >> 16) as u16
+    }
+}
+
+/// Widens little-endian stored values to f32.
+#[inline(always)]
+pub fn decode(dtype: FloatDType, bytes: &[u8], dst: &mut [f32]) {
+    match dtype {
+        FloatDType::F32 => {
+            for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        FloatDType::BF16 => {
+            for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                *d = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
+            }
+        }
+        FloatDType::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
+            Ok(src) => src.convert_to_f32_slice(dst),
+            Err(_) => {
+                for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *d = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+        },
+    }
+}
+
+/// Averages one tensor. `inputs[i]` holds member i's stored bytes (all of `in_dtype`),
+/// `weights` sum to one, `base` is the member the sum is formed around.
+pub fn average<O: OutElem>(
+    inputs: &[&[u8]],
+    in_dtype: FloatDType,
+    weights: &[f32],
+    base: usize,
+    out: &mut [O],
+) -> TensorSums {
+    let m = inputs.len();
+    let size = in_dtype.size_in_bytes();
+    debug_assert!(inputs.iter().all(|x| x.len() == out.len() * size));
+    debug_assert_eq!(weights.len(), m);
+    let run = |start: usize, out: &mut [O]| {
+        let slices: Vec<&[u8]> = inputs
+            .iter()
+            .map(|x| &x[start * size..(start + out.len()) * size])
+            .collect();
+        average_chunk(&slices, in_dtype, weights, base, out)
+    };
+    if out.len() < PARALLEL_MIN {
+        return run(0, out);
+    }
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .map(|(c, chunk)| run(c * CHUNK, chunk))
+        .reduce(|| TensorSums::zero(m), TensorSums::merge)
+}
+
+fn average_chunk<O: OutElem>(
+    inputs: &[&[u8]],
+    in_dtype: FloatDType,
+    weights: &[f32],
+    base: usize,
+    out: &mut [O],
+) -> TensorSums {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { average_chunk_avx2(inputs, in_dtype, weights, base, out) };
+        }
+    }
+    average_chunk_portable(inputs, in_dtype, weights, base, out)
+}
+
+/// The same code compiled for AVX2: 8-lane vectors for the sums and conversions. No FMA,
+/// so the results are the same on every x86_64 CPU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn average_chunk_avx2<O: OutElem>(
+    inputs: &[&[u8]],
+    in_dtype: FloatDType,
+    weights: &[f32],
+    base: usize,
+    out: &mut [O],
+) -> TensorSums {
+    average_chunk_portable(inputs, in_dtype, weights, base, out)
+}
+
+#[inline(always)]
+fn average_chunk_portable<O: OutElem>(
+    inputs: &[&[u8]],
+    in_dtype: FloatDType,
+    weights: &[f32],
+    base: usize,
+    out: &mut [O],
+) -> TensorSums {
+    let m = inputs.len();
+    let size = in_dtype.size_in_bytes();
+    let others = (m - 1) as f32;
+    let mut sums = TensorSums::zero(m);
+    let mut x = vec![0f32; m * BLOCK];
+    let mut acc = vec![0f32; BLOCK];
+    let mut total = vec![0f32; BLOCK];
+    let mut start = 0;
+    while start < out.len() {
+        let len = BLOCK.min(out.len() - start);
+        for (i, input) in inputs.iter().enumerate() {
+            decode(
+                in_dtype,
+                &input[start * size..(start + len) * size],
+                &mut x[i * BLOCK..i * BLOCK + len],
+            );
+        }
+        let xb = &x[base * BLOCK..base * BLOCK + len];
+        let acc = &mut acc[..len];
+        acc.copy_from_slice(xb);
+        let total = &mut total[..len];
+        total.copy_from_slice(xb);
+        for (i, &w) in weights.iter().enumerate() {
+            if i == base {
+                continue;
+            }
+            let xi = &x[i * BLOCK..i * BLOCK + len];
+            for ((a, &v), &b) in acc.iter_mut().zip(xi).zip(xb) {
+                *a += w * (v - b);
+            }
+            for (t, &v) in total.iter_mut().zip(xi) {
+                *t += v;
+            }
+        }
+        for i in 0..m {
+            let [sq, dot_rest, rest_sq, dev_sq] =
+                block_sums(&x[i * BLOCK..i * BLOCK + len], total, others);
+            if !sq.is_finite() || !dev_sq.is_finite() {
+                sums.suspect[i] = true;
+            }
+            let s = &mut sums.members[i];
+            s.sq += f64::from(sq);
+            s.dot_rest += f64::from(dot_rest);
+            s.rest_sq += f64::from(rest_sq);
+            s.dev_sq += f64::from(dev_sq);
+        }
+        O::encode(acc, &mut out[start..start + len]);
+        start += len;
+    }
+    sums
+}
+
+/// The four sums of [`MemberSums`] over one block, in 8 independent lanes so that the
+/// compiler vectorizes them.
+#[inline(always)]
+fn block_sums(x: &[f32], total: &[f32], others: f32) -> [f32; 4] {
+    const L: usize = 8;
+    let mut sq = [0f32; L];
+    let mut xr = [0f32; L];
+    let mut rr = [0f32; L];
+    let mut dd = [0f32; L];
+    let xs = x.chunks_exact(L);
+    let ts = total.chunks_exact(L);
+    let (x_tail, t_tail) = (xs.remainder(), ts.remainder());
+    for (xv, tv) in xs.zip(ts) {
+        for l in 0..L {
+            let v = xv[l];
+            let r = tv[l] - v;
+            let d = others * v - r;
+            sq[l] += v * v;
+            xr[l] += v * r;
+            rr[l] += r * r;
+            dd[l] += d * d;
+        }
+    }
+    for (l, (&v, &t)) in x_tail.iter().zip(t_tail).enumerate() {
+        let r = t - v;
+        let d = others * v - r;
+        sq[l] += v * v;
+        xr[l] += v * r;
+        rr[l] += r * r;
+        dd[l] += d * d;
+    }
+    [
+        sq.iter().sum(),
+        xr.iter().sum(),
+        rr.iter().sum(),
+        dd.iter().sum(),
+    ]
+}
+
+/// The exact f64 sums for one tensor, used when the fast pass saw a non-finite block sum
+/// that was an overflow rather than a NaN or Inf in the data.
+pub fn exact_sums(inputs: &[&[u8]], in_dtype: FloatDType) -> Vec<MemberSums> {
+    let m = inputs.len();
+    let n = inputs[0].len() / in_dtype.size_in_bytes();
+    let widen = |i: usize| {
+        let mut v = vec![0f32; n];
+        decode(in_dtype, inputs[i], &mut v);
+        v
+    };
+    let values: Vec<Vec<f32>> = (0..m).map(widen).collect();
+    let others = (m - 1) as f64;
+    let mut sums = vec![MemberSums::default(); m];
+    for k in 0..n {
+        let total: f64 = values.iter().map(|v| f64::from(v[k])).sum();
+        for (i, s) in sums.iter_mut().enumerate() {
+            let v = f64::from(values[i][k]);
+            let r = total - v;
+            let d = others * v - r;
+            s.sq += v * v;
+            s.dot_rest += v * r;
+            s.rest_sq += r * r;
+            s.dev_sq += d * d;
+        }
+    }
+    sums
+}
+
+/// The first non-finite element of a stored tensor and how many there are.
+pub fn find_non_finite(bytes: &[u8], dtype: FloatDType) -> Option<(usize, f32, usize)> {
+    let n = bytes.len() / dtype.size_in_bytes();
+    let mut values = vec![0f32; n];
+    decode(dtype, bytes, &mut values);
+    let mut bad = values.iter().enumerate().filter(|(_, v)| !v.is_finite());
+    let (first, &value) = bad.next()?;
+    Some((first, value, 1 + bad.count()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift), so the tests need no extra crate.
+    struct Rng(u64);
+    impl Rng {
+        fn next_f32(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    fn encode_members(dtype: FloatDType, values: &[Vec<f32>]) -> Vec<Vec<u8>> {
+        values
+            .iter()
+            .map(|v| match dtype {
+                FloatDType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                FloatDType::F16 => v
+                    .iter()
+                    .flat_map(|x| f16::from_f32(*x).to_bits().to_le_bytes())
+                    .collect(),
+                FloatDType::BF16 => v
+                    .iter()
+                    .flat_map(|x| bf16::from_f32(*x).to_bits().to_le_bytes())
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Members close to a shared init, like fine-tuned models, in `dtype`'s precision.
+    fn members(m: usize, n: usize, dtype: FloatDType, seed: u64) -> (Vec<Vec<u8>>, Vec<Vec<f64>>) {
+        let mut rng = Rng(seed);
+        let init: Vec<f32> = (0..n).map(|_| rng.next_f32() * 0.5).collect();
+        let raw: Vec<Vec<f32>> = (0..m)
+            .map(|_| init.iter().map(|x| x + 0.01 * rng.next_f32()).collect())
+            .collect();
+        let bytes = encode_members(dtype, &raw);
+        let stored: Vec<Vec<f64>> = bytes
+            .iter()
+            .map(|b| {
+                let mut v = vec![0f32; n];
+                decode(dtype, b, &mut v);
+                v.into_iter().map(f64::from).collect()
+            })
+            .collect();
+        (bytes, stored)
+    }
+
+    fn normalized(w: &[f64]) -> Vec<f64> {
+        let s: f64 = w.iter().sum();
+        w.iter().map(|x| x / s).collect()
+    }
+
+    /// The straightforward reference: an f64 weighted sum (rounded once by the caller), and
+    /// the sum of the terms' magnitudes, which bounds the error of any f32 accumulation.
+    fn reference(stored: &[Vec<f64>], w: &[f64]) -> Vec<(f64, f64)> {
+        (0..stored[0].len())
+            .map(|k| {
+                let sum = stored.iter().zip(w).map(|(v, w)| v[k] * w).sum();
+                let magnitude = stored.iter().zip(w).map(|(v, w)| (v[k] * w).abs()).sum();
+                (sum, magnitude)
+            })
+            .collect()
+    }
+
+    /// The reference rounded once to the output type, and one unit in the last place there.
+    fn rounded_and_ulp(dtype: FloatDType, want: f64) -> (f32, f64) {
+        let (rounded, mantissa_bits, min_exp) = match dtype {
+            FloatDType::F32 => (want as f32, 23, -126),
+            FloatDType::F16 => (f16::from_f64(want).to_f32(), 10, -14),
+            FloatDType::BF16 => (bf16::from_f64(want).to_f32(), 7, -126),
+        };
+        let exp = (want.abs().log2().floor() as i32).max(min_exp);
+        (rounded, 2f64.powi(exp - mantissa_bits))
+    }
+
+    fn check<O: OutElem>(in_dtype: FloatDType, m: usize, n: usize, w: &[f64]) {
+        // With weights that are exact in binary the f64 and f32 sums see the same ties.
+        let dyadic = normalized(w).iter().all(|x| (x * 1024.0).fract() == 0.0);
+        let (bytes, stored) = members(m, n, in_dtype, 0x9e37_79b9 + n as u64 * 31 + m as u64);
+        let wn = normalized(w);
+        let wf: Vec<f32> = wn.iter().map(|&x| x as f32).collect();
+        let base = (0..m).max_by(|&a, &b| wf[a].total_cmp(&wf[b])).unwrap();
+        let inputs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let mut out = vec![O::default(); n];
+        let sums = average(&inputs, in_dtype, &wf, base, &mut out);
+        assert!(sums.suspect.iter().all(|s| !s));
+        let want = reference(&stored, &wn);
+        let mut exact = 0;
+        for (k, (&g, &(r, magnitude))) in out.iter().zip(&want).enumerate() {
+            let (rounded, ulp) = rounded_and_ulp(O::DTYPE, r);
+            let g = g.to_f32();
+            // One rounding to the output type, plus the f32 accumulation error bound (a few
+            // f32 epsilons of the terms' magnitude, which matters only under cancellation).
+            let bound = ulp + 4.0 * f64::from(f32::EPSILON) * magnitude;
+            assert!(
+                (f64::from(g) - r).abs() <= bound,
+                "{in_dtype}->{:?} m={m} n={n} element {k}: {g} vs {r}",
+                O::DTYPE
+            );
+            exact += usize::from(g == rounded);
+        }
+        // f32 accumulation rounds differently from f64 only right at a rounding boundary.
+        if O::DTYPE != FloatDType::F32 && dyadic {
+            assert!(
+                exact as f64 >= 0.995 * n as f64,
+                "{in_dtype}->{:?} m={m} n={n} w={w:?}: only {exact} of {n} exact",
+                O::DTYPE
+            );
+        }
+    }
+
+    #[test]
+    fn matches_f64_reference_for_every_dtype_uniform_and_weighted() {
+        for n in [1, 7, 1000, 1031, 3 * BLOCK + 5, PARALLEL_MIN + 77] {
+            for (m, w) in [
+                (2, vec![1.0, 1.0]),
+                (3, vec![1.0, 1.0, 1.0]),
+                (4, vec![0.1, 0.2, 0.3, 0.4]),
+                (4, vec![1.0, 1.0, 2.0, 4.0]),
+                (3, vec![5.0, 0.0, 2.5]),
+            ] {
+                check::<f32>(FloatDType::F32, m, n, &w);
+                check::<f16>(FloatDType::F16, m, n, &w);
+                check::<bf16>(FloatDType::BF16, m, n, &w);
+                check::<f32>(FloatDType::BF16, m, n, &w);
+                check::<bf16>(FloatDType::F32, m, n, &w);
+            }
+        }
+    }
+
+    #[test]
+    fn a_model_fused_with_itself_is_returned_bit_for_bit() {
+        let n = PARALLEL_MIN + 3;
+        for dtype in [FloatDType::F32, FloatDType::F16, FloatDType::BF16] {
+            let (bytes, _) = members(1, n, dtype, 7);
+            for m in [2usize, 3, 5] {
+                let inputs: Vec<&[u8]> = (0..m).map(|_| bytes[0].as_slice()).collect();
+                let w = vec![1.0 / m as f32; m];
+                let same = |out: Vec<u8>| assert!(out == bytes[0], "{dtype} m={m}");
+                match dtype {
+                    FloatDType::F32 => {
+                        let mut out = vec![0f32; n];
+                        average(&inputs, dtype, &w, 0, &mut out);
+                        same(bytemuck::cast_slice(&out).to_vec());
+                    }
+                    FloatDType::F16 => {
+                        let mut out = vec![f16::ZERO; n];
+                        average(&inputs, dtype, &w, 0, &mut out);
+                        same(bytemuck::cast_slice(&out).to_vec());
+                    }
+                    FloatDType::BF16 => {
+                        let mut out = vec![bf16::ZERO; n];
+                        average(&inputs, dtype, &w, 0, &mut out);
+                        same(bytemuck::cast_slice(&out).to_vec());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sums_match_the_exact_computation() {
+        let n = PARALLEL_MIN + 1001;
+        let (bytes, _) = members(3, n, FloatDType::F32, 11);
+        let inputs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let mut out = vec![0f32; n];
+        let fast = average(&inputs, FloatDType::F32, &[1.0 / 3.0; 3], 0, &mut out);
+        let exact = exact_sums(&inputs, FloatDType::F32);
+        for (f, e) in fast.members.iter().zip(&exact) {
+            for (a, b) in [
+                (f.sq, e.sq),
+                (f.dot_rest, e.dot_rest),
+                (f.rest_sq, e.rest_sq),
+                (f.dev_sq, e.dev_sq),
+            ] {
+                assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_values_make_a_member_suspect_and_are_found() {
+        let (mut bytes, _) = members(2, 5000, FloatDType::BF16, 3);
+        let nan = bf16::NAN.to_bits().to_le_bytes();
+        bytes[1][2 * 4321..2 * 4321 + 2].copy_from_slice(&nan);
+        let inputs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let mut out = vec![bf16::ZERO; 5000];
+        let sums = average(&inputs, FloatDType::BF16, &[0.5, 0.5], 0, &mut out);
+        assert!(sums.suspect[1]);
+        let (first, value, count) = find_non_finite(&bytes[1], FloatDType::BF16).unwrap();
+        assert_eq!((first, count), (4321, 1));
+        assert!(value.is_nan());
+        assert_eq!(find_non_finite(&bytes[0], FloatDType::BF16), None);
+    }
+
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        for x in [
+            1.0f32,
+            -2.5,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            3.0e38,
+            1e-40,
+            f32::INFINITY,
+            f32::NAN,
+        ] {
+            let want = bf16::from_f32(x);
+            let got = bf16::from_bits(f32_to_bf16_bits(x));
+            assert!(
+                got == want || (got.is_nan() && want.is_nan()),
+                "{x}: {got} vs {want}"
+            );
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! The streaming pass: tensor by tensor, read each member's bytes from the memory maps,
+//! average them, hand the result to a sink, release the input pages; gather the shared-init
+//! statistics and any NaN/Inf on the way.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use half::{bf16, f16};
+
+use super::kernel::{self, MemberSums, OutElem};
+use super::plan::{member_ref, FusionPlan, PlannedTensor};
+use super::problem::Problem;
+use super::progress::FuseProgress;
+use super::sink::{FusedData, TensorSink};
+use super::FuseError;
+use crate::checkpoint::{Checkpoint, SafetensorsFile, TensorInfo};
+use crate::dtype::{DType, FloatDType};
+
+/// Members fine-tuned from one init sit far above this; unrelated models far below.
+pub const MIN_SHARED_INIT_COSINE: f64 = 0.9;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberReport {
+    pub dir: PathBuf,
+    pub architecture: Option<String>,
+    pub parameters: usize,
+    pub dtype: Option<String>,
+    pub weight: f32,
+    /// Cosine of this member's flattened float weights to the mean of the other members.
+    pub cosine_to_rest: Option<f64>,
+    /// |x - mean of others| / |mean of others|.
+    pub distance_to_rest: Option<f64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FusionReport {
+    pub members: Vec<MemberReport>,
+    pub tensors: usize,
+    pub parameters: usize,
+    pub bytes_read: u64,
+    pub bytes_out: u64,
+    pub seconds: f64,
+    pub problems: Vec<String>,
+    pub warnings: Vec<String>,
+    #[serde(skip)]
+    pub problem_list: Vec<Problem>,
+}
+
+impl FusionReport {
+    pub fn read_gb_per_s(&self) -> f64 {
+        self.bytes_read as f64 / self.seconds.max(1e-9) / 1e9
+    }
+
+    /// An error listing every problem, or the report when there is none.
+    pub fn into_result(self) -> Result<Self, FuseError> {
+        if self.problem_list.is_empty() {
+            Ok(self)
+        } else {
+            Err(FuseError::Incompatible(self.problem_list))
+        }
+    }
+}
+
+pub struct RunOptions {
+    /// Refuse members below this cosine (None: report only).
+    pub min_cosine: Option<f64>,
+}
+
+/// Streams every planned tensor through the kernel into `sink`. Problems found on the way
+/// (NaN/Inf, differing integer tensors, unrelated members) are in the report, together with
+/// the plan's own.
+pub fn execute(
+    members: &[Checkpoint],
+    plan: &FusionPlan,
+    sink: &mut dyn TensorSink,
+    progress: &mut FuseProgress,
+    options: &RunOptions,
+) -> Result<FusionReport, FuseError> {
+    let started = Instant::now();
+    let m = members.len();
+    let mut problems = plan.problems.clone();
+    let mut sums = vec![MemberSums::default(); m];
+    let mut bytes_read = 0u64;
+    for tensor in &plan.tensors {
+        let _span = tracing::debug_span!("fuse_tensor", name = %tensor.name).entered();
+        let sources: Vec<(&SafetensorsFile, &TensorInfo)> = members
+            .iter()
+            .map(|c| c.tensor(&tensor.name).ok_or_else(|| missing(tensor)))
+            .collect::<Result<_, _>>()?;
+        let inputs: Vec<&[u8]> = sources.iter().map(|(f, t)| f.bytes(t)).collect();
+        let data = match tensor.stored.as_fusable() {
+            Some(in_dtype) => {
+                let (data, tensor_sums) = average_tensor(tensor, &inputs, in_dtype, plan)?;
+                if tensor_sums.suspect.iter().any(|&s| s) {
+                    // One member's NaN spoils every member's sums through their shared
+                    // total: find the culprits, or redo the sums exactly after an overflow.
+                    let exact = check_non_finite(members, tensor, &inputs, in_dtype, &mut problems);
+                    for (total, s) in sums.iter_mut().zip(exact) {
+                        *total += s;
+                    }
+                } else {
+                    for (total, s) in sums.iter_mut().zip(&tensor_sums.members) {
+                        *total += *s;
+                    }
+                }
+                data
+            }
+            None => copy_integer_tensor(members, tensor, &inputs, &mut problems),
+        };
+        let read: u64 = inputs.iter().map(|b| b.len() as u64).sum();
+        for (file, info) in &sources {
+            file.release(&info.range);
+        }
+        sink.put(tensor, data)?;
+        bytes_read += read;
+        progress.advance(read);
+    }
+    progress.finish();
+    let mut reports = member_reports(members, plan, &sums);
+    if let Some(threshold) = options.min_cosine {
+        for (i, r) in reports.iter_mut().enumerate() {
+            if let Some(cosine) = r.cosine_to_rest.filter(|c| *c < threshold) {
+                problems.push(Problem::Unrelated {
+                    member: member_ref(members, i),
+                    cosine,
+                    threshold,
+                });
+            }
+        }
+    }
+    Ok(FusionReport {
+        members: reports,
+        tensors: plan.tensors.len(),
+        parameters: plan.tensors.iter().map(PlannedTensor::numel).sum(),
+        bytes_read,
+        bytes_out: plan.output_bytes(),
+        seconds: started.elapsed().as_secs_f64(),
+        problems: problems.iter().map(ToString::to_string).collect(),
+        warnings: plan.warnings.clone(),
+        problem_list: problems,
+    })
+}
+
+fn missing(tensor: &PlannedTensor) -> FuseError {
+    FuseError::Load {
+        tensor: tensor.name.clone(),
+        reason: "planned but not found in a member".into(),
+    }
+}
+
+fn average_tensor(
+    tensor: &PlannedTensor,
+    inputs: &[&[u8]],
+    in_dtype: FloatDType,
+    plan: &FusionPlan,
+) -> Result<(FusedData, kernel::TensorSums), FuseError> {
+    fn run<O: OutElem>(
+        n: usize,
+        inputs: &[&[u8]],
+        in_dtype: FloatDType,
+        plan: &FusionPlan,
+    ) -> (Vec<O>, kernel::TensorSums) {
+        let mut out = vec![O::default(); n];
+        let sums = kernel::average(inputs, in_dtype, &plan.weights, plan.base, &mut out);
+        (out, sums)
+    }
+    let n = tensor.numel();
+    Ok(match tensor.output {
+        DType::F32 => {
+            let (v, s) = run::<f32>(n, inputs, in_dtype, plan);
+            (FusedData::F32(v), s)
+        }
+        DType::F16 => {
+            let (v, s) = run::<f16>(n, inputs, in_dtype, plan);
+            (FusedData::F16(v), s)
+        }
+        DType::BF16 => {
+            let (v, s) = run::<bf16>(n, inputs, in_dtype, plan);
+            (FusedData::BF16(v), s)
+        }
+        other => {
+            return Err(FuseError::Load {
+                tensor: tensor.name.clone(),
+                reason: format!("cannot average into {other}"),
+            })
+        }
+    })
+}
+
+/// A non-finite block sum means NaN/Inf in the data, or squares that overflowed f32: report
+/// every member holding non-finite values, or else return the statistics computed exactly.
+fn check_non_finite(
+    members: &[Checkpoint],
+    tensor: &PlannedTensor,
+    inputs: &[&[u8]],
+    in_dtype: FloatDType,
+    problems: &mut Vec<Problem>,
+) -> Vec<MemberSums> {
+    let mut found = false;
+    for (member, bytes) in inputs.iter().enumerate() {
+        if let Some((first_index, value, count)) = kernel::find_non_finite(bytes, in_dtype) {
+            found = true;
+            problems.push(Problem::NonFinite {
+                member: member_ref(members, member),
+                tensor: tensor.name.clone(),
+                count,
+                first_index,
+                value,
+            });
+        }
+    }
+    if found {
+        // The statistics are meaningless now and the fusion is refused anyway.
+        return vec![MemberSums::default(); inputs.len()];
+    }
+    tracing::debug!(tensor = %tensor.name, "recomputing statistics in f64 after an f32 overflow");
+    kernel::exact_sums(inputs, in_dtype)
+}
+
+fn copy_integer_tensor(
+    members: &[Checkpoint],
+    tensor: &PlannedTensor,
+    inputs: &[&[u8]],
+    problems: &mut Vec<Problem>,
+) -> FusedData {
+    for (i, bytes) in inputs.iter().enumerate().skip(1) {
+        if *bytes != inputs[0] {
+            problems.push(Problem::IntegerTensorDiffers {
+                member: member_ref(members, i),
+                base: member_ref(members, 0),
+                tensor: tensor.name.clone(),
+            });
+        }
+    }
+    FusedData::Raw(inputs[0].to_vec())
+}
+
+fn member_reports(
+    members: &[Checkpoint],
+    plan: &FusionPlan,
+    sums: &[MemberSums],
+) -> Vec<MemberReport> {
+    members
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let s = sums[i];
+            let related = members.len() > 1 && s.sq > 0.0 && s.rest_sq > 0.0;
+            MemberReport {
+                dir: c.dir().to_path_buf(),
+                architecture: c.config().architecture().map(str::to_string),
+                parameters: c.parameter_count(),
+                dtype: c.main_dtype().map(|d| d.to_string()),
+                weight: plan.weights[i],
+                cosine_to_rest: related.then(|| s.dot_rest / (s.sq * s.rest_sq).sqrt()),
+                distance_to_rest: related.then(|| (s.dev_sq / s.rest_sq).sqrt()),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,276 @@
+//! Writes fused tensors as a Hugging Face safetensors checkpoint, streaming: each tensor is
+//! written as it arrives, so memory stays at one tensor. Above the shard size the weights
+//! are split into `model-0000k-of-0000N.safetensors` with `model.safetensors.index.json`,
+//! as transformers' `save_pretrained` does. Files are written under temporary names and
+//! renamed at the end, so a failed fusion leaves no half-written checkpoint behind.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use super::plan::PlannedTensor;
+use super::sink::{FusedData, TensorSink};
+use super::FuseError;
+use crate::checkpoint::{INDEX_FILE, SINGLE_WEIGHTS_FILE};
+
+struct Shard {
+    file_name: String,
+    /// Indices into the plan's tensor list.
+    tensors: std::ops::Range<usize>,
+    header: Vec<u8>,
+}
+
+pub struct SafetensorsWriter {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    names: Vec<String>,
+    total_bytes: u64,
+    next_tensor: usize,
+    open: Option<(usize, BufWriter<File>)>,
+    finished: bool,
+}
+
+impl SafetensorsWriter {
+    /// Lays out the shards for `tensors` (in the order they will be put) under
+    /// `max_shard_bytes` each, with `metadata` stored in every header besides
+    /// `format: pt` (which transformers requires).
+    pub fn create(
+        dir: &Path,
+        tensors: &[PlannedTensor],
+        max_shard_bytes: u64,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self, FuseError> {
+        std::fs::create_dir_all(dir).map_err(|e| FuseError::output(dir, e))?;
+        let groups = group_into_shards(tensors, max_shard_bytes);
+        let count = groups.len();
+        let mut shards = Vec::with_capacity(count);
+        for (k, range) in groups.into_iter().enumerate() {
+            let file_name = if count == 1 {
+                SINGLE_WEIGHTS_FILE.to_string()
+            } else {
+                format!("model-{:05}-of-{count:05}.safetensors", k + 1)
+            };
+            let header = header_bytes(&tensors[range.clone()], metadata);
+            shards.push(Shard {
+                file_name,
+                tensors: range,
+                header,
+            });
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            shards,
+            names: tensors.iter().map(|t| t.name.clone()).collect(),
+            total_bytes: tensors.iter().map(PlannedTensor::output_bytes).sum(),
+            next_tensor: 0,
+            open: None,
+            finished: false,
+        })
+    }
+
+    fn temp_path(&self, shard: usize) -> PathBuf {
+        self.dir
+            .join(format!(".{}.partial", self.shards[shard].file_name))
+    }
+
+    /// Renames the shards into place and writes the index for a sharded checkpoint.
+    pub fn finish(mut self) -> Result<Vec<PathBuf>, FuseError> {
+        if self.next_tensor != self.names.len() {
+            return Err(FuseError::Load {
+                tensor: self
+                    .names
+                    .get(self.next_tensor)
+                    .cloned()
+                    .unwrap_or_default(),
+                reason: "fusion ended before every tensor was written".into(),
+            });
+        }
+        self.close_open_shard()?;
+        let mut written = Vec::new();
+        for k in 0..self.shards.len() {
+            let target = self.dir.join(&self.shards[k].file_name);
+            std::fs::rename(self.temp_path(k), &target)
+                .map_err(|e| FuseError::output(&target, e))?;
+            written.push(target);
+        }
+        let index_path = self.dir.join(INDEX_FILE);
+        if self.shards.len() > 1 {
+            let mut weight_map = serde_json::Map::new();
+            for shard in &self.shards {
+                for name in &self.names[shard.tensors.clone()] {
+                    weight_map.insert(name.clone(), shard.file_name.clone().into());
+                }
+            }
+            let index = serde_json::json!({
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": weight_map,
+            });
+            write_json(&index_path, &index)?;
+            written.push(index_path);
+        } else if index_path.exists() {
+            // A stale index from an earlier sharded run would point at missing shards.
+            std::fs::remove_file(&index_path).map_err(|e| FuseError::output(&index_path, e))?;
+        }
+        self.finished = true;
+        Ok(written)
+    }
+
+    fn close_open_shard(&mut self) -> Result<(), FuseError> {
+        if let Some((k, mut file)) = self.open.take() {
+            let path = self.temp_path(k);
+            file.flush().map_err(|e| FuseError::output(&path, e))?;
+            file.into_inner()
+                .map_err(|e| FuseError::output(&path, e.into_error()))?
+                .sync_all()
+                .map_err(|e| FuseError::output(&path, e))?;
+        }
+        Ok(())
+    }
+
+    fn writer_for(&mut self, tensor: usize) -> Result<&mut BufWriter<File>, FuseError> {
+        let shard = self
+            .shards
+            .iter()
+            .position(|s| s.tensors.contains(&tensor))
+            .unwrap_or(self.shards.len() - 1);
+        if self.open.as_ref().map(|(k, _)| *k) != Some(shard) {
+            self.close_open_shard()?;
+            let path = self.temp_path(shard);
+            let file = File::create(&path).map_err(|e| FuseError::output(&path, e))?;
+            let mut file = BufWriter::with_capacity(1 << 20, file);
+            file.write_all(&self.shards[shard].header)
+                .map_err(|e| FuseError::output(&path, e))?;
+            self.open = Some((shard, file));
+        }
+        match &mut self.open {
+            Some((_, file)) => Ok(file),
+            None => unreachable!("a shard was opened above"),
+        }
+    }
+}
+
+impl TensorSink for SafetensorsWriter {
+    fn put(&mut self, tensor: &PlannedTensor, data: FusedData) -> Result<(), FuseError> {
+        if self.names.get(self.next_tensor) != Some(&tensor.name) {
+            return Err(FuseError::Load {
+                tensor: tensor.name.clone(),
+                reason: "tensors arrived out of plan order".into(),
+            });
+        }
+        let index = self.next_tensor;
+        let path = self.temp_path(
+            self.shards
+                .iter()
+                .position(|s| s.tensors.contains(&index))
+                .unwrap_or(0),
+        );
+        self.writer_for(index)?
+            .write_all(data.as_bytes())
+            .map_err(|e| FuseError::output(&path, e))?;
+        self.next_tensor += 1;
+        Ok(())
+    }
+}
+
+impl Drop for SafetensorsWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.open = None;
+            for k in 0..self.shards.len() {
+                let _ = std::fs::remove_file(self.temp_path(k));
+            }
+        }
+    }
+}
+
+/// Greedy grouping in order, as transformers shards: a new shard starts when the next
+/// tensor would push the current one past the limit (a single larger tensor gets a shard
+/// of its own).
+fn group_into_shards(tensors: &[PlannedTensor], max_bytes: u64) -> Vec<std::ops::Range<usize>> {
+    let mut groups = Vec::new();
+    let (mut start, mut size) = (0, 0u64);
+    for (i, t) in tensors.iter().enumerate() {
+        let bytes = t.output_bytes();
+        if i > start && size + bytes > max_bytes {
+            groups.push(start..i);
+            start = i;
+            size = 0;
+        }
+        size += bytes;
+    }
+    groups.push(start..tensors.len());
+    groups
+}
+
+/// The 8-byte length plus the JSON header, padded with spaces to a multiple of 8 so that
+/// the data that follows is aligned.
+fn header_bytes(tensors: &[PlannedTensor], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut meta: serde_json::Map<String, serde_json::Value> = metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone().into()))
+        .collect();
+    meta.insert("format".into(), "pt".into());
+    header.insert("__metadata__".into(), meta.into());
+    let mut offset = 0u64;
+    for t in tensors {
+        let end = offset + t.output_bytes();
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({
+                "dtype": t.output.safetensors_name(),
+                "shape": t.shape,
+                "data_offsets": [offset, end],
+            }),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&header).unwrap_or_default();
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    bytes
+}
+
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), FuseError> {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
+    text.push('\n');
+    std::fs::write(path, text).map_err(|e| FuseError::output(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+
+    fn t(name: &str, n: usize) -> PlannedTensor {
+        PlannedTensor {
+            name: name.into(),
+            shape: vec![n],
+            stored: DType::F32,
+            output: DType::F32,
+        }
+    }
+
+    #[test]
+    fn shards_group_greedily_under_the_limit() {
+        let ts = [t("a", 10), t("b", 10), t("c", 30), t("d", 5)];
+        assert_eq!(group_into_shards(&ts, 80), vec![0..2, 2..3, 3..4]);
+        assert_eq!(group_into_shards(&ts, 1000), vec![0..4]);
+        assert_eq!(group_into_shards(&ts, 1), vec![0..1, 1..2, 2..3, 3..4]);
+    }
+
+    #[test]
+    fn header_is_aligned_and_names_format_pt() {
+        let h = header_bytes(&[t("x", 3)], &BTreeMap::new());
+        let n = u64::from_le_bytes(h[..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0);
+        assert_eq!(h.len(), 8 + n);
+        let v: serde_json::Value = serde_json::from_slice(&h[8..]).unwrap();
+        assert_eq!(v["__metadata__"]["format"], "pt");
+        assert_eq!(v["x"]["data_offsets"], serde_json::json!([0, 12]));
+    }
+}

@@ -1,0 +1,8 @@
+//! warm: a reward-model inference server that serves weight-averaged reward models (WARM).
+//!
+//! The library holds everything; `main.rs` only parses the command line.
+
+pub mod checkpoint;
+pub mod config;
+pub mod dtype;
+pub mod fuse;

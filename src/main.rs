@@ -1,0 +1,174 @@
+//! The `warm` command line: parses flags (each also read from a WARM_* environment
+//! variable) into the library's typed configuration and runs the command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use warm::config::{parse_size, parse_weights, FuseConfig, MembersConfig};
+use warm::dtype::FloatDType;
+use warm::fuse::{self, FusionReport};
+
+#[derive(Parser)]
+#[command(
+    name = "warm",
+    version,
+    about = "Serve weight-averaged reward models (WARM)"
+)]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "WARM_JSON_LOGS")]
+    json_logs: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Average the members' weights and write a Hugging Face checkpoint.
+    Fuse(FuseArgs),
+    /// Check that the members can be fused and how close they are to each other.
+    Inspect(MemberArgs),
+}
+
+#[derive(Args)]
+struct MemberArgs {
+    /// A member checkpoint folder (repeat the flag, or comma-separate in WARM_MODEL).
+    #[arg(
+        long = "model",
+        env = "WARM_MODEL",
+        value_delimiter = ',',
+        required = true
+    )]
+    models: Vec<PathBuf>,
+    /// Member weights, e.g. 0.5,0.25,0.25 (normalized to sum to one; default uniform).
+    #[arg(long, env = "WARM_WEIGHTS", value_parser = parse_weights)]
+    weights: Option<Vec<f64>>,
+    /// Accept members whose weights are not close to each other's (cosine < 0.9).
+    #[arg(long, env = "WARM_ALLOW_UNRELATED_MEMBERS")]
+    allow_unrelated_members: bool,
+}
+
+impl MemberArgs {
+    fn into_config(self) -> MembersConfig {
+        MembersConfig {
+            dirs: self.models,
+            weights: self.weights,
+            allow_unrelated_members: self.allow_unrelated_members,
+        }
+    }
+}
+
+#[derive(Args)]
+struct FuseArgs {
+    #[command(flatten)]
+    members: MemberArgs,
+    /// Folder for the fused checkpoint (created if missing).
+    #[arg(long, env = "WARM_OUTPUT")]
+    output: PathBuf,
+    /// Output dtype of the float tensors: f32, f16 or bf16 (default: as stored).
+    #[arg(long, env = "WARM_DTYPE")]
+    dtype: Option<FloatDType>,
+    /// Split the weights into shards above this size (bytes or e.g. 5GB, 512MiB).
+    #[arg(long, env = "WARM_MAX_SHARD_SIZE", default_value = "5GB", value_parser = parse_size)]
+    max_shard_size: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.json_logs);
+    let result = match cli.command {
+        Command::Fuse(args) => run_fuse(args),
+        Command::Inspect(args) => run_inspect(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WARM_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run_fuse(args: FuseArgs) -> anyhow::Result<ExitCode> {
+    let config = FuseConfig {
+        members: args.members.into_config(),
+        output: args.output,
+        dtype: args.dtype,
+        max_shard_size: args.max_shard_size,
+    };
+    let report = fuse::fuse_to_directory(&config)?;
+    println!(
+        "fused {} members into {}: {} tensors, {} parameters; read {:.2} GB in {:.2} s ({:.2} GB/s), wrote {:.2} GB",
+        report.members.len(),
+        config.output.display(),
+        report.tensors,
+        report.parameters,
+        report.bytes_read as f64 / 1e9,
+        report.seconds,
+        report.read_gb_per_s(),
+        report.bytes_out as f64 / 1e9,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_inspect(args: MemberArgs) -> anyhow::Result<ExitCode> {
+    let report = fuse::inspect(&args.into_config())?;
+    print_inspection(&report);
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_inspection(report: &FusionReport) {
+    println!(
+        "{:<3} {:<44} {:<34} {:>12} {:>6} {:>7} {:>10} {:>9}",
+        "#", "member", "architecture", "parameters", "dtype", "weight", "cosine", "distance"
+    );
+    let opt = |v: Option<f64>, digits: usize| {
+        v.map_or_else(|| "-".to_string(), |x| format!("{x:.digits$}"))
+    };
+    for (i, m) in report.members.iter().enumerate() {
+        println!(
+            "{:<3} {:<44} {:<34} {:>12} {:>6} {:>7.4} {:>10} {:>9}",
+            i + 1,
+            m.dir.display(),
+            m.architecture.as_deref().unwrap_or("?"),
+            m.parameters,
+            m.dtype.as_deref().unwrap_or("?"),
+            m.weight,
+            opt(m.cosine_to_rest, 6),
+            opt(m.distance_to_rest, 4),
+        );
+    }
+    println!(
+        "read {:.2} GB in {:.2} s; cosine and distance are to the mean of the other members",
+        report.bytes_read as f64 / 1e9,
+        report.seconds
+    );
+    for w in &report.warnings {
+        println!("warning: {w}");
+    }
+    if report.problems.is_empty() {
+        println!("ok: the members can be fused");
+    } else {
+        println!("{}", fuse::describe(&report.problem_list));
+    }
+}
