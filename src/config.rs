@@ -54,17 +54,6 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes.round() as u64)
 }
 
-/// Parses `--weights 0.5,0.25,0.25`.
-pub fn parse_weights(text: &str) -> Result<Vec<f64>, String> {
-    text.split(',')
-        .map(|w| {
-            w.trim()
-                .parse::<f64>()
-                .map_err(|_| format!("invalid weight '{}': expected a number", w.trim()))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,11 +68,5 @@ mod tests {
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("0").is_err());
-    }
-
-    #[test]
-    fn weights_parse_as_a_comma_list() {
-        assert_eq!(parse_weights("1, 2,0.5"), Ok(vec![1.0, 2.0, 0.5]));
-        assert!(parse_weights("1,x").unwrap_err().contains("'x'"));
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use warm::config::{parse_size, parse_weights, FuseConfig, MembersConfig};
+use warm::config::{parse_size, FuseConfig, MembersConfig};
 use warm::dtype::FloatDType;
 use warm::fuse::{self, FusionReport};
 
@@ -43,7 +43,7 @@ struct MemberArgs {
     )]
     models: Vec<PathBuf>,
     /// Member weights, e.g. 0.5,0.25,0.25 (normalized to sum to one; default uniform).
-    #[arg(long, env = "WARM_WEIGHTS", value_parser = parse_weights)]
+    #[arg(long, env = "WARM_WEIGHTS", value_delimiter = ',', num_args = 1..)]
     weights: Option<Vec<f64>>,
     /// Accept members whose weights are not close to each other's (cosine < 0.9).
     #[arg(long, env = "WARM_ALLOW_UNRELATED_MEMBERS")]
