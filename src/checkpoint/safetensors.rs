@@ -81,6 +81,11 @@ impl SafetensorsFile {
         &self.mmap[tensor.range.clone()]
     }
 
+    /// Bytes of an absolute range inside one tensor's data.
+    pub fn bytes_at(&self, range: Range<usize>) -> &[u8] {
+        &self.mmap[range]
+    }
+
     pub fn file_len(&self) -> usize {
         self.mmap.len()
     }
@@ -88,10 +93,7 @@ impl SafetensorsFile {
     /// Drops this process's mapping of a consumed range so that resident memory stays
     /// bounded while streaming a large file (the page cache keeps the data).
     pub fn release(&self, range: &Range<usize>) {
-        const PAGE: usize = 4096;
-        let start = range.start / PAGE * PAGE;
-        let end = range.end.div_ceil(PAGE) * PAGE;
-        let end = end.min(self.mmap.len());
+        let (start, end) = page_bounds(range, self.mmap.len());
         if end > start {
             // SAFETY: the map is read-only and file-backed: dropping pages only means they
             // are faulted in again from the page cache if read later.
@@ -104,6 +106,14 @@ impl SafetensorsFile {
             };
         }
     }
+}
+
+/// The page-aligned span covering `range`, clipped to the map.
+fn page_bounds(range: &Range<usize>, len: usize) -> (usize, usize) {
+    const PAGE: usize = 4096;
+    let start = range.start / PAGE * PAGE;
+    let end = (range.end.div_ceil(PAGE) * PAGE).min(len);
+    (start, end)
 }
 
 fn parse_header(path: &Path, data: &[u8]) -> Result<Vec<TensorInfo>, CheckpointError> {

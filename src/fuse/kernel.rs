@@ -49,14 +49,14 @@ pub struct TensorSums {
 }
 
 impl TensorSums {
-    fn zero(m: usize) -> Self {
+    pub fn zero(m: usize) -> Self {
         Self {
             members: vec![MemberSums::default(); m],
             suspect: vec![false; m],
         }
     }
 
-    fn merge(mut self, other: Self) -> Self {
+    pub fn merge(mut self, other: Self) -> Self {
         for (a, b) in self.members.iter_mut().zip(other.members) {
             *a += b;
         }
@@ -221,40 +221,46 @@ fn average_chunk_portable<O: OutElem>(
     let size = in_dtype.size_in_bytes();
     let others = (m - 1) as f32;
     let mut sums = TensorSums::zero(m);
-    let mut x = vec![0f32; m * BLOCK];
+    let mut scratch = vec![0f32; m * BLOCK];
     let mut acc = vec![0f32; BLOCK];
     let mut total = vec![0f32; BLOCK];
     let mut start = 0;
     while start < out.len() {
         let len = BLOCK.min(out.len() - start);
-        for (i, input) in inputs.iter().enumerate() {
-            decode(
-                in_dtype,
-                &input[start * size..(start + len) * size],
-                &mut x[i * BLOCK..i * BLOCK + len],
-            );
+        // Each member's block as f32: borrowed straight from the map when it is aligned
+        // f32 data, else widened into scratch.
+        let mut views: Vec<&[f32]> = Vec::with_capacity(m);
+        for (input, buf) in inputs.iter().zip(scratch.chunks_exact_mut(BLOCK)) {
+            let bytes = &input[start * size..(start + len) * size];
+            match (in_dtype, bytemuck::try_cast_slice::<u8, f32>(bytes)) {
+                (FloatDType::F32, Ok(v)) if cfg!(target_endian = "little") => views.push(v),
+                _ => {
+                    decode(in_dtype, bytes, &mut buf[..len]);
+                    views.push(&buf[..len]);
+                }
+            }
         }
-        let xb = &x[base * BLOCK..base * BLOCK + len];
+        let xb = views[base];
         let acc = &mut acc[..len];
-        acc.copy_from_slice(xb);
         let total = &mut total[..len];
+        acc.copy_from_slice(xb);
         total.copy_from_slice(xb);
-        for (i, &w) in weights.iter().enumerate() {
+        for (i, (&w, xi)) in weights.iter().zip(&views).enumerate() {
             if i == base {
                 continue;
             }
-            let xi = &x[i * BLOCK..i * BLOCK + len];
-            for ((a, &v), &b) in acc.iter_mut().zip(xi).zip(xb) {
+            for (((a, t), &v), &b) in acc.iter_mut().zip(total.iter_mut()).zip(*xi).zip(xb) {
                 *a += w * (v - b);
-            }
-            for (t, &v) in total.iter_mut().zip(xi) {
                 *t += v;
             }
         }
-        for i in 0..m {
-            let [sq, dot_rest, rest_sq, dev_sq] =
-                block_sums(&x[i * BLOCK..i * BLOCK + len], total, others);
-            if !sq.is_finite() || !dev_sq.is_finite() {
+        for (i, x) in views.iter().enumerate() {
+            let [sq, dot_rest, rest_sq, dev_sq] = member_block_sums(x, total, others);
+            if !(sq.is_finite()
+                && dot_rest.is_finite()
+                && rest_sq.is_finite()
+                && dev_sq.is_finite())
+            {
                 sums.suspect[i] = true;
             }
             let s = &mut sums.members[i];
@@ -269,42 +275,76 @@ fn average_chunk_portable<O: OutElem>(
     sums
 }
 
-/// The four sums of [`MemberSums`] over one block, in 8 independent lanes so that the
-/// compiler vectorizes them.
+/// The four [`MemberSums`] of one member over one block, given the block's member total:
+/// with r = t - x and d = (M-1) x - r, the sums of x*x, x*r, r*r and d*d. One pass with
+/// AVX2 where the CPU has it (these four accumulators defeat the auto-vectorizer).
 #[inline(always)]
-fn block_sums(x: &[f32], total: &[f32], others: f32) -> [f32; 4] {
-    const L: usize = 8;
-    let mut sq = [0f32; L];
-    let mut xr = [0f32; L];
-    let mut rr = [0f32; L];
-    let mut dd = [0f32; L];
-    let xs = x.chunks_exact(L);
-    let ts = total.chunks_exact(L);
-    let (x_tail, t_tail) = (xs.remainder(), ts.remainder());
-    for (xv, tv) in xs.zip(ts) {
-        for l in 0..L {
-            let v = xv[l];
-            let r = tv[l] - v;
-            let d = others * v - r;
-            sq[l] += v * v;
-            xr[l] += v * r;
-            rr[l] += r * r;
-            dd[l] += d * d;
+fn member_block_sums(x: &[f32], total: &[f32], others: f32) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { member_block_sums_avx2(x, total, others) };
         }
     }
-    for (l, (&v, &t)) in x_tail.iter().zip(t_tail).enumerate() {
+    member_block_sums_scalar(x, total, others)
+}
+
+fn member_block_sums_scalar(x: &[f32], total: &[f32], others: f32) -> [f32; 4] {
+    let mut s = [0f32; 4];
+    for (&v, &t) in x.iter().zip(total) {
         let r = t - v;
         let d = others * v - r;
-        sq[l] += v * v;
-        xr[l] += v * r;
-        rr[l] += r * r;
-        dd[l] += d * d;
+        s[0] += v * v;
+        s[1] += v * r;
+        s[2] += r * r;
+        s[3] += d * d;
     }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn member_block_sums_avx2(x: &[f32], total: &[f32], others: f32) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let n = x.len().min(total.len());
+    let body = n / 8 * 8;
+    let o = _mm256_set1_ps(others);
+    let (mut sq, mut xr, mut rr, mut dd) = (
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+    );
+    let mut k = 0;
+    while k < body {
+        // SAFETY: k + 8 <= body <= n, within both slices; loads are unaligned.
+        let (v, t) = unsafe {
+            (
+                _mm256_loadu_ps(x.as_ptr().add(k)),
+                _mm256_loadu_ps(total.as_ptr().add(k)),
+            )
+        };
+        let r = _mm256_sub_ps(t, v);
+        let d = _mm256_sub_ps(_mm256_mul_ps(o, v), r);
+        sq = _mm256_add_ps(sq, _mm256_mul_ps(v, v));
+        xr = _mm256_add_ps(xr, _mm256_mul_ps(v, r));
+        rr = _mm256_add_ps(rr, _mm256_mul_ps(r, r));
+        dd = _mm256_add_ps(dd, _mm256_mul_ps(d, d));
+        k += 8;
+    }
+    let lanes = |v: __m256| {
+        let mut a = [0f32; 8];
+        // SAFETY: `a` holds exactly 8 f32.
+        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+        a.iter().sum::<f32>()
+    };
+    let tail = member_block_sums_scalar(&x[body..n], &total[body..n], others);
     [
-        sq.iter().sum(),
-        xr.iter().sum(),
-        rr.iter().sum(),
-        dd.iter().sum(),
+        lanes(sq) + tail[0],
+        lanes(xr) + tail[1],
+        lanes(rr) + tail[2],
+        lanes(dd) + tail[3],
     ]
 }
 

@@ -90,7 +90,7 @@ pub fn execute(
         let inputs: Vec<&[u8]> = sources.iter().map(|(f, t)| f.bytes(t)).collect();
         let data = match tensor.stored.as_fusable() {
             Some(in_dtype) => {
-                let (data, tensor_sums) = average_tensor(tensor, &inputs, in_dtype, plan)?;
+                let (data, tensor_sums) = average_tensor(tensor, &sources, in_dtype, plan)?;
                 if tensor_sums.suspect.iter().any(|&s| s) {
                     // One member's NaN spoils every member's sums through their shared
                     // total: find the culprits, or redo the sums exactly after an overflow.
@@ -148,34 +148,61 @@ fn missing(tensor: &PlannedTensor) -> FuseError {
     }
 }
 
+/// Elements averaged between two page releases: keeps the mapped input of a huge tensor
+/// (an embedding matrix) to M slabs instead of M whole tensors.
+const SLAB: usize = 4 << 20;
+
 fn average_tensor(
     tensor: &PlannedTensor,
-    inputs: &[&[u8]],
+    sources: &[(&SafetensorsFile, &TensorInfo)],
     in_dtype: FloatDType,
     plan: &FusionPlan,
 ) -> Result<(FusedData, kernel::TensorSums), FuseError> {
     fn run<O: OutElem>(
         n: usize,
-        inputs: &[&[u8]],
+        sources: &[(&SafetensorsFile, &TensorInfo)],
         in_dtype: FloatDType,
         plan: &FusionPlan,
     ) -> (Vec<O>, kernel::TensorSums) {
+        let size = in_dtype.size_in_bytes();
         let mut out = vec![O::default(); n];
-        let sums = kernel::average(inputs, in_dtype, &plan.weights, plan.base, &mut out);
+        let mut sums = kernel::TensorSums::zero(sources.len());
+        for (slab, out) in out.chunks_mut(SLAB).enumerate() {
+            let start = slab * SLAB * size;
+            let ranges: Vec<std::ops::Range<usize>> = sources
+                .iter()
+                .map(|(_, t)| t.range.start + start..t.range.start + start + out.len() * size)
+                .collect();
+            let inputs: Vec<&[u8]> = sources
+                .iter()
+                .zip(&ranges)
+                .map(|((file, _), range)| file.bytes_at(range.clone()))
+                .collect();
+            sums = sums.merge(kernel::average(
+                &inputs,
+                in_dtype,
+                &plan.weights,
+                plan.base,
+                out,
+            ));
+            for ((file, _), range) in sources.iter().zip(&ranges) {
+                file.release(range);
+            }
+        }
         (out, sums)
     }
     let n = tensor.numel();
     Ok(match tensor.output {
         DType::F32 => {
-            let (v, s) = run::<f32>(n, inputs, in_dtype, plan);
+            let (v, s) = run::<f32>(n, sources, in_dtype, plan);
             (FusedData::F32(v), s)
         }
         DType::F16 => {
-            let (v, s) = run::<f16>(n, inputs, in_dtype, plan);
+            let (v, s) = run::<f16>(n, sources, in_dtype, plan);
             (FusedData::F16(v), s)
         }
         DType::BF16 => {
-            let (v, s) = run::<bf16>(n, inputs, in_dtype, plan);
+            let (v, s) = run::<bf16>(n, sources, in_dtype, plan);
             (FusedData::BF16(v), s)
         }
         other => {

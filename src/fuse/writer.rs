@@ -1,5 +1,6 @@
 //! Writes fused tensors as a Hugging Face safetensors checkpoint, streaming: each tensor is
-//! written as it arrives, so memory stays at one tensor. Above the shard size the weights
+//! written as it arrives, on a thread of its own so that writing overlaps the averaging of
+//! the next tensor (at most one tensor waits in between). Above the shard size the weights
 //! are split into `model-0000k-of-0000N.safetensors` with `model.safetensors.index.json`,
 //! as transformers' `save_pretrained` does. Files are written under temporary names and
 //! renamed at the end, so a failed fusion leaves no half-written checkpoint behind.
@@ -8,14 +9,18 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::JoinHandle;
 
 use super::plan::PlannedTensor;
 use super::sink::{FusedData, TensorSink};
 use super::FuseError;
 use crate::checkpoint::{INDEX_FILE, SINGLE_WEIGHTS_FILE};
 
+#[derive(Clone)]
 struct Shard {
     file_name: String,
+    temp_path: PathBuf,
     /// Indices into the plan's tensor list.
     tensors: std::ops::Range<usize>,
     header: Vec<u8>,
@@ -27,14 +32,15 @@ pub struct SafetensorsWriter {
     names: Vec<String>,
     total_bytes: u64,
     next_tensor: usize,
-    open: Option<(usize, BufWriter<File>)>,
+    sender: Option<SyncSender<FusedData>>,
+    thread: Option<JoinHandle<Result<(), FuseError>>>,
     finished: bool,
 }
 
 impl SafetensorsWriter {
     /// Lays out the shards for `tensors` (in the order they will be put) under
     /// `max_shard_bytes` each, with `metadata` stored in every header besides
-    /// `format: pt` (which transformers requires).
+    /// `format: pt` (which transformers requires), and starts the writing thread.
     pub fn create(
         dir: &Path,
         tensors: &[PlannedTensor],
@@ -44,34 +50,52 @@ impl SafetensorsWriter {
         std::fs::create_dir_all(dir).map_err(|e| FuseError::output(dir, e))?;
         let groups = group_into_shards(tensors, max_shard_bytes);
         let count = groups.len();
-        let mut shards = Vec::with_capacity(count);
-        for (k, range) in groups.into_iter().enumerate() {
-            let file_name = if count == 1 {
-                SINGLE_WEIGHTS_FILE.to_string()
-            } else {
-                format!("model-{:05}-of-{count:05}.safetensors", k + 1)
-            };
-            let header = header_bytes(&tensors[range.clone()], metadata);
-            shards.push(Shard {
-                file_name,
-                tensors: range,
-                header,
-            });
-        }
+        let shards: Vec<Shard> = groups
+            .into_iter()
+            .enumerate()
+            .map(|(k, range)| {
+                let file_name = if count == 1 {
+                    SINGLE_WEIGHTS_FILE.to_string()
+                } else {
+                    format!("model-{:05}-of-{count:05}.safetensors", k + 1)
+                };
+                Shard {
+                    temp_path: dir.join(format!(".{file_name}.partial")),
+                    file_name,
+                    header: header_bytes(&tensors[range.clone()], metadata),
+                    tensors: range,
+                }
+            })
+            .collect();
+        let (sender, receiver) = sync_channel(1);
+        let thread_shards = shards.clone();
+        let thread = std::thread::Builder::new()
+            .name("warm-writer".into())
+            .spawn(move || write_shards(&thread_shards, &receiver))
+            .map_err(|e| FuseError::output(dir, e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             shards,
             names: tensors.iter().map(|t| t.name.clone()).collect(),
             total_bytes: tensors.iter().map(PlannedTensor::output_bytes).sum(),
             next_tensor: 0,
-            open: None,
+            sender: Some(sender),
+            thread: Some(thread),
             finished: false,
         })
     }
 
-    fn temp_path(&self, shard: usize) -> PathBuf {
-        self.dir
-            .join(format!(".{}.partial", self.shards[shard].file_name))
+    /// Waits for the writing thread and returns its outcome.
+    fn join(&mut self) -> Result<(), FuseError> {
+        self.sender = None;
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(FuseError::output(
+                &self.dir,
+                std::io::Error::other("the writing thread panicked"),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Renames the shards into place and writes the index for a sharded checkpoint.
@@ -86,11 +110,11 @@ impl SafetensorsWriter {
                 reason: "fusion ended before every tensor was written".into(),
             });
         }
-        self.close_open_shard()?;
+        self.join()?;
         let mut written = Vec::new();
-        for k in 0..self.shards.len() {
-            let target = self.dir.join(&self.shards[k].file_name);
-            std::fs::rename(self.temp_path(k), &target)
+        for shard in &self.shards {
+            let target = self.dir.join(&shard.file_name);
+            std::fs::rename(&shard.temp_path, &target)
                 .map_err(|e| FuseError::output(&target, e))?;
             written.push(target);
         }
@@ -115,39 +139,27 @@ impl SafetensorsWriter {
         self.finished = true;
         Ok(written)
     }
+}
 
-    fn close_open_shard(&mut self) -> Result<(), FuseError> {
-        if let Some((k, mut file)) = self.open.take() {
-            let path = self.temp_path(k);
-            file.flush().map_err(|e| FuseError::output(&path, e))?;
-            file.into_inner()
-                .map_err(|e| FuseError::output(&path, e.into_error()))?
-                .sync_all()
-                .map_err(|e| FuseError::output(&path, e))?;
+/// The writing thread: shard by shard, the header then each tensor's data as it arrives.
+/// No fsync, as transformers' save_pretrained: the final rename is what keeps a crashed run
+/// from leaving a half-written file under the real name.
+fn write_shards(shards: &[Shard], receiver: &Receiver<FusedData>) -> Result<(), FuseError> {
+    for shard in shards {
+        let path = &shard.temp_path;
+        let io = |e| FuseError::output(path, e);
+        let mut file = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io)?);
+        file.write_all(&shard.header).map_err(io)?;
+        for _ in shard.tensors.clone() {
+            let Ok(data) = receiver.recv() else {
+                // The producer stopped early: the fusion failed and this output is dropped.
+                return Ok(());
+            };
+            file.write_all(data.as_bytes()).map_err(io)?;
         }
-        Ok(())
+        file.flush().map_err(io)?;
     }
-
-    fn writer_for(&mut self, tensor: usize) -> Result<&mut BufWriter<File>, FuseError> {
-        let shard = self
-            .shards
-            .iter()
-            .position(|s| s.tensors.contains(&tensor))
-            .unwrap_or(self.shards.len() - 1);
-        if self.open.as_ref().map(|(k, _)| *k) != Some(shard) {
-            self.close_open_shard()?;
-            let path = self.temp_path(shard);
-            let file = File::create(&path).map_err(|e| FuseError::output(&path, e))?;
-            let mut file = BufWriter::with_capacity(1 << 20, file);
-            file.write_all(&self.shards[shard].header)
-                .map_err(|e| FuseError::output(&path, e))?;
-            self.open = Some((shard, file));
-        }
-        match &mut self.open {
-            Some((_, file)) => Ok(file),
-            None => unreachable!("a shard was opened above"),
-        }
-    }
+    Ok(())
 }
 
 impl TensorSink for SafetensorsWriter {
@@ -158,16 +170,15 @@ impl TensorSink for SafetensorsWriter {
                 reason: "tensors arrived out of plan order".into(),
             });
         }
-        let index = self.next_tensor;
-        let path = self.temp_path(
-            self.shards
-                .iter()
-                .position(|s| s.tensors.contains(&index))
-                .unwrap_or(0),
-        );
-        self.writer_for(index)?
-            .write_all(data.as_bytes())
-            .map_err(|e| FuseError::output(&path, e))?;
+        let sent = self.sender.as_ref().map(|s| s.send(data));
+        if !matches!(sent, Some(Ok(()))) {
+            // The thread stopped: it has the error.
+            self.join()?;
+            return Err(FuseError::output(
+                &self.dir,
+                std::io::Error::other("the writing thread stopped"),
+            ));
+        }
         self.next_tensor += 1;
         Ok(())
     }
@@ -176,9 +187,9 @@ impl TensorSink for SafetensorsWriter {
 impl Drop for SafetensorsWriter {
     fn drop(&mut self) {
         if !self.finished {
-            self.open = None;
-            for k in 0..self.shards.len() {
-                let _ = std::fs::remove_file(self.temp_path(k));
+            let _ = self.join();
+            for shard in &self.shards {
+                let _ = std::fs::remove_file(&shard.temp_path);
             }
         }
     }

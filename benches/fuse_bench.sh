@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Fusion benchmark (design.md section 8): `warm fuse` of M synthetic members against the
+# time to read the member files once from a warm page cache plus writing one model, and
+# peak RSS against one member's size.
+#
+#   bash benches/fuse_bench.sh [WORK_DIR] [DTYPE]      (default /tmp/warm-fuse-bench f32)
+#
+# Members: 4 x Llama-shaped, hidden 768, 12 layers, vocab 52000 (125M parameters: about
+# 500 MB each in f32, 250 MB in bf16).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-/tmp/warm-fuse-bench}
+DTYPE=${2:-f32}
+M=4
+cargo build --release --quiet --bin warm --example synthetic_members
+WARM=target/release/warm
+SET="$WORK/$DTYPE"
+if [ ! -d "$SET/member$((M - 1))" ]; then
+  target/release/examples/synthetic_members "$SET" "$M" 768 12 52000 "$DTYPE"
+fi
+FILES=$(ls "$SET"/member*/model.safetensors)
+MEMBER_BYTES=$(stat -c %s "$SET/member0/model.safetensors")
+OUT="$WORK/out-$DTYPE"
+rm -rf "$OUT"; mkdir -p "$OUT"
+
+secs() { /usr/bin/time -f %e "$@" 2>&1 >/dev/null | tail -1; }
+# Warm the page cache, then time the baseline pieces three times each and keep the best.
+cat $FILES >/dev/null
+best() { sort -n | head -1; }
+READ=$(for _ in 1 2 3; do secs cat $FILES; done | best)
+WRITE=$(for _ in 1 2 3; do secs cp "$SET/member0/model.safetensors" "$OUT/copy.safetensors"; rm -f "$OUT/copy.safetensors"; done | best)
+RUNS=()
+for _ in 1 2 3; do
+  rm -rf "$OUT/fused"
+  args=()
+  for d in "$SET"/member*; do args+=(--model "$d"); done
+  /usr/bin/time -f "%e %M" -o "$WORK/time.txt" "$WARM" fuse "${args[@]}" --output "$OUT/fused" >"$WORK/fuse.log" 2>&1
+  RUNS+=("$(cat "$WORK/time.txt")")
+done
+FUSE=$(printf '%s\n' "${RUNS[@]}" | sort -n | head -1)
+FUSE_S=${FUSE% *}; RSS_KB=${FUSE#* }
+python3 - "$M" "$MEMBER_BYTES" "$READ" "$WRITE" "$FUSE_S" "$RSS_KB" "$DTYPE" <<'PY'
+import sys
+m, member, read, write, fuse, rss_kb, dtype = sys.argv[1:]
+m, member, read, write, fuse, rss = int(m), int(member), float(read), float(write), float(fuse), int(rss_kb) * 1024
+base = read + write
+print(f"| dtype | members | member size | cat members (s) | write one model (s) | warm fuse (s) | fuse / (read + write) | peak RSS | RSS / member |")
+print(f"|---|---|---|---|---|---|---|---|---|")
+print(f"| {dtype} | {m} | {member/1e6:.0f} MB | {read:.2f} | {write:.2f} | {fuse:.2f} | {fuse/base:.2f}x | {rss/1e6:.0f} MB | {rss/member:.2f} |")
+PY
+tail -1 "$WORK/fuse.log"
