@@ -68,7 +68,7 @@ impl TensorSums {
 }
 
 /// An output element type.
-pub trait OutElem: Copy + Default + Send + Sync + 'static {
+pub trait OutElem: bytemuck::Pod + Default + Send + Sync + 'static {
     const DTYPE: FloatDType;
     fn encode(src: &[f32], dst: &mut [Self]);
     fn to_f32(self) -> f32;
@@ -243,16 +243,29 @@ fn average_chunk_portable<O: OutElem>(
         let xb = views[base];
         let acc = &mut acc[..len];
         let total = &mut total[..len];
-        acc.copy_from_slice(xb);
-        total.copy_from_slice(xb);
+        let mut first = true;
         for (i, (&w, xi)) in weights.iter().zip(&views).enumerate() {
             if i == base {
                 continue;
             }
-            for (((a, t), &v), &b) in acc.iter_mut().zip(total.iter_mut()).zip(*xi).zip(xb) {
-                *a += w * (v - b);
-                *t += v;
+            // The first other member initializes the sums, saving two copies of x_b.
+            let pairs = acc.iter_mut().zip(total.iter_mut()).zip(*xi).zip(xb);
+            if first {
+                for (((a, t), &v), &b) in pairs {
+                    *a = b + w * (v - b);
+                    *t = b + v;
+                }
+            } else {
+                for (((a, t), &v), &b) in pairs {
+                    *a += w * (v - b);
+                    *t += v;
+                }
             }
+            first = false;
+        }
+        if first {
+            acc.copy_from_slice(xb);
+            total.copy_from_slice(xb);
         }
         for (i, x) in views.iter().enumerate() {
             let [sq, dot_rest, rest_sq, dev_sq] = member_block_sums(x, total, others);

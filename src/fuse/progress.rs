@@ -1,13 +1,17 @@
-//! Progress of a long fusion: a bar on a terminal, log lines every 10% otherwise (so that
-//! container logs show that start-up is moving).
+//! Progress of a long fusion: a bar on a terminal, otherwise a log line every few seconds
+//! (so that container logs show that start-up is moving; short fusions log nothing).
+
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
+
+const LOG_EVERY: Duration = Duration::from_secs(3);
 
 pub struct FuseProgress {
     bar: Option<ProgressBar>,
     total: u64,
     done: u64,
-    next_log_tenth: u64,
+    last_log: Instant,
 }
 
 impl FuseProgress {
@@ -26,7 +30,7 @@ impl FuseProgress {
             bar,
             total,
             done: 0,
-            next_log_tenth: 1,
+            last_log: Instant::now(),
         }
     }
 
@@ -42,16 +46,14 @@ impl FuseProgress {
             bar.set_position(self.done);
             return;
         }
-        if self.total == 0 {
-            return;
-        }
-        while self.next_log_tenth <= 10 && self.done * 10 >= self.total * self.next_log_tenth {
+        if self.last_log.elapsed() >= LOG_EVERY && self.total > 0 {
+            self.last_log = Instant::now();
             tracing::info!(
-                percent = self.next_log_tenth * 10,
+                percent = self.done * 100 / self.total,
                 bytes_read = self.done,
+                bytes_total = self.total,
                 "fusion progress"
             );
-            self.next_log_tenth += 1;
         }
     }
 

@@ -165,7 +165,8 @@ fn average_tensor(
         plan: &FusionPlan,
     ) -> (Vec<O>, kernel::TensorSums) {
         let size = in_dtype.size_in_bytes();
-        let mut out = vec![O::default(); n];
+        // Zeroed by the allocator (calloc), not by a loop over the elements.
+        let mut out: Vec<O> = bytemuck::allocation::zeroed_vec(n);
         let mut sums = kernel::TensorSums::zero(sources.len());
         for (slab, out) in out.chunks_mut(SLAB).enumerate() {
             let start = slab * SLAB * size;
