@@ -10,6 +10,7 @@
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
+use super::sink::FusedData;
 use crate::dtype::FloatDType;
 
 /// Elements per inner block: M blocks of f32 stay in the L1/L2 cache.
@@ -70,12 +71,24 @@ impl TensorSums {
 /// An output element type.
 pub trait OutElem: bytemuck::Pod + Default + Send + Sync + 'static {
     const DTYPE: FloatDType;
+    /// Wraps a fused vector as sink data, and unwraps a spare buffer of this type.
+    fn wrap(values: Vec<Self>) -> FusedData;
+    fn unwrap(data: FusedData) -> Option<Vec<Self>>;
     fn encode(src: &[f32], dst: &mut [Self]);
     fn to_f32(self) -> f32;
 }
 
 impl OutElem for f32 {
     const DTYPE: FloatDType = FloatDType::F32;
+    fn wrap(values: Vec<Self>) -> FusedData {
+        FusedData::F32(values)
+    }
+    fn unwrap(data: FusedData) -> Option<Vec<Self>> {
+        match data {
+            FusedData::F32(v) => Some(v),
+            _ => None,
+        }
+    }
     #[inline(always)]
     fn encode(src: &[f32], dst: &mut [Self]) {
         dst.copy_from_slice(src);
@@ -87,6 +100,15 @@ impl OutElem for f32 {
 
 impl OutElem for f16 {
     const DTYPE: FloatDType = FloatDType::F16;
+    fn wrap(values: Vec<Self>) -> FusedData {
+        FusedData::F16(values)
+    }
+    fn unwrap(data: FusedData) -> Option<Vec<Self>> {
+        match data {
+            FusedData::F16(v) => Some(v),
+            _ => None,
+        }
+    }
     #[inline(always)]
     fn encode(src: &[f32], dst: &mut [Self]) {
         // half uses the F16C instructions (round to nearest even) when the CPU has them.
@@ -99,6 +121,15 @@ impl OutElem for f16 {
 
 impl OutElem for bf16 {
     const DTYPE: FloatDType = FloatDType::BF16;
+    fn wrap(values: Vec<Self>) -> FusedData {
+        FusedData::BF16(values)
+    }
+    fn unwrap(data: FusedData) -> Option<Vec<Self>> {
+        match data {
+            FusedData::BF16(v) => Some(v),
+            _ => None,
+        }
+    }
     #[inline(always)]
     fn encode(src: &[f32], dst: &mut [Self]) {
         for (d, &s) in dst.iter_mut().zip(src) {

@@ -69,7 +69,7 @@ pub fn inspect(config: &MembersConfig) -> Result<FusionReport, FuseError> {
     execute(
         &members,
         &plan,
-        &mut DiscardSink,
+        &mut DiscardSink::default(),
         &mut FuseProgress::for_stderr(total),
         &run_options(config),
     )

@@ -90,7 +90,8 @@ pub fn execute(
         let inputs: Vec<&[u8]> = sources.iter().map(|(f, t)| f.bytes(t)).collect();
         let data = match tensor.stored.as_fusable() {
             Some(in_dtype) => {
-                let (data, tensor_sums) = average_tensor(tensor, &sources, in_dtype, plan)?;
+                let (data, tensor_sums) =
+                    average_tensor(tensor, &sources, in_dtype, plan, sink.spare())?;
                 if tensor_sums.suspect.iter().any(|&s| s) {
                     // One member's NaN spoils every member's sums through their shared
                     // total: find the culprits, or redo the sums exactly after an overflow.
@@ -157,16 +158,25 @@ fn average_tensor(
     sources: &[(&SafetensorsFile, &TensorInfo)],
     in_dtype: FloatDType,
     plan: &FusionPlan,
+    spare: Option<FusedData>,
 ) -> Result<(FusedData, kernel::TensorSums), FuseError> {
     fn run<O: OutElem>(
         n: usize,
         sources: &[(&SafetensorsFile, &TensorInfo)],
         in_dtype: FloatDType,
         plan: &FusionPlan,
-    ) -> (Vec<O>, kernel::TensorSums) {
+        spare: Option<FusedData>,
+    ) -> (FusedData, kernel::TensorSums) {
         let size = in_dtype.size_in_bytes();
-        // Zeroed by the allocator (calloc), not by a loop over the elements.
-        let mut out: Vec<O> = bytemuck::allocation::zeroed_vec(n);
+        let mut out: Vec<O> = match spare.and_then(O::unwrap) {
+            Some(mut v) => {
+                v.clear();
+                v.resize(n, O::default());
+                v
+            }
+            // Zeroed by the allocator (calloc), not by a loop over the elements.
+            None => bytemuck::allocation::zeroed_vec(n),
+        };
         let mut sums = kernel::TensorSums::zero(sources.len());
         for (slab, out) in out.chunks_mut(SLAB).enumerate() {
             let start = slab * SLAB * size;
@@ -190,22 +200,13 @@ fn average_tensor(
                 file.release(range);
             }
         }
-        (out, sums)
+        (O::wrap(out), sums)
     }
     let n = tensor.numel();
     Ok(match tensor.output {
-        DType::F32 => {
-            let (v, s) = run::<f32>(n, sources, in_dtype, plan);
-            (FusedData::F32(v), s)
-        }
-        DType::F16 => {
-            let (v, s) = run::<f16>(n, sources, in_dtype, plan);
-            (FusedData::F16(v), s)
-        }
-        DType::BF16 => {
-            let (v, s) = run::<bf16>(n, sources, in_dtype, plan);
-            (FusedData::BF16(v), s)
-        }
+        DType::F32 => run::<f32>(n, sources, in_dtype, plan, spare),
+        DType::F16 => run::<f16>(n, sources, in_dtype, plan, spare),
+        DType::BF16 => run::<bf16>(n, sources, in_dtype, plan, spare),
         other => {
             return Err(FuseError::Load {
                 tensor: tensor.name.clone(),

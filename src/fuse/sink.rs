@@ -31,14 +31,29 @@ impl FusedData {
 /// Receives the fused tensors one at a time, in plan order.
 pub trait TensorSink {
     fn put(&mut self, tensor: &PlannedTensor, data: FusedData) -> Result<(), FuseError>;
+
+    /// A buffer the sink is done with, to be filled again instead of allocating fresh
+    /// pages for every tensor (sinks that keep their tensors have none).
+    fn spare(&mut self) -> Option<FusedData> {
+        None
+    }
 }
 
-/// Drops every tensor: `warm inspect` only wants the statistics.
-pub struct DiscardSink;
+/// Drops every tensor (`warm inspect` only wants the statistics), keeping the last buffer
+/// for reuse.
+#[derive(Default)]
+pub struct DiscardSink {
+    last: Option<FusedData>,
+}
 
 impl TensorSink for DiscardSink {
-    fn put(&mut self, _: &PlannedTensor, _: FusedData) -> Result<(), FuseError> {
+    fn put(&mut self, _: &PlannedTensor, data: FusedData) -> Result<(), FuseError> {
+        self.last = Some(data);
         Ok(())
+    }
+
+    fn spare(&mut self) -> Option<FusedData> {
+        self.last.take()
     }
 }
 

@@ -33,6 +33,8 @@ pub struct SafetensorsWriter {
     total_bytes: u64,
     next_tensor: usize,
     sender: Option<SyncSender<FusedData>>,
+    /// Buffers the thread has written, handed back for reuse.
+    returned: Receiver<FusedData>,
     thread: Option<JoinHandle<Result<(), FuseError>>>,
     finished: bool,
 }
@@ -68,10 +70,11 @@ impl SafetensorsWriter {
             })
             .collect();
         let (sender, receiver) = sync_channel(1);
+        let (give_back, returned) = sync_channel(1);
         let thread_shards = shards.clone();
         let thread = std::thread::Builder::new()
             .name("warm-writer".into())
-            .spawn(move || write_shards(&thread_shards, &receiver))
+            .spawn(move || write_shards(&thread_shards, &receiver, &give_back))
             .map_err(|e| FuseError::output(dir, e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -80,6 +83,7 @@ impl SafetensorsWriter {
             total_bytes: tensors.iter().map(PlannedTensor::output_bytes).sum(),
             next_tensor: 0,
             sender: Some(sender),
+            returned,
             thread: Some(thread),
             finished: false,
         })
@@ -144,7 +148,11 @@ impl SafetensorsWriter {
 /// The writing thread: shard by shard, the header then each tensor's data as it arrives.
 /// No fsync, as transformers' save_pretrained: the final rename is what keeps a crashed run
 /// from leaving a half-written file under the real name.
-fn write_shards(shards: &[Shard], receiver: &Receiver<FusedData>) -> Result<(), FuseError> {
+fn write_shards(
+    shards: &[Shard],
+    receiver: &Receiver<FusedData>,
+    give_back: &SyncSender<FusedData>,
+) -> Result<(), FuseError> {
     for shard in shards {
         let path = &shard.temp_path;
         let io = |e| FuseError::output(path, e);
@@ -156,6 +164,8 @@ fn write_shards(shards: &[Shard], receiver: &Receiver<FusedData>) -> Result<(), 
                 return Ok(());
             };
             file.write_all(data.as_bytes()).map_err(io)?;
+            // Offer the buffer for reuse; if one is already waiting, this one is freed.
+            let _ = give_back.try_send(data);
         }
         file.flush().map_err(io)?;
     }
@@ -181,6 +191,10 @@ impl TensorSink for SafetensorsWriter {
         }
         self.next_tensor += 1;
         Ok(())
+    }
+
+    fn spare(&mut self) -> Option<FusedData> {
+        self.returned.try_recv().ok()
     }
 }
 
