@@ -6,3 +6,4 @@ pub mod checkpoint;
 pub mod config;
 pub mod dtype;
 pub mod fuse;
+pub mod text;

@@ -1,0 +1,52 @@
+//! Text to tokens: tokenizer files, chat templates, input formatting and truncation.
+
+mod encode;
+mod template;
+mod tokenizer;
+
+use std::path::Path;
+
+pub use encode::{pair_messages, Direction, EncodeOptions, Encoded, Input, TextEncoder};
+pub use template::{ChatTemplate, Message};
+pub use tokenizer::{load_tokenizer, TokenizerConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    #[error("tokenizer configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Template(String),
+    /// The chat template refused the conversation (`raise_exception`).
+    #[error("the chat template rejected the conversation: {0}")]
+    Rejected(String),
+    #[error("this model has no chat template, so it cannot format messages")]
+    NoChatTemplate,
+    #[error("the input is {length} tokens long, more than the maximum of {max} (send \"truncate\": true to cut it)")]
+    TooLong { length: usize, max: usize },
+    #[error("the input tokenizes to zero tokens")]
+    Empty,
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+/// Loads the encoder of a checkpoint folder: tokenizer.json plus the chat template and
+/// special tokens of tokenizer_config.json.
+pub fn load_text_encoder(dir: &Path) -> Result<TextEncoder, TextError> {
+    let path = dir.join("tokenizer.json");
+    if !path.is_file() {
+        return Err(TextError::Config(format!(
+            "{}: tokenizer.json not found (warm needs a fast tokenizer file)",
+            dir.display()
+        )));
+    }
+    let tokenizer = load_tokenizer(&path)?;
+    let config = TokenizerConfig::read(dir)?;
+    let chat = config
+        .chat_template
+        .as_deref()
+        .map(|source| ChatTemplate::new(source, config.special_tokens.clone()))
+        .transpose()?;
+    Ok(TextEncoder::new(tokenizer, chat))
+}
