@@ -6,4 +6,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod dtype;
 pub mod fuse;
+pub mod model;
+pub mod scorer;
 pub mod text;

@@ -3,7 +3,9 @@
 //! template when the model has one, else as a tokenizer pair; messages through the chat
 //! template; truncation that keeps the special tokens, as transformers does.
 
-use tokenizers::utils::truncation::{truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::utils::truncation::{
+    truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 use tokenizers::{Encoding, PostProcessor, Tokenizer};
 
 use super::template::{ChatTemplate, Message};
@@ -14,7 +16,10 @@ use super::TextError;
 pub enum Input {
     /// Already formatted text.
     Text(String),
-    Pair { prompt: String, response: String },
+    Pair {
+        prompt: String,
+        response: String,
+    },
     Messages(Vec<Message>),
 }
 
@@ -63,7 +68,9 @@ impl TextEncoder {
 
     pub fn encode(&self, input: &Input, options: &EncodeOptions) -> Result<Encoded, TextError> {
         let encoding = match input {
-            Input::Text(text) => self.encode_parts(text, None, options.add_special_tokens, options)?,
+            Input::Text(text) => {
+                self.encode_parts(text, None, options.add_special_tokens, options)?
+            }
             Input::Pair { prompt, response } => match &self.chat {
                 Some(chat) => {
                     let rendered = chat.render(&pair_messages(prompt, response), false)?;
@@ -95,7 +102,11 @@ impl TextEncoder {
         add_special_tokens: bool,
         options: &EncodeOptions,
     ) -> Result<Encoding, TextError> {
-        let tok = |t: &str| self.tokenizer.encode(t, false).map_err(|e| TextError::Tokenizer(e.to_string()));
+        let tok = |t: &str| {
+            self.tokenizer
+                .encode(t, false)
+                .map_err(|e| TextError::Tokenizer(e.to_string()))
+        };
         let a = tok(first)?;
         let b = second.map(tok).transpose()?;
         let added = if add_special_tokens {

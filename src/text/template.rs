@@ -56,7 +56,11 @@ impl ChatTemplate {
 
     /// Renders the conversation; errors raised by the template (`raise_exception`) come
     /// back as [`TextError::Rejected`] with the template's message.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, TextError> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, TextError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -66,14 +70,22 @@ impl ChatTemplate {
             .iter()
             .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
             .collect();
-        ctx.insert("messages".into(), Value::from(minijinja::value::Serde(messages)));
-        ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
-        template.render(Value::from(ctx)).map_err(|e| match e.kind() {
-            ErrorKind::InvalidOperation => TextError::Rejected(
-                e.detail().map_or_else(|| e.to_string(), str::to_string),
-            ),
-            _ => TextError::Template(format!("chat template failed: {e}")),
-        })
+        ctx.insert(
+            "messages".into(),
+            Value::from(minijinja::value::Serde(messages)),
+        );
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
+        template
+            .render(Value::from(ctx))
+            .map_err(|e| match e.kind() {
+                ErrorKind::InvalidOperation => {
+                    TextError::Rejected(e.detail().map_or_else(|| e.to_string(), str::to_string))
+                }
+                _ => TextError::Template(format!("chat template failed: {e}")),
+            })
     }
 }
 
@@ -89,8 +101,18 @@ fn strftime_now(format: String) -> String {
         .map_or(0, |d| d.as_secs());
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let month_name = MONTHS[(month - 1) as usize];
     format
@@ -194,18 +216,33 @@ mod tests {
     fn renders_with_trim_blocks_lstrip_blocks_and_special_tokens() {
         let source = "{{ bos_token }}\n{% for m in messages %}\n    {% if m['role'] == 'user' %}\n[INST] {{ m['content'] | trim }} [/INST]\n    {% else %}\n {{ m['content'].strip() }}{{ eos_token }}\n    {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}GEN{% endif %}";
         let t = ChatTemplate::new(source, tokens()).unwrap();
-        let out = t.render(&msgs(&[("user", "  hi "), ("assistant", " yo ")]), false).unwrap();
+        let out = t
+            .render(&msgs(&[("user", "  hi "), ("assistant", " yo ")]), false)
+            .unwrap();
         assert_eq!(out, "<s>\n[INST] hi [/INST]\n yo</s>\n");
-        assert!(t.render(&msgs(&[("user", "x")]), true).unwrap().ends_with("GEN"));
+        assert!(t
+            .render(&msgs(&[("user", "x")]), true)
+            .unwrap()
+            .ends_with("GEN"));
     }
 
     #[test]
     fn loop_controls_and_raise_exception() {
         let source = "{% for m in messages %}{% if loop.first and m.role != 'user' %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if m.role == 'system' %}{% continue %}{% endif %}{{ m.content }}{% if not loop.last %}|{% endif %}{% endfor %}";
         let t = ChatTemplate::new(source, tokens()).unwrap();
-        assert_eq!(t.render(&msgs(&[("user", "a"), ("system", "s"), ("assistant", "b")]), false).unwrap(), "a|b");
+        assert_eq!(
+            t.render(
+                &msgs(&[("user", "a"), ("system", "s"), ("assistant", "b")]),
+                false
+            )
+            .unwrap(),
+            "a|b"
+        );
         match t.render(&msgs(&[("assistant", "b")]), false) {
-            Err(TextError::Rejected(m)) => assert_eq!(m, "Conversation roles must alternate user/assistant/user/assistant/..."),
+            Err(TextError::Rejected(m)) => assert_eq!(
+                m,
+                "Conversation roles must alternate user/assistant/user/assistant/..."
+            ),
             other => panic!("{other:?}"),
         }
     }

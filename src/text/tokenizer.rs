@@ -37,7 +37,8 @@ impl TokenizerConfig {
             if !path.is_file() {
                 continue;
             }
-            let text = std::fs::read(&path).map_err(|e| TextError::Io(path.display().to_string(), e))?;
+            let text =
+                std::fs::read(&path).map_err(|e| TextError::Io(path.display().to_string(), e))?;
             let value: Value = serde_json::from_slice(&text)
                 .map_err(|e| TextError::Config(format!("{}: {e}", path.display())))?;
             config.absorb(&value);
@@ -46,7 +47,8 @@ impl TokenizerConfig {
         let jinja = dir.join("chat_template.jinja");
         if jinja.is_file() {
             config.chat_template = Some(
-                std::fs::read_to_string(&jinja).map_err(|e| TextError::Io(jinja.display().to_string(), e))?,
+                std::fs::read_to_string(&jinja)
+                    .map_err(|e| TextError::Io(jinja.display().to_string(), e))?,
             );
         }
         Ok(config)

@@ -1,0 +1,279 @@
+//! BERT and RoBERTa/XLM-RoBERTa sequence classification: a post-LayerNorm transformer
+//! encoder. BERT reads its pooler (dense + tanh on [CLS]) into `classifier`; RoBERTa's
+//! head is dense + tanh + `out_proj` on <s>, and its position ids start after the padding
+//! id (pad + 1 + i for real tokens).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
+
+use super::layers::{embedding, gather_rows, layer_norm, linear, padding_mask, split_heads};
+use super::{
+    load_err, logits_to_rows, parse_config, ModelError, PaddedBatch, Pooling, RewardModel, Sequence,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavour {
+    Bert,
+    Roberta,
+}
+
+#[derive(serde::Deserialize)]
+struct Config {
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    intermediate_size: usize,
+    hidden_act: Activation,
+    max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    layer_norm_eps: f64,
+    #[serde(default)]
+    pad_token_id: Option<u32>,
+    #[serde(default)]
+    position_embedding_type: Option<String>,
+    #[serde(default)]
+    num_labels: Option<usize>,
+    #[serde(default)]
+    id2label: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+fn default_type_vocab() -> usize {
+    2
+}
+
+fn default_eps() -> f64 {
+    1e-12
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+enum Head {
+    /// BERT: pooler dense + tanh, then the classifier.
+    Pooler { dense: Linear, classifier: Linear },
+    /// RoBERTa: classifier.dense + tanh + classifier.out_proj.
+    Roberta { dense: Linear, out_proj: Linear },
+}
+
+pub struct BertModel {
+    flavour: Flavour,
+    words: Embedding,
+    positions: Embedding,
+    token_types: Option<Embedding>,
+    embed_norm: LayerNorm,
+    layers: Vec<Layer>,
+    head: Head,
+    act: Activation,
+    heads: usize,
+    head_dim: usize,
+    pad_id: u32,
+    max_positions: usize,
+    num_labels: usize,
+}
+
+pub fn load(
+    raw: &serde_json::Value,
+    vb: VarBuilder,
+    flavour: Flavour,
+) -> std::result::Result<Box<dyn RewardModel>, ModelError> {
+    let cfg: Config = parse_config(raw)?;
+    if let Some(kind) = cfg
+        .position_embedding_type
+        .as_deref()
+        .filter(|k| *k != "absolute")
+    {
+        return Err(ModelError::Config(format!(
+            "position_embedding_type '{kind}' is not supported (only 'absolute')"
+        )));
+    }
+    let num_labels = cfg
+        .num_labels
+        .or(cfg.id2label.as_ref().map(|m| m.len()))
+        .unwrap_or(2);
+    BertModel::new(&cfg, vb, flavour, num_labels)
+        .map(|m| Box::new(m) as Box<dyn RewardModel>)
+        .map_err(load_err)
+}
+
+impl BertModel {
+    fn new(cfg: &Config, vb: VarBuilder, flavour: Flavour, num_labels: usize) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let prefix = match flavour {
+            Flavour::Bert => "bert",
+            Flavour::Roberta => "roberta",
+        };
+        let base = if vb.contains_tensor(&format!("{prefix}.embeddings.word_embeddings.weight")) {
+            vb.pp(prefix)
+        } else {
+            vb.clone()
+        };
+        let emb = base.pp("embeddings");
+        let token_types =
+            if cfg.type_vocab_size > 0 && emb.contains_tensor("token_type_embeddings.weight") {
+                Some(embedding(
+                    emb.pp("token_type_embeddings"),
+                    cfg.type_vocab_size,
+                    h,
+                )?)
+            } else {
+                None
+            };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = base.pp(format!("encoder.layer.{i}"));
+                Ok(Layer {
+                    query: linear(l.pp("attention.self.query"), h, h, true)?,
+                    key: linear(l.pp("attention.self.key"), h, h, true)?,
+                    value: linear(l.pp("attention.self.value"), h, h, true)?,
+                    attn_out: linear(l.pp("attention.output.dense"), h, h, true)?,
+                    attn_norm: layer_norm(
+                        l.pp("attention.output.LayerNorm"),
+                        h,
+                        cfg.layer_norm_eps,
+                    )?,
+                    intermediate: linear(
+                        l.pp("intermediate.dense"),
+                        h,
+                        cfg.intermediate_size,
+                        true,
+                    )?,
+                    output: linear(l.pp("output.dense"), cfg.intermediate_size, h, true)?,
+                    out_norm: layer_norm(l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let head = match flavour {
+            Flavour::Bert => Head::Pooler {
+                dense: linear(base.pp("pooler.dense"), h, h, true)?,
+                classifier: linear(vb.pp("classifier"), h, num_labels, true)?,
+            },
+            Flavour::Roberta => Head::Roberta {
+                dense: linear(vb.pp("classifier.dense"), h, h, true)?,
+                out_proj: linear(vb.pp("classifier.out_proj"), h, num_labels, true)?,
+            },
+        };
+        let pad_id = cfg.pad_token_id.unwrap_or(match flavour {
+            Flavour::Bert => 0,
+            Flavour::Roberta => 1,
+        });
+        let max_positions = match flavour {
+            Flavour::Bert => cfg.max_position_embeddings,
+            // Positions start at pad_id + 1.
+            Flavour::Roberta => cfg
+                .max_position_embeddings
+                .saturating_sub(pad_id as usize + 1),
+        };
+        Ok(Self {
+            flavour,
+            words: embedding(emb.pp("word_embeddings"), cfg.vocab_size, h)?,
+            positions: embedding(
+                emb.pp("position_embeddings"),
+                cfg.max_position_embeddings,
+                h,
+            )?,
+            token_types,
+            embed_norm: layer_norm(emb.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            layers,
+            head,
+            act: cfg.hidden_act,
+            heads: cfg.num_attention_heads,
+            head_dim: h / cfg.num_attention_heads,
+            pad_id,
+            max_positions,
+            num_labels,
+        })
+    }
+
+    fn position_ids(&self, batch: &PaddedBatch, sequences: &[&Sequence]) -> Result<Tensor> {
+        let s = batch.seq_len;
+        let mut ids = Vec::with_capacity(sequences.len() * s);
+        for seq in sequences {
+            match self.flavour {
+                Flavour::Bert => {
+                    ids.extend((0..s as u32).map(|p| p.min(self.max_positions as u32 - 1)))
+                }
+                Flavour::Roberta => {
+                    // transformers: cumsum(ids != pad) * (ids != pad) + pad.
+                    let mut count = 0;
+                    for p in 0..s {
+                        let real = seq.ids.get(p).is_some_and(|&t| t != self.pad_id);
+                        count += u32::from(real);
+                        ids.push(if real {
+                            self.pad_id + count
+                        } else {
+                            self.pad_id
+                        });
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(ids, (sequences.len(), s), batch.ids.device())
+    }
+
+    fn forward(&self, sequences: &[&Sequence]) -> Result<Tensor> {
+        let device = self.words.embeddings().device();
+        let batch = PaddedBatch::new(sequences, self.pad_id, device)?;
+        let mut x = self.words.forward(&batch.ids)?;
+        x = (x + self
+            .positions
+            .forward(&self.position_ids(&batch, sequences)?)?)?;
+        x = match (&self.token_types, self.flavour) {
+            (Some(tt), Flavour::Bert) => (x + tt.forward(&batch.type_ids)?)?,
+            // RoBERTa tokenizers return no token type ids: transformers uses zeros.
+            (Some(tt), Flavour::Roberta) => (x + tt.forward(&batch.type_ids.zeros_like()?)?)?,
+            (None, _) => x,
+        };
+        x = self.embed_norm.forward(&x)?;
+        let mask = padding_mask(&batch.lengths, batch.seq_len, device)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        for layer in &self.layers {
+            let q = split_heads(&layer.query.forward(&x)?, self.heads, self.head_dim)?;
+            let k = split_heads(&layer.key.forward(&x)?, self.heads, self.head_dim)?;
+            let v = split_heads(&layer.value.forward(&x)?, self.heads, self.head_dim)?;
+            let attn = super::layers::attention(&q, &k, &v, &mask, scale, None)?;
+            x = layer
+                .attn_norm
+                .forward(&(layer.attn_out.forward(&attn)? + &x)?)?;
+            let inner = self.act.forward(&layer.intermediate.forward(&x)?)?;
+            x = layer
+                .out_norm
+                .forward(&(layer.output.forward(&inner)? + &x)?)?;
+        }
+        let first = gather_rows(&x, &vec![0; sequences.len()])?;
+        match &self.head {
+            Head::Pooler { dense, classifier } => {
+                classifier.forward(&dense.forward(&first)?.tanh()?)
+            }
+            Head::Roberta { dense, out_proj } => out_proj.forward(&dense.forward(&first)?.tanh()?),
+        }
+    }
+}
+
+impl RewardModel for BertModel {
+    fn logits(&self, sequences: &[&Sequence]) -> std::result::Result<Vec<Vec<f32>>, ModelError> {
+        logits_to_rows(&self.forward(sequences)?)
+    }
+
+    fn max_input_length(&self) -> usize {
+        self.max_positions
+    }
+
+    fn pooling(&self) -> Pooling {
+        Pooling::First
+    }
+
+    fn num_labels(&self) -> usize {
+        self.num_labels
+    }
+}

@@ -1,0 +1,414 @@
+//! Decoder reward models (Llama, Mistral, Qwen2, Qwen3, Gemma2 `*ForSequenceClassification`):
+//! a causal transformer with grouped-query attention and rotary positions; the `score`
+//! head reads the hidden state at each sequence's last real token. Batches are padded on
+//! the right, so a causal mask alone keeps real tokens from seeing padding.
+//!
+//! The families differ in a few switches, gathered in [`Variant`]: q/k/v biases (Qwen2),
+//! per-head q/k RMSNorm (Qwen3), sliding-window attention (Mistral on every layer, Gemma2 on
+//! even layers), and Gemma2's scaled embeddings, (1 + w) norms, extra norms around
+//! attention and MLP, tanh soft-capping of attention scores and `query_pre_attn_scalar`.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Activation, Embedding, Linear, VarBuilder};
+
+use super::layers::{
+    attention, causal_mask, embedding, gather_rows, linear, split_heads, RmsNorm, Rotary,
+};
+use super::{
+    load_err, logits_to_rows, parse_config, ModelError, PaddedBatch, Pooling, RewardModel, Sequence,
+};
+
+#[derive(serde::Deserialize)]
+struct Config {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    #[serde(default)]
+    num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    rope_theta: f64,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
+    max_position_embeddings: usize,
+    #[serde(default)]
+    hidden_act: Option<Activation>,
+    #[serde(default)]
+    hidden_activation: Option<Activation>,
+    #[serde(default)]
+    attention_bias: Option<bool>,
+    #[serde(default)]
+    mlp_bias: Option<bool>,
+    #[serde(default)]
+    sliding_window: Option<usize>,
+    #[serde(default)]
+    query_pre_attn_scalar: Option<f64>,
+    #[serde(default)]
+    attn_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    pad_token_id: Option<u32>,
+    #[serde(default)]
+    num_labels: Option<usize>,
+    #[serde(default)]
+    id2label: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+fn default_theta() -> f64 {
+    10_000.0
+}
+
+/// The switches that tell the families apart.
+#[derive(Debug, Clone, Copy)]
+struct Variant {
+    qkv_bias: bool,
+    o_bias: bool,
+    mlp_bias: bool,
+    qk_norm: bool,
+    gemma: bool,
+    /// Which layers use the sliding window.
+    sliding: SlidingLayers,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlidingLayers {
+    None,
+    All,
+    Even,
+}
+
+impl Variant {
+    fn of(architecture: &str, cfg: &Config) -> Self {
+        let bias = cfg.attention_bias.unwrap_or(false);
+        let base = Self {
+            qkv_bias: bias,
+            o_bias: bias,
+            mlp_bias: cfg.mlp_bias.unwrap_or(false),
+            qk_norm: false,
+            gemma: false,
+            sliding: SlidingLayers::None,
+        };
+        match architecture {
+            "MistralForSequenceClassification" => Self {
+                sliding: if cfg.sliding_window.is_some() {
+                    SlidingLayers::All
+                } else {
+                    SlidingLayers::None
+                },
+                ..base
+            },
+            // transformers' eager Qwen2 attention ignores `sliding_window`, so does warm.
+            "Qwen2ForSequenceClassification" => Self {
+                qkv_bias: true,
+                o_bias: false,
+                ..base
+            },
+            "Qwen3ForSequenceClassification" => Self {
+                qk_norm: true,
+                ..base
+            },
+            "Gemma2ForSequenceClassification" => Self {
+                gemma: true,
+                sliding: if cfg.sliding_window.is_some() {
+                    SlidingLayers::Even
+                } else {
+                    SlidingLayers::None
+                },
+                ..base
+            },
+            _ => base,
+        }
+    }
+}
+
+struct Layer {
+    input_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    /// Gemma2's norm of the attention output before the residual add.
+    post_attn_norm: Option<RmsNorm>,
+    /// Before the MLP: `post_attention_layernorm` (Llama naming) or Gemma2's
+    /// `pre_feedforward_layernorm`.
+    pre_mlp_norm: RmsNorm,
+    post_mlp_norm: Option<RmsNorm>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    sliding: bool,
+}
+
+pub struct DecoderModel {
+    embed: Embedding,
+    embed_scale: Option<f64>,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    score: Linear,
+    rotary: Rotary,
+    act: Activation,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+    softcap: Option<f64>,
+    window: Option<usize>,
+    pad_id: u32,
+    max_positions: usize,
+    num_labels: usize,
+}
+
+pub fn load(
+    architecture: &str,
+    raw: &serde_json::Value,
+    vb: VarBuilder,
+) -> std::result::Result<Box<dyn RewardModel>, ModelError> {
+    let cfg: Config = parse_config(raw)?;
+    let variant = Variant::of(architecture, &cfg);
+    let head_dim = cfg
+        .head_dim
+        .unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
+    let inv_freq = inv_freq(&cfg, head_dim)?;
+    let num_labels = cfg
+        .num_labels
+        .or(cfg.id2label.as_ref().map(|m| m.len()))
+        .unwrap_or(2);
+    DecoderModel::new(&cfg, variant, head_dim, &inv_freq, num_labels, vb)
+        .map(|m| Box::new(m) as Box<dyn RewardModel>)
+        .map_err(load_err)
+}
+
+/// Rotary inverse frequencies, in f32 as transformers computes them, with `rope_scaling`
+/// (`linear`, `llama3`; `dynamic` equals the default within max_position_embeddings).
+fn inv_freq(cfg: &Config, head_dim: usize) -> std::result::Result<Vec<f32>, ModelError> {
+    let base = cfg.rope_theta as f32;
+    let mut freqs: Vec<f32> = (0..head_dim / 2)
+        .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let Some(scaling) = cfg.rope_scaling.as_ref().filter(|v| !v.is_null()) else {
+        return Ok(freqs);
+    };
+    let kind = scaling
+        .get("rope_type")
+        .or_else(|| scaling.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let num = |key: &str| -> std::result::Result<f32, ModelError> {
+        scaling
+            .get(key)
+            .and_then(serde_json::Value::as_f64)
+            .map(|v| v as f32)
+            .ok_or_else(|| ModelError::Config(format!("rope_scaling '{kind}' needs '{key}'")))
+    };
+    match kind {
+        "default" | "dynamic" => {}
+        "linear" => {
+            let factor = num("factor")?;
+            freqs.iter_mut().for_each(|f| *f /= factor);
+        }
+        "llama3" => {
+            let factor = num("factor")?;
+            let low = num("low_freq_factor")?;
+            let high = num("high_freq_factor")?;
+            let old_context = num("original_max_position_embeddings")?;
+            let low_wavelen = old_context / low;
+            let high_wavelen = old_context / high;
+            for f in &mut freqs {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                let scaled = if wavelen > low_wavelen {
+                    *f / factor
+                } else {
+                    *f
+                };
+                *f = if wavelen >= high_wavelen && wavelen <= low_wavelen {
+                    let smooth = (old_context / wavelen - low) / (high - low);
+                    (1.0 - smooth) * scaled / factor + smooth * scaled
+                } else {
+                    scaled
+                };
+            }
+        }
+        other => return Err(ModelError::Config(format!(
+            "rope_scaling type '{other}' is not supported (default, linear, dynamic, llama3 are)"
+        ))),
+    }
+    Ok(freqs)
+}
+
+impl DecoderModel {
+    fn new(
+        cfg: &Config,
+        v: Variant,
+        head_dim: usize,
+        inv_freq: &[f32],
+        num_labels: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let heads = cfg.num_attention_heads;
+        let kv_heads = cfg.num_key_value_heads.unwrap_or(heads);
+        let m = vb.pp("model");
+        let norm = |vb: VarBuilder, size: usize| RmsNorm::load(vb, size, cfg.rms_norm_eps, v.gemma);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = m.pp(format!("layers.{i}"));
+                let a = l.pp("self_attn");
+                let mlp = l.pp("mlp");
+                Ok(Layer {
+                    input_norm: norm(l.pp("input_layernorm"), h)?,
+                    q: linear(a.pp("q_proj"), h, heads * head_dim, v.qkv_bias)?,
+                    k: linear(a.pp("k_proj"), h, kv_heads * head_dim, v.qkv_bias)?,
+                    v: linear(a.pp("v_proj"), h, kv_heads * head_dim, v.qkv_bias)?,
+                    o: linear(a.pp("o_proj"), heads * head_dim, h, v.o_bias)?,
+                    q_norm: v
+                        .qk_norm
+                        .then(|| norm(a.pp("q_norm"), head_dim))
+                        .transpose()?,
+                    k_norm: v
+                        .qk_norm
+                        .then(|| norm(a.pp("k_norm"), head_dim))
+                        .transpose()?,
+                    post_attn_norm: v
+                        .gemma
+                        .then(|| norm(l.pp("post_attention_layernorm"), h))
+                        .transpose()?,
+                    pre_mlp_norm: if v.gemma {
+                        norm(l.pp("pre_feedforward_layernorm"), h)?
+                    } else {
+                        norm(l.pp("post_attention_layernorm"), h)?
+                    },
+                    post_mlp_norm: v
+                        .gemma
+                        .then(|| norm(l.pp("post_feedforward_layernorm"), h))
+                        .transpose()?,
+                    gate: linear(mlp.pp("gate_proj"), h, cfg.intermediate_size, v.mlp_bias)?,
+                    up: linear(mlp.pp("up_proj"), h, cfg.intermediate_size, v.mlp_bias)?,
+                    down: linear(mlp.pp("down_proj"), cfg.intermediate_size, h, v.mlp_bias)?,
+                    sliding: match v.sliding {
+                        SlidingLayers::None => false,
+                        SlidingLayers::All => true,
+                        SlidingLayers::Even => i % 2 == 0,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let dtype = vb.dtype();
+        let device = vb.device().clone();
+        let act = if v.gemma {
+            cfg.hidden_activation
+                .or(cfg.hidden_act)
+                .unwrap_or(Activation::GeluPytorchTanh)
+        } else {
+            cfg.hidden_act.unwrap_or(Activation::Silu)
+        };
+        Ok(Self {
+            embed: embedding(m.pp("embed_tokens"), cfg.vocab_size, h)?,
+            embed_scale: v.gemma.then(|| (h as f64).sqrt()),
+            layers,
+            norm: norm(m.pp("norm"), h)?,
+            score: linear(vb.pp("score"), h, num_labels, false)?,
+            rotary: Rotary::new(inv_freq, cfg.max_position_embeddings, dtype, &device)?,
+            act,
+            heads,
+            kv_heads,
+            head_dim,
+            scale: match (v.gemma, cfg.query_pre_attn_scalar) {
+                (true, Some(s)) => 1.0 / s.sqrt(),
+                _ => 1.0 / (head_dim as f64).sqrt(),
+            },
+            softcap: if v.gemma {
+                cfg.attn_logit_softcapping
+            } else {
+                None
+            },
+            window: cfg.sliding_window,
+            pad_id: cfg.pad_token_id.unwrap_or(0),
+            max_positions: cfg.max_position_embeddings,
+            num_labels,
+        })
+    }
+
+    fn forward(&self, sequences: &[&Sequence]) -> Result<Tensor> {
+        let device: Device = self.embed.embeddings().device().clone();
+        let batch = PaddedBatch::new(sequences, self.pad_id, &device)?;
+        let mut x = self.embed.forward(&batch.ids)?;
+        if let Some(scale) = self.embed_scale {
+            // Gemma2 multiplies by sqrt(hidden) rounded to the compute dtype.
+            let s = Tensor::new(scale as f32, &device)?.to_dtype(x.dtype())?;
+            x = x.broadcast_mul(&s)?;
+        }
+        let full_mask = causal_mask(batch.seq_len, None, &device)?;
+        let window_mask = match self.window {
+            Some(w) if self.layers.iter().any(|l| l.sliding) => {
+                Some(causal_mask(batch.seq_len, Some(w), &device)?)
+            }
+            _ => None,
+        };
+        for layer in &self.layers {
+            let mask = match (&window_mask, layer.sliding) {
+                (Some(m), true) => m,
+                _ => &full_mask,
+            };
+            x = self.layer_forward(layer, &x, mask)?;
+        }
+        let last: Vec<usize> = batch.lengths.iter().map(|&l| l.saturating_sub(1)).collect();
+        let rows = gather_rows(&x, &last)?;
+        self.score.forward(&self.norm.forward(&rows)?)
+    }
+
+    fn layer_forward(&self, l: &Layer, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let h = l.input_norm.forward(x)?;
+        let mut q = split_heads(&l.q.forward(&h)?, self.heads, self.head_dim)?;
+        let mut k = split_heads(&l.k.forward(&h)?, self.kv_heads, self.head_dim)?;
+        let v = split_heads(&l.v.forward(&h)?, self.kv_heads, self.head_dim)?;
+        if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let q = self.rotary.apply(&q)?;
+        let k = self.rotary.apply(&k)?;
+        let mask = mask.to_dtype(DType::F32)?;
+        let mut attn =
+            l.o.forward(&attention(&q, &k, &v, &mask, self.scale, self.softcap)?)?;
+        if let Some(n) = &l.post_attn_norm {
+            attn = n.forward(&attn)?;
+        }
+        let x = (x + attn)?;
+        let h = l.pre_mlp_norm.forward(&x)?;
+        let mut mlp = l
+            .down
+            .forward(&(self.act.forward(&l.gate.forward(&h)?)? * l.up.forward(&h)?)?)?;
+        if let Some(n) = &l.post_mlp_norm {
+            mlp = n.forward(&mlp)?;
+        }
+        x + mlp
+    }
+}
+
+impl RewardModel for DecoderModel {
+    fn logits(&self, sequences: &[&Sequence]) -> std::result::Result<Vec<Vec<f32>>, ModelError> {
+        logits_to_rows(&self.forward(sequences)?)
+    }
+
+    fn max_input_length(&self) -> usize {
+        self.max_positions
+    }
+
+    fn pooling(&self) -> Pooling {
+        Pooling::Last
+    }
+
+    fn num_labels(&self) -> usize {
+        self.num_labels
+    }
+}

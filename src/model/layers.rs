@@ -1,0 +1,197 @@
+//! Pieces shared by the architectures: loading helpers, norms, rotary embeddings, masks
+//! and attention.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+
+pub fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+    if bias {
+        candle_nn::linear(in_dim, out_dim, vb)
+    } else {
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)
+    }
+}
+
+pub fn embedding(vb: VarBuilder, count: usize, dim: usize) -> Result<Embedding> {
+    candle_nn::embedding(count, dim, vb)
+}
+
+/// A LayerNorm stored as `weight`/`bias`, or as `gamma`/`beta` in older BERT checkpoints
+/// (transformers renames those on load).
+pub fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> Result<LayerNorm> {
+    let (w, b) = if vb.contains_tensor("weight") {
+        ("weight", "bias")
+    } else {
+        ("gamma", "beta")
+    };
+    let weight = vb.get(size, w)?;
+    let bias = vb.get(size, b)?;
+    Ok(LayerNorm::new(weight, bias, eps))
+}
+
+/// RMSNorm. Llama-style multiplies by the weight; Gemma-style by (1 + weight), computed in
+/// f32 and rounded once, as transformers' Gemma2RMSNorm does.
+pub struct RmsNorm {
+    scale: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(vb: VarBuilder, size: usize, eps: f64, plus_one: bool) -> Result<Self> {
+        let weight = vb.get(size, "weight")?;
+        let scale = if plus_one {
+            (weight.to_dtype(DType::F32)? + 1.0)?.to_dtype(weight.dtype())?
+        } else {
+            weight
+        };
+        Ok(Self {
+            scale,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.scale, self.eps)
+    }
+}
+
+/// Rotary position embedding tables (the rotate-half layout transformers uses).
+pub struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    /// `inv_freq` as the model's config defines it (already scaled), `positions` rows.
+    pub fn new(inv_freq: &[f32], positions: usize, dtype: DType, device: &Device) -> Result<Self> {
+        // Computed in f32 like transformers (position * inv_freq, then cos/sin).
+        let half = inv_freq.len();
+        let mut freqs = Vec::with_capacity(positions * half);
+        for p in 0..positions {
+            for f in inv_freq {
+                freqs.push(p as f32 * f);
+            }
+        }
+        let freqs = Tensor::from_vec(freqs, (positions, half), device)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rotates `x` of shape [batch, heads, seq, head_dim].
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, 0, seq)?;
+        let sin = self.sin.narrow(0, 0, seq)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+/// Additive [seq, seq] mask for causal attention, optionally limited to a sliding window
+/// of `window` keys (the query itself included), as transformers' Mistral and Gemma2 mask
+/// keys with `key <= query - window`.
+pub fn causal_mask(seq: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let mut mask = vec![0f32; seq * seq];
+    for q in 0..seq {
+        for k in 0..seq {
+            let outside_window = window.is_some_and(|w| k + w <= q);
+            if k > q || outside_window {
+                mask[q * seq + k] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Tensor::from_vec(mask, (seq, seq), device)
+}
+
+/// Additive [batch, 1, 1, seq] mask hiding padded keys from every query.
+pub fn padding_mask(lengths: &[usize], seq: usize, device: &Device) -> Result<Tensor> {
+    let mut mask = vec![0f32; lengths.len() * seq];
+    for (b, &len) in lengths.iter().enumerate() {
+        for k in len..seq {
+            mask[b * seq + k] = f32::NEG_INFINITY;
+        }
+    }
+    Tensor::from_vec(mask, (lengths.len(), 1, 1, seq), device)
+}
+
+/// Scaled dot-product attention. q: [b, heads, s, d]; k, v: [b, kv_heads, s, d] (repeated
+/// for grouped-query attention); `mask` is added to the scores (broadcast) in f32 and the
+/// softmax runs in f32, as transformers' eager attention does. `softcap` applies Gemma2's
+/// tanh capping to the scaled scores. Returns [b, s, heads * d].
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
+    let (b, heads, s, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let k = repeat_kv(k, heads / kv_heads)?;
+    let v = repeat_kv(v, heads / kv_heads)?;
+    let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    if let Some(cap) = softcap {
+        scores = ((scores / cap)?.tanh()? * cap)?;
+    }
+    let dtype = scores.dtype();
+    let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    probs
+        .matmul(&v.contiguous()?)?
+        .transpose(1, 2)?
+        .reshape((b, s, heads * d))
+}
+
+/// [b, kv_heads, s, d] -> [b, kv_heads * n, s, d], each kv head used by n query heads.
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, kv, n, s, d))?
+        .reshape((b, kv * n, s, d))
+}
+
+/// [b, s, heads * d] -> [b, heads, s, d].
+pub fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (b, s, _) = x.dims3()?;
+    x.reshape((b, s, heads, head_dim))?.transpose(1, 2)
+}
+
+/// Picks row `index[i]` of sequence i: [b, s, h] -> [b, h].
+pub fn gather_rows(x: &Tensor, index: &[usize]) -> Result<Tensor> {
+    let rows = index
+        .iter()
+        .enumerate()
+        .map(|(b, &i)| x.get(b)?.get(i))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::stack(&rows, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sliding_window_keeps_window_keys_including_the_query() {
+        let m = causal_mask(5, Some(2), &Device::Cpu).unwrap();
+        let rows: Vec<Vec<f32>> = m.to_vec2().unwrap();
+        let allowed: Vec<Vec<usize>> = rows
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.is_finite())
+                    .map(|(k, _)| k)
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            allowed,
+            vec![vec![0], vec![0, 1], vec![1, 2], vec![2, 3], vec![3, 4]]
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! Reward models: one trait, one file per architecture family, built from config.json and
+//! a map of (fused) tensors.
+
+mod bert;
+mod deberta;
+mod decoder;
+mod layers;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::checkpoint::ModelConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unsupported architecture '{0}' (warm serves: {list})", list = SUPPORTED.join(", "))]
+    Unsupported(String),
+    #[error("config.json: {0}")]
+    Config(String),
+    #[error("loading the weights: {0}")]
+    Load(String),
+    #[error("forward pass: {0}")]
+    Forward(#[from] candle_core::Error),
+}
+
+pub const SUPPORTED: &[&str] = &[
+    "BertForSequenceClassification",
+    "RobertaForSequenceClassification",
+    "XLMRobertaForSequenceClassification",
+    "DebertaV2ForSequenceClassification",
+    "LlamaForSequenceClassification",
+    "MistralForSequenceClassification",
+    "Qwen2ForSequenceClassification",
+    "Qwen3ForSequenceClassification",
+    "Gemma2ForSequenceClassification",
+];
+
+/// Which token's hidden state the score head reads, as transformers does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The first token ([CLS] / <s>): encoders.
+    First,
+    /// The last real token of each sequence: decoders.
+    Last,
+}
+
+/// Token ids of one input, as the text encoder produced them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sequence {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+}
+
+/// A batch padded on the right to its longest sequence.
+pub struct PaddedBatch {
+    pub ids: Tensor,
+    pub type_ids: Tensor,
+    /// 1 for real tokens, 0 for padding: [batch, seq] as u8.
+    pub lengths: Vec<usize>,
+    pub seq_len: usize,
+}
+
+impl PaddedBatch {
+    pub fn new(sequences: &[&Sequence], pad_id: u32, device: &Device) -> candle_core::Result<Self> {
+        let seq_len = sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(sequences.len() * seq_len);
+        let mut type_ids = Vec::with_capacity(sequences.len() * seq_len);
+        for s in sequences {
+            ids.extend_from_slice(&s.ids);
+            ids.resize(ids.len() + seq_len - s.ids.len(), pad_id);
+            type_ids.extend(
+                s.type_ids
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat(0))
+                    .take(seq_len),
+            );
+        }
+        let shape = (sequences.len(), seq_len);
+        Ok(Self {
+            ids: Tensor::from_vec(ids, shape, device)?,
+            type_ids: Tensor::from_vec(type_ids, shape, device)?,
+            lengths: sequences.iter().map(|s| s.ids.len()).collect(),
+            seq_len,
+        })
+    }
+}
+
+/// A sequence-classification model whose first logit is the reward.
+pub trait RewardModel: Send + Sync {
+    /// Logits [batch][num_labels] for a batch of sequences (padded internally).
+    fn logits(&self, sequences: &[&Sequence]) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// Inputs longer than this cannot be scored (position table size).
+    fn max_input_length(&self) -> usize;
+    /// Which side truncation cuts by default: the start for decoders (the end of the
+    /// response is kept), the end for encoders.
+    fn pooling(&self) -> Pooling;
+    fn num_labels(&self) -> usize;
+}
+
+/// Builds the model named by config.json's `architectures` from `tensors`.
+pub fn load(
+    config: &ModelConfig,
+    tensors: HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn RewardModel>, ModelError> {
+    let architecture = config
+        .architecture()
+        .ok_or_else(|| ModelError::Config("no 'architectures' entry".into()))?;
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    let raw = serde_json::Value::Object(config.raw().clone());
+    match architecture {
+        "BertForSequenceClassification" => bert::load(&raw, vb, bert::Flavour::Bert),
+        "RobertaForSequenceClassification" | "XLMRobertaForSequenceClassification" => {
+            bert::load(&raw, vb, bert::Flavour::Roberta)
+        }
+        "DebertaV2ForSequenceClassification" => deberta::load(&raw, vb),
+        "LlamaForSequenceClassification"
+        | "MistralForSequenceClassification"
+        | "Qwen2ForSequenceClassification"
+        | "Qwen3ForSequenceClassification"
+        | "Gemma2ForSequenceClassification" => decoder::load(architecture, &raw, vb),
+        other => Err(ModelError::Unsupported(other.to_string())),
+    }
+}
+
+/// Reads a typed config section from config.json.
+fn parse_config<T: serde::de::DeserializeOwned>(raw: &serde_json::Value) -> Result<T, ModelError> {
+    serde_json::from_value(raw.clone()).map_err(|e| ModelError::Config(e.to_string()))
+}
+
+fn load_err(e: candle_core::Error) -> ModelError {
+    ModelError::Load(e.to_string())
+}
+
+/// [batch, labels] logits to rows of f32.
+fn logits_to_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
+    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}

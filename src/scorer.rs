@@ -1,0 +1,248 @@
+//! A loaded WARM set ready to score: the text encoder, and either one fused model (WARM,
+//! `--combine weights`) or every member kept apart (ENS, `--combine predictions`: the
+//! score is the weighted mean of the members' scores and `uncertainty` their weighted
+//! standard deviation).
+
+use candle_core::{DType, Device};
+
+use crate::checkpoint::ModelConfig;
+use crate::config::MembersConfig;
+use crate::dtype::FloatDType;
+use crate::fuse::{self, FuseError, FusionReport};
+use crate::model::{self, ModelError, Pooling, RewardModel, Sequence};
+use crate::text::{self, Direction, EncodeOptions, Input, TextEncoder, TextError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Combine {
+    /// Average the weights into one model (WARM).
+    #[default]
+    Weights,
+    /// Keep the members and average their predictions (ENS).
+    Predictions,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Fuse(#[from] FuseError),
+    #[error("{dir}: {source}")]
+    Model {
+        dir: String,
+        #[source]
+        source: ModelError,
+    },
+    #[error(transparent)]
+    Text(#[from] TextError),
+    #[error("{0}")]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+}
+
+/// One input's score: the reward, and with ENS the spread of the members' rewards.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub value: f32,
+    pub uncertainty: Option<f32>,
+}
+
+pub struct Scorer {
+    encoder: TextEncoder,
+    models: Vec<Box<dyn RewardModel>>,
+    /// Normalized member weights (ENS); a single 1.0 for WARM.
+    weights: Vec<f32>,
+    max_length: usize,
+    pooling: Pooling,
+    report: FusionReport,
+}
+
+impl Scorer {
+    /// Loads the members as one fused model or as an ensemble.
+    pub fn load(
+        members: &MembersConfig,
+        combine: Combine,
+        dtype: FloatDType,
+        device: &Device,
+        max_input_length: Option<usize>,
+    ) -> Result<Self, LoadError> {
+        let first = members.dirs.first().ok_or(FuseError::NoMembers)?;
+        let config = ModelConfig::read(&first.join(crate::checkpoint::CONFIG_FILE))?;
+        let encoder = text::load_text_encoder(first)?;
+        let candle_dtype = match dtype {
+            FloatDType::F32 => DType::F32,
+            FloatDType::F16 => DType::F16,
+            FloatDType::BF16 => DType::BF16,
+        };
+        let build = |tensors| {
+            model::load(&config, tensors, candle_dtype, device).map_err(|source| LoadError::Model {
+                dir: first.display().to_string(),
+                source,
+            })
+        };
+        let (models, weights, report) = match combine {
+            Combine::Weights => {
+                let (tensors, report) = fuse::fuse_to_tensors(members, dtype, device)?;
+                (vec![build(tensors)?], vec![1.0], report)
+            }
+            Combine::Predictions => {
+                // Check the set as a whole (same architecture, tokenizer, tensors), then load
+                // each member on its own.
+                let report = fuse::inspect(members)?.into_result()?;
+                let mut models = Vec::with_capacity(members.dirs.len());
+                for dir in &members.dirs {
+                    let single = MembersConfig {
+                        dirs: vec![dir.clone()],
+                        weights: None,
+                        allow_unrelated_members: true,
+                    };
+                    let (tensors, _) = fuse::fuse_to_tensors(&single, dtype, device)?;
+                    models.push(build(tensors)?);
+                }
+                let weights =
+                    fuse::normalize_weights(members.weights.as_deref(), members.dirs.len())
+                        .map_err(|e| FuseError::Incompatible(vec![fuse::Problem::Weights(e)]))?;
+                (models, weights, report)
+            }
+        };
+        let model_max = models[0].max_input_length();
+        Ok(Self {
+            encoder,
+            pooling: models[0].pooling(),
+            max_length: max_input_length.map_or(model_max, |m| m.min(model_max)),
+            models,
+            weights,
+            report,
+        })
+    }
+
+    pub fn report(&self) -> &FusionReport {
+        &self.report
+    }
+
+    pub fn max_input_length(&self) -> usize {
+        self.max_length
+    }
+
+    pub fn num_labels(&self) -> usize {
+        self.models[0].num_labels()
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.encoder.has_chat_template()
+    }
+
+    /// The default truncation side: keep the end of the response for decoders, the start
+    /// for encoders.
+    pub fn default_direction(&self) -> Direction {
+        match self.pooling {
+            Pooling::Last => Direction::Left,
+            Pooling::First => Direction::Right,
+        }
+    }
+
+    pub fn encode(
+        &self,
+        input: &Input,
+        truncate: bool,
+        direction: Option<Direction>,
+        add_special_tokens: bool,
+    ) -> Result<Sequence, TextError> {
+        let options = EncodeOptions {
+            max_length: self.max_length,
+            truncate,
+            direction: direction.unwrap_or(self.default_direction()),
+            add_special_tokens,
+        };
+        let encoded = self.encoder.encode(input, &options)?;
+        Ok(Sequence {
+            ids: encoded.ids,
+            type_ids: encoded.type_ids,
+        })
+    }
+
+    /// Encodes text truncated to `max_length` tokens (special tokens kept), whatever the
+    /// server's limit: for checking truncation against transformers.
+    pub fn encode_with_max(
+        &self,
+        input: &Input,
+        max_length: usize,
+        direction: Direction,
+    ) -> Result<Sequence, TextError> {
+        let options = EncodeOptions {
+            max_length,
+            truncate: true,
+            direction,
+            add_special_tokens: true,
+        };
+        let encoded = self.encoder.encode(input, &options)?;
+        Ok(Sequence {
+            ids: encoded.ids,
+            type_ids: encoded.type_ids,
+        })
+    }
+
+    /// Raw logits of the first member (or the fused model) for each sequence.
+    pub fn logits(&self, sequences: &[&Sequence]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.models[0].logits(sequences)
+    }
+
+    /// The reward (first logit) of each sequence, combined across members with ENS.
+    pub fn score(&self, sequences: &[&Sequence]) -> Result<Vec<Score>, ModelError> {
+        if self.models.len() == 1 {
+            return Ok(self.models[0]
+                .logits(sequences)?
+                .into_iter()
+                .map(|row| Score {
+                    value: row.first().copied().unwrap_or(f32::NAN),
+                    uncertainty: None,
+                })
+                .collect());
+        }
+        let per_member = self
+            .models
+            .iter()
+            .map(|m| m.logits(sequences))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((0..sequences.len())
+            .map(|i| {
+                let scores: Vec<f64> = per_member
+                    .iter()
+                    .map(|rows| f64::from(rows[i].first().copied().unwrap_or(f32::NAN)))
+                    .collect();
+                let (mean, std) = weighted_mean_std(&scores, &self.weights);
+                Score {
+                    value: mean as f32,
+                    uncertainty: Some(std as f32),
+                }
+            })
+            .collect())
+    }
+}
+
+/// sum_i w_i s_i and sqrt(sum_i w_i (s_i - mean)^2) with weights summing to one.
+pub fn weighted_mean_std(scores: &[f64], weights: &[f32]) -> (f64, f64) {
+    let mean: f64 = scores
+        .iter()
+        .zip(weights)
+        .map(|(s, &w)| s * f64::from(w))
+        .sum();
+    let var: f64 = scores
+        .iter()
+        .zip(weights)
+        .map(|(s, &w)| f64::from(w) * (s - mean).powi(2))
+        .sum();
+    (mean, var.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_weights_give_the_population_standard_deviation() {
+        let (m, s) = weighted_mean_std(&[1.0, 2.0, 3.0, 4.0], &[0.25; 4]);
+        assert!((m - 2.5).abs() < 1e-12);
+        assert!((s - 1.25f64.sqrt()).abs() < 1e-12);
+        let (m, s) = weighted_mean_std(&[1.0, 3.0], &[0.75, 0.25]);
+        assert!((m - 1.5).abs() < 1e-12);
+        assert!((s - 0.75f64.sqrt()).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,175 @@
+//! Parity with Hugging Face transformers: the tiny checkpoints in tests/fixtures/models and
+//! the token ids and scores transformers produced for them (tests/fixtures/generate.py).
+//! Ids must be equal; scores within 1e-4, one at a time and in one padded batch.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use serde_json::Value;
+use warm::config::MembersConfig;
+use warm::dtype::FloatDType;
+use warm::model::Sequence;
+use warm::scorer::{Combine, Scorer};
+use warm::text::{Direction, Input, Message};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn load(name: &str, dir: PathBuf, expected: &Path) -> (Scorer, Value) {
+    let expected: Value = serde_json::from_slice(&std::fs::read(expected).unwrap()).unwrap();
+    let members = MembersConfig {
+        dirs: vec![dir],
+        weights: None,
+        allow_unrelated_members: false,
+    };
+    let scorer = Scorer::load(
+        &members,
+        Combine::Weights,
+        FloatDType::F32,
+        &Device::Cpu,
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    (scorer, expected)
+}
+
+fn input_of(case: &Value) -> Input {
+    let s = |k: &str| case[k].as_str().unwrap().to_string();
+    match case["kind"].as_str().unwrap() {
+        "text" => Input::Text(s("text")),
+        "pair" => Input::Pair {
+            prompt: s("prompt"),
+            response: s("response"),
+        },
+        "chat" => Input::Messages(
+            serde_json::from_value::<Vec<Message>>(case["messages"].clone()).unwrap(),
+        ),
+        other => panic!("unknown case kind {other}"),
+    }
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn check(name: &str) {
+    let dir = fixtures().join("models").join(name);
+    check_dir(
+        name,
+        dir,
+        &fixtures().join("expected").join(format!("{name}.json")),
+    );
+}
+
+fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
+    let (scorer, expected) = load(name, dir, expected);
+    assert_eq!(
+        scorer.max_input_length(),
+        expected["max_length"].as_u64().unwrap() as usize,
+        "{name}: max input length"
+    );
+    let cases = expected["cases"].as_array().unwrap();
+    let mut sequences = Vec::new();
+    let mut worst_single = 0f32;
+    for (i, case) in cases.iter().enumerate() {
+        let seq = scorer
+            .encode(&input_of(case), false, None, true)
+            .unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
+        assert_eq!(seq.ids, ids_of(&case["ids"]), "{name} case {i}: token ids");
+        let got = scorer.score(&[&seq]).unwrap()[0].value;
+        let want = case["score"].as_f64().unwrap() as f32;
+        assert!(
+            (got - want).abs() < TOLERANCE,
+            "{name} case {i}: score {got} vs transformers {want}"
+        );
+        worst_single = worst_single.max((got - want).abs());
+        sequences.push(seq);
+    }
+    let refs: Vec<&Sequence> = sequences.iter().collect();
+    let batch = scorer.score(&refs).unwrap();
+    let mut worst_batch = 0f32;
+    for (i, (got, want)) in batch
+        .iter()
+        .zip(expected["batch_scores"].as_array().unwrap())
+        .enumerate()
+    {
+        let want = want.as_f64().unwrap() as f32;
+        assert!(
+            (got.value - want).abs() < TOLERANCE,
+            "{name} batch case {i}: {} vs {want}",
+            got.value
+        );
+        worst_batch = worst_batch.max((got.value - want).abs());
+    }
+    for (i, t) in expected["truncation"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let direction = match t["direction"].as_str().unwrap() {
+            "left" => Direction::Left,
+            _ => Direction::Right,
+        };
+        let max = t["max_length"].as_u64().unwrap() as usize;
+        let seq = scorer
+            .encode_with_max(
+                &Input::Text(t["text"].as_str().unwrap().into()),
+                max,
+                direction,
+            )
+            .unwrap();
+        assert_eq!(seq.ids, ids_of(&t["ids"]), "{name} truncation case {i}");
+    }
+    eprintln!(
+        "{name}: {} cases, max |diff| single {worst_single:.2e}, batched {worst_batch:.2e}",
+        cases.len()
+    );
+}
+
+macro_rules! parity {
+    ($($test:ident => $name:literal),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                check($name);
+            }
+        )*
+    };
+}
+
+parity! {
+    bert => "bert",
+    roberta => "roberta",
+    xlm_roberta => "xlm-roberta",
+    deberta_v2 => "deberta-v2",
+    llama => "llama",
+    mistral => "mistral",
+    qwen2 => "qwen2",
+    qwen3 => "qwen3",
+    gemma2 => "gemma2",
+}
+
+/// Real pre-trained weights (too large for the repository): run
+/// `scripts/make_real_checkpoints.py OUT` with the reference environment, then
+/// `WARM_REAL_MODELS=OUT cargo test --release --test parity -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn real_models() {
+    let root = PathBuf::from(std::env::var("WARM_REAL_MODELS").expect("set WARM_REAL_MODELS"));
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let dir = entry.unwrap().path();
+        let expected = dir.join("expected.json");
+        if expected.is_file() {
+            let name = dir.file_name().unwrap().to_string_lossy().to_string();
+            check_dir(&name, dir, &expected);
+        }
+    }
+}
