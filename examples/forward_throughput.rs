@@ -19,13 +19,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let [dir, batch, seq_len, iters] = args.as_slice() else {
         return Err("usage: forward_throughput MODEL_DIR BATCH SEQ_LEN ITERS".into());
     };
-    let (batch, seq_len, iters): (usize, usize, usize) = (batch.parse()?, seq_len.parse()?, iters.parse()?);
+    let (batch, seq_len, iters): (usize, usize, usize) =
+        (batch.parse()?, seq_len.parse()?, iters.parse()?);
     let members = MembersConfig {
         dirs: vec![PathBuf::from(dir)],
         weights: None,
         allow_unrelated_members: false,
     };
-    let scorer = Scorer::load(&members, Combine::Weights, FloatDType::F32, &Device::Cpu, None)?;
+    let scorer = Scorer::load(
+        &members,
+        Combine::Weights,
+        FloatDType::F32,
+        &Device::Cpu,
+        None,
+    )?;
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let sequences: Vec<Sequence> = (0..batch)
         .map(|_| Sequence {

@@ -70,3 +70,65 @@ mod tests {
         assert!(parse_size("0").is_err());
     }
 }
+
+/// `warm serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub members: MembersConfig,
+    pub combine: crate::scorer::Combine,
+    pub device: DeviceChoice,
+    /// None: f32 on the CPU, the checkpoint's half type on CUDA.
+    pub dtype: Option<FloatDType>,
+    pub host: String,
+    pub port: u16,
+    pub served_model_name: Option<String>,
+    pub max_batch_tokens: usize,
+    pub max_batch_requests: usize,
+    pub max_client_batch_size: usize,
+    pub max_concurrent_requests: usize,
+    pub max_input_length: Option<usize>,
+    pub auto_truncate: bool,
+    pub tokenization_workers: usize,
+    pub payload_limit: usize,
+    pub api_key: Option<String>,
+    pub request_timeout: std::time::Duration,
+    pub cors_allow_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device '{s}': expected auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl std::str::FromStr for crate::scorer::Combine {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "weights" => Ok(Self::Weights),
+            "predictions" => Ok(Self::Predictions),
+            other => Err(format!(
+                "unknown combine mode '{other}': expected weights or predictions"
+            )),
+        }
+    }
+}

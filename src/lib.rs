@@ -5,7 +5,9 @@
 pub mod checkpoint;
 pub mod config;
 pub mod dtype;
+pub mod engine;
 pub mod fuse;
 pub mod model;
 pub mod scorer;
+pub mod server;
 pub mod text;

@@ -6,9 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use warm::config::{parse_size, FuseConfig, MembersConfig};
+use warm::config::{parse_size, DeviceChoice, FuseConfig, MembersConfig, ServeConfig};
 use warm::dtype::FloatDType;
 use warm::fuse::{self, FusionReport};
+use warm::scorer::Combine;
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve rewards over HTTP from the fused members (or an ensemble of them).
+    Serve(Box<ServeArgs>),
     /// Average the members' weights and write a Hugging Face checkpoint.
     Fuse(FuseArgs),
     /// Check that the members can be fused and how close they are to each other.
@@ -61,6 +64,61 @@ impl MemberArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    members: MemberArgs,
+    /// weights: average the members into one model (WARM); predictions: keep them and average their scores (ENS).
+    #[arg(long, env = "WARM_COMBINE", default_value = "weights")]
+    combine: Combine,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "WARM_DEVICE", default_value = "auto")]
+    device: DeviceChoice,
+    /// Compute dtype: auto (f32 on the CPU), f32, f16 or bf16.
+    #[arg(long, env = "WARM_DTYPE", default_value = "auto")]
+    dtype: String,
+    #[arg(long, env = "WARM_HOST", default_value = "0.0.0.0")]
+    host: String,
+    #[arg(long, env = "WARM_PORT", default_value_t = 8080)]
+    port: u16,
+    /// The model name in responses (default: the member folder names).
+    #[arg(long, env = "WARM_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// Padded tokens per forward pass.
+    #[arg(long, env = "WARM_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    max_batch_tokens: usize,
+    /// Sequences per forward pass.
+    #[arg(long, env = "WARM_MAX_BATCH_REQUESTS", default_value_t = 256)]
+    max_batch_requests: usize,
+    /// Inputs in one request (more is a 413).
+    #[arg(long, env = "WARM_MAX_CLIENT_BATCH_SIZE", default_value_t = 256)]
+    max_client_batch_size: usize,
+    /// Requests handled at once (more is a 429).
+    #[arg(long, env = "WARM_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
+    max_concurrent_requests: usize,
+    /// Longest input in tokens (default: the model's maximum).
+    #[arg(long, env = "WARM_MAX_INPUT_LENGTH")]
+    max_input_length: Option<usize>,
+    /// Truncate long inputs instead of refusing them (422).
+    #[arg(long, env = "WARM_AUTO_TRUNCATE")]
+    auto_truncate: bool,
+    /// Requests tokenized in parallel (default: the number of CPUs).
+    #[arg(long, env = "WARM_TOKENIZATION_WORKERS")]
+    tokenization_workers: Option<usize>,
+    /// Largest request body (bytes or e.g. 8MB).
+    #[arg(long, env = "WARM_PAYLOAD_LIMIT", default_value = "8MB", value_parser = parse_size)]
+    payload_limit: u64,
+    /// Require `Authorization: Bearer KEY` (all routes but /health, /live, /metrics).
+    #[arg(long, env = "WARM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Seconds a request may take before a 504.
+    #[arg(long, env = "WARM_REQUEST_TIMEOUT", default_value_t = 300)]
+    request_timeout: u64,
+    /// Origins allowed by CORS (comma-separated; CORS is off without it).
+    #[arg(long, env = "WARM_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    cors_allow_origin: Vec<String>,
+}
+
+#[derive(Args)]
 struct FuseArgs {
     #[command(flatten)]
     members: MemberArgs,
@@ -79,6 +137,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.json_logs);
     let result = match cli.command {
+        Command::Serve(args) => run_serve(*args),
         Command::Fuse(args) => run_fuse(args),
         Command::Inspect(args) => run_inspect(args),
     };
@@ -103,6 +162,41 @@ fn init_logging(json: bool) {
     } else {
         builder.init();
     }
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let dtype = match args.dtype.as_str() {
+        "auto" => None,
+        other => Some(other.parse::<FloatDType>().map_err(anyhow::Error::msg)?),
+    };
+    let workers = args
+        .tokenization_workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let config = ServeConfig {
+        members: args.members.into_config(),
+        combine: args.combine,
+        device: args.device,
+        dtype,
+        host: args.host,
+        port: args.port,
+        served_model_name: args.served_model_name,
+        max_batch_tokens: args.max_batch_tokens,
+        max_batch_requests: args.max_batch_requests,
+        max_client_batch_size: args.max_client_batch_size,
+        max_concurrent_requests: args.max_concurrent_requests,
+        max_input_length: args.max_input_length,
+        auto_truncate: args.auto_truncate,
+        tokenization_workers: workers,
+        payload_limit: usize::try_from(args.payload_limit)?,
+        api_key: args.api_key,
+        request_timeout: std::time::Duration::from_secs(args.request_timeout),
+        cors_allow_origins: args.cors_allow_origin,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(warm::server::serve(config))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_fuse(args: FuseArgs) -> anyhow::Result<ExitCode> {

@@ -10,7 +10,7 @@ use warm::config::MembersConfig;
 use warm::dtype::FloatDType;
 use warm::model::Sequence;
 use warm::scorer::{Combine, Scorer};
-use warm::text::{Direction, Input, Message};
+use warm::text::{Direction, Input, Message, TextError};
 
 const TOLERANCE: f32 = 1e-4;
 

@@ -38,8 +38,8 @@ pub fn load(raw: &serde_json::Value, vb: VarBuilder) -> Result<Box<dyn RewardMod
     let cfg: Config = parse_config(&raw)?;
     let num_labels = cfg.id2label.as_ref().map_or(1, |m| m.len());
     // The encoder lives under `deberta.`; the pooler and classifier at the root.
-    let inner =
-        DebertaV2SeqClassificationModel::load(vb.pp("deberta"), &cfg, cfg.id2label.clone()).map_err(load_err)?;
+    let inner = DebertaV2SeqClassificationModel::load(vb.pp("deberta"), &cfg, cfg.id2label.clone())
+        .map_err(load_err)?;
     Ok(Box::new(DebertaModel {
         inner,
         use_type_ids: cfg.type_vocab_size > 0,

@@ -238,9 +238,11 @@ fn inv_freq(cfg: &Config, head_dim: usize) -> std::result::Result<Vec<f32>, Mode
                 };
             }
         }
-        other => return Err(ModelError::Config(format!(
+        other => {
+            return Err(ModelError::Config(format!(
             "rope_scaling type '{other}' is not supported (default, linear, dynamic, llama3 are)"
-        ))),
+        )))
+        }
     }
     Ok(freqs)
 }

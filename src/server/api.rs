@@ -1,0 +1,105 @@
+//! Request and response bodies of the native API, and the OpenAPI document made from them.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// One chat message.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// `POST /v1/score`. Each input is a pre-formatted string, `{"prompt", "response"}`, or
+/// `{"messages": [...]}`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ScoreRequest {
+    #[schema(value_type = Vec<Object>, example = json!(["text", {"prompt": "2+2?", "response": "4"}]))]
+    pub inputs: Vec<serde_json::Value>,
+    /// Truncate inputs over the maximum length instead of refusing them (422).
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    /// `left` keeps the end (default for decoders), `right` the start (default for encoders).
+    #[serde(default)]
+    pub truncation_direction: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScoreResponse {
+    /// Raw reward logits, one per input.
+    pub scores: Vec<f32>,
+    /// With `--combine predictions`: the members' weighted standard deviation per input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uncertainty: Option<Vec<f32>>,
+    pub model: String,
+    pub usage: Usage,
+}
+
+/// `POST /v1/rerank` (best-of-N): one prompt (or conversation) and N candidate responses.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RerankRequest {
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub messages: Option<Vec<ChatMessage>>,
+    pub responses: Vec<String>,
+    #[serde(default)]
+    pub top_n: Option<usize>,
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    #[serde(default)]
+    pub truncation_direction: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RerankResult {
+    pub index: usize,
+    pub score: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uncertainty: Option<f32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RerankResponse {
+    /// Sorted by score, best first.
+    pub results: Vec<RerankResult>,
+    pub best_index: usize,
+    pub model: String,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorResponse {
+    pub error: String,
+    pub error_type: String,
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "warm",
+        description = "Reward-model server for weight-averaged reward models (WARM)"
+    ),
+    paths(
+        super::native::score,
+        super::native::rerank,
+        super::native::health,
+        super::native::info
+    ),
+    components(schemas(
+        ScoreRequest,
+        ScoreResponse,
+        RerankRequest,
+        RerankResponse,
+        RerankResult,
+        Usage,
+        ChatMessage,
+        ErrorResponse
+    ))
+)]
+pub struct ApiDoc;

@@ -1,0 +1,133 @@
+//! Prometheus metrics, all prefixed `warm_`.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::engine::EngineObserver;
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub tokenization: Histogram,
+    pub queue: Histogram,
+    pub inference: Histogram,
+    pub batch_size: Histogram,
+    pub batch_tokens: Histogram,
+    pub queue_depth: IntGauge,
+    pub inputs: IntCounterVec,
+    pub fusion_seconds: Gauge,
+    pub fusion_bytes: Gauge,
+    pub model_info: GaugeVec,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        180.0,
+    ]
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let hist = |name: &str, help: &str, buckets: Vec<f64>| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        };
+        let m = Self {
+            requests: IntCounterVec::new(
+                Opts::new("warm_requests_total", "HTTP requests by route and outcome"),
+                &["route", "outcome"],
+            )?,
+            request_duration: HistogramVec::new(
+                HistogramOpts::new("warm_request_duration_seconds", "Request time by route")
+                    .buckets(latency_buckets()),
+                &["route"],
+            )?,
+            tokenization: hist(
+                "warm_tokenization_duration_seconds",
+                "Formatting and tokenizing one request",
+                latency_buckets(),
+            )?,
+            queue: hist(
+                "warm_queue_duration_seconds",
+                "Time a request waited for its first batch",
+                latency_buckets(),
+            )?,
+            inference: hist(
+                "warm_inference_duration_seconds",
+                "Forward time of the batches a request was in",
+                latency_buckets(),
+            )?,
+            batch_size: hist(
+                "warm_batch_size",
+                "Sequences per forward pass",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            )?,
+            batch_tokens: hist(
+                "warm_batch_tokens",
+                "Padded tokens per forward pass",
+                vec![
+                    64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0,
+                ],
+            )?,
+            queue_depth: IntGauge::new("warm_queue_depth", "Sequences waiting for a forward pass")?,
+            inputs: IntCounterVec::new(
+                Opts::new("warm_inputs_total", "Inputs scored by route"),
+                &["route"],
+            )?,
+            fusion_seconds: Gauge::new(
+                "warm_fusion_seconds",
+                "Time taken to load and fuse the members",
+            )?,
+            fusion_bytes: Gauge::new(
+                "warm_fusion_bytes_read",
+                "Bytes of member weights read at start-up",
+            )?,
+            model_info: GaugeVec::new(
+                Opts::new("warm_model_info", "The served model (value 1)"),
+                &[
+                    "model",
+                    "architecture",
+                    "combine",
+                    "members",
+                    "dtype",
+                    "device",
+                ],
+            )?,
+            registry,
+        };
+        m.registry.register(Box::new(m.requests.clone()))?;
+        m.registry.register(Box::new(m.request_duration.clone()))?;
+        m.registry.register(Box::new(m.tokenization.clone()))?;
+        m.registry.register(Box::new(m.queue.clone()))?;
+        m.registry.register(Box::new(m.inference.clone()))?;
+        m.registry.register(Box::new(m.batch_size.clone()))?;
+        m.registry.register(Box::new(m.batch_tokens.clone()))?;
+        m.registry.register(Box::new(m.queue_depth.clone()))?;
+        m.registry.register(Box::new(m.inputs.clone()))?;
+        m.registry.register(Box::new(m.fusion_seconds.clone()))?;
+        m.registry.register(Box::new(m.fusion_bytes.clone()))?;
+        m.registry.register(Box::new(m.model_info.clone()))?;
+        Ok(m)
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl EngineObserver for Metrics {
+    fn batch(&self, inputs: usize, padded_tokens: usize, _seconds: f64) {
+        self.batch_size.observe(inputs as f64);
+        self.batch_tokens.observe(padded_tokens as f64);
+    }
+
+    fn queue_depth(&self, inputs: usize) {
+        self.queue_depth.set(inputs as i64);
+    }
+}

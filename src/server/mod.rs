@@ -1,0 +1,283 @@
+//! The HTTP server: listens at once, loads and fuses the members in the background (503
+//! until ready), serves the native routes, and drains in-flight requests on SIGTERM/SIGINT.
+
+pub mod api;
+mod auth;
+pub mod error;
+mod metrics;
+mod native;
+mod pipeline;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::routing::{get, post};
+use axum::Router;
+use candle_core::Device;
+use tokio::sync::Semaphore;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::config::{DeviceChoice, ServeConfig};
+use crate::dtype::FloatDType;
+use crate::engine::{BatchLimits, Engine};
+use crate::scorer::{Combine, Scorer};
+pub use metrics::Metrics;
+
+/// What the server knows once the model is loaded.
+pub struct Ready {
+    pub engine: Engine,
+    pub scorer: Arc<Scorer>,
+    pub info: serde_json::Value,
+}
+
+pub struct AppState {
+    pub config: ServeConfig,
+    pub model_name: String,
+    pub metrics: Arc<Metrics>,
+    pub ready: OnceLock<Ready>,
+    /// Requests being handled; full means 429.
+    pub admission: Arc<Semaphore>,
+    /// Requests being tokenized at once.
+    pub tokenizers: Arc<Semaphore>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Load(String),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs `warm serve` until SIGTERM/SIGINT (then drains and returns) or a start-up failure.
+pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+    let local = listener.local_addr()?;
+    tracing::info!(%local, "listening (not ready until the model is loaded)");
+    let state = Arc::new(AppState {
+        model_name: model_name(&config),
+        metrics: Arc::new(Metrics::new()?),
+        ready: OnceLock::new(),
+        admission: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+        tokenizers: Arc::new(Semaphore::new(config.tokenization_workers.max(1))),
+        config,
+    });
+    let app = router(state.clone());
+    let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel::<String>();
+    let loader = state.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = load(&loader) {
+            let _ = failed_tx.send(e);
+        }
+    });
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    tokio::select! {
+        result = server => {
+            tracing::info!("stopped accepting; in-flight requests are done");
+            result?;
+            Ok(())
+        }
+        Ok(message) = &mut failed_rx => Err(ServeError::Load(message)),
+    }
+}
+
+fn model_name(config: &ServeConfig) -> String {
+    config.served_model_name.clone().unwrap_or_else(|| {
+        let names: Vec<String> = config
+            .members
+            .dirs
+            .iter()
+            .map(|d| {
+                d.file_name().map_or_else(
+                    || d.display().to_string(),
+                    |n| n.to_string_lossy().to_string(),
+                )
+            })
+            .collect();
+        if names.len() == 1 {
+            names[0].clone()
+        } else {
+            format!("warm({})", names.join(","))
+        }
+    })
+}
+
+fn select_device(choice: DeviceChoice) -> Result<Device, String> {
+    match choice {
+        DeviceChoice::Auto | DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda(n) => Err(format!(
+            "--device cuda:{n}: this build of warm has no CUDA support (build with --features cuda)"
+        )),
+    }
+}
+
+/// Loads and fuses the members, runs a warm-up batch, and marks the server ready.
+fn load(state: &AppState) -> Result<(), String> {
+    let started = Instant::now();
+    let config = &state.config;
+    let device = select_device(config.device)?;
+    let dtype = config.dtype.unwrap_or(FloatDType::F32);
+    tracing::info!(members = config.members.dirs.len(), combine = ?config.combine, %dtype, "loading");
+    let scorer = Scorer::load(
+        &config.members,
+        config.combine,
+        dtype,
+        &device,
+        config.max_input_length,
+    )
+    .map_err(|e| e.to_string())?;
+    let report = scorer.report().clone();
+    let warmup = scorer
+        .encode(
+            &crate::text::Input::Text("warm-up".into()),
+            true,
+            None,
+            true,
+        )
+        .map_err(|e| format!("warm-up input: {e}"))?;
+    scorer
+        .score(&[&warmup])
+        .map_err(|e| format!("warm-up batch: {e}"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let m = &state.metrics;
+    m.fusion_seconds.set(report.seconds);
+    m.fusion_bytes.set(report.bytes_read as f64);
+    let architecture = report.members[0].architecture.clone().unwrap_or_default();
+    let combine = match config.combine {
+        Combine::Weights => "weights",
+        Combine::Predictions => "predictions",
+    };
+    m.model_info
+        .with_label_values(&[
+            state.model_name.as_str(),
+            architecture.as_str(),
+            combine,
+            &report.members.len().to_string(),
+            &dtype.to_string(),
+            "cpu",
+        ])
+        .set(1.0);
+    let info = serde_json::json!({
+        "model": state.model_name,
+        "architecture": architecture,
+        "combine": combine,
+        "dtype": dtype.to_string(),
+        "device": "cpu",
+        "members": report.members.iter().map(|m| serde_json::json!({
+            "path": m.dir,
+            "weight": m.weight,
+            "cosine_to_rest": m.cosine_to_rest,
+            "distance_to_rest": m.distance_to_rest,
+            "parameters": m.parameters,
+        })).collect::<Vec<_>>(),
+        "has_chat_template": scorer.has_chat_template(),
+        "num_labels": scorer.num_labels(),
+        "limits": {
+            "max_input_length": scorer.max_input_length(),
+            "max_batch_tokens": config.max_batch_tokens,
+            "max_batch_requests": config.max_batch_requests,
+            "max_client_batch_size": config.max_client_batch_size,
+            "max_concurrent_requests": config.max_concurrent_requests,
+            "payload_limit": config.payload_limit,
+            "auto_truncate": config.auto_truncate,
+        },
+        "fusion": {"seconds": report.seconds, "bytes_read": report.bytes_read},
+        "load_seconds": seconds,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let scorer = Arc::new(scorer);
+    let limits = BatchLimits {
+        max_batch_tokens: config.max_batch_tokens,
+        max_batch_requests: config.max_batch_requests,
+    };
+    let engine = Engine::start(scorer.clone(), limits, state.metrics.clone());
+    let _ = state.ready.set(Ready {
+        engine,
+        scorer,
+        info,
+    });
+    tracing::info!(
+        seconds,
+        fusion_seconds = report.seconds,
+        bytes_read = report.bytes_read,
+        "ready"
+    );
+    Ok(())
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.payload_limit;
+    let cors = (!state.config.cors_allow_origins.is_empty()).then(|| {
+        let origins: Vec<axum::http::HeaderValue> = state
+            .config
+            .cors_allow_origins
+            .iter()
+            .filter_map(|o| o.parse().ok())
+            .collect();
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers([
+                axum::http::header::CONTENT_TYPE,
+                axum::http::header::AUTHORIZATION,
+            ])
+    });
+    let protected = Router::new()
+        .route("/v1/score", post(native::score))
+        .route("/v1/rerank", post(native::rerank))
+        .route("/info", get(native::info))
+        .route("/openapi.json", get(native::openapi))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ));
+    let open = Router::new()
+        .route("/health", get(native::health))
+        .route("/live", get(native::live))
+        .route("/metrics", get(native::metrics));
+    let mut app = protected
+        .merge(open)
+        .fallback(native::not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(state);
+    if let Some(cors) = cors {
+        app = app.layer(cors);
+    }
+    app
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal: finishing queued and in-flight requests");
+}

@@ -1,0 +1,184 @@
+//! The native routes: /v1/score, /v1/rerank, /health, /live, /info, /metrics,
+//! /openapi.json.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use utoipa::OpenApi;
+
+use super::api::{
+    ApiDoc, RerankRequest, RerankResponse, RerankResult, ScoreRequest, ScoreResponse, Usage,
+};
+use super::error::ApiError;
+use super::pipeline::{self, parse_direction, parse_input, ApiJson, ScoringRequest};
+use super::AppState;
+use crate::text::{Input, Message};
+
+#[utoipa::path(post, path = "/v1/score", request_body = ScoreRequest,
+    responses((status = 200, body = ScoreResponse), (status = 400, body = super::api::ErrorResponse),
+              (status = 413, body = super::api::ErrorResponse), (status = 422, body = super::api::ErrorResponse),
+              (status = 429, body = super::api::ErrorResponse), (status = 503, body = super::api::ErrorResponse)))]
+pub async fn score(
+    State(state): State<Arc<AppState>>,
+    ApiJson(body): ApiJson<ScoreRequest>,
+) -> Result<Response, ApiError> {
+    let inputs = body
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, v)| parse_input(v, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let request = ScoringRequest {
+        inputs,
+        truncate: body.truncate,
+        direction: parse_direction(body.truncation_direction.as_deref())?,
+        add_special_tokens: true,
+    };
+    let n = request.inputs.len();
+    let outcome = pipeline::run(&state, "score", request).await?;
+    let with_uncertainty = outcome.scores.iter().any(|s| s.uncertainty.is_some());
+    let response = ScoreResponse {
+        scores: outcome.scores.iter().map(|s| s.value).collect(),
+        uncertainty: with_uncertainty.then(|| {
+            outcome
+                .scores
+                .iter()
+                .map(|s| s.uncertainty.unwrap_or(0.0))
+                .collect()
+        }),
+        model: state.model_name.clone(),
+        usage: Usage {
+            prompt_tokens: outcome.prompt_tokens,
+        },
+    };
+    Ok((
+        outcome.timings.headers(n, outcome.prompt_tokens),
+        Json(response),
+    )
+        .into_response())
+}
+
+#[utoipa::path(post, path = "/v1/rerank", request_body = RerankRequest,
+    responses((status = 200, body = RerankResponse), (status = 400, body = super::api::ErrorResponse),
+              (status = 422, body = super::api::ErrorResponse)))]
+pub async fn rerank(
+    State(state): State<Arc<AppState>>,
+    ApiJson(body): ApiJson<RerankRequest>,
+) -> Result<Response, ApiError> {
+    let inputs: Vec<Input> = match (&body.prompt, &body.messages) {
+        (Some(prompt), None) => body
+            .responses
+            .iter()
+            .map(|r| Input::Pair {
+                prompt: prompt.clone(),
+                response: r.clone(),
+            })
+            .collect(),
+        (None, Some(messages)) => body
+            .responses
+            .iter()
+            .map(|r| {
+                let mut conversation: Vec<Message> = messages
+                    .iter()
+                    .map(|m| Message {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect();
+                conversation.push(Message {
+                    role: "assistant".into(),
+                    content: r.clone(),
+                });
+                Input::Messages(conversation)
+            })
+            .collect(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of 'prompt' or 'messages'",
+            ))
+        }
+    };
+    let request = ScoringRequest {
+        inputs,
+        truncate: body.truncate,
+        direction: parse_direction(body.truncation_direction.as_deref())?,
+        add_special_tokens: true,
+    };
+    let n = request.inputs.len();
+    let outcome = pipeline::run(&state, "rerank", request).await?;
+    let mut results: Vec<RerankResult> = outcome
+        .scores
+        .iter()
+        .enumerate()
+        .map(|(index, s)| RerankResult {
+            index,
+            score: s.value,
+            uncertainty: s.uncertainty,
+        })
+        .collect();
+    results.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
+    let best_index = results.first().map_or(0, |r| r.index);
+    if let Some(top) = body.top_n {
+        results.truncate(top);
+    }
+    let response = RerankResponse {
+        results,
+        best_index,
+        model: state.model_name.clone(),
+        usage: Usage {
+            prompt_tokens: outcome.prompt_tokens,
+        },
+    };
+    Ok((
+        outcome.timings.headers(n, outcome.prompt_tokens),
+        Json(response),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/health", responses((status = 200, description = "ready"), (status = 503, description = "loading")))]
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.get().is_some() {
+        (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response()
+    } else {
+        ApiError::not_ready().into_response()
+    }
+}
+
+pub async fn live() -> Response {
+    (StatusCode::OK, Json(serde_json::json!({"status": "alive"}))).into_response()
+}
+
+#[utoipa::path(get, path = "/info", responses((status = 200, description = "model, members, limits")))]
+pub async fn info(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let ready = state.ready.get().ok_or_else(ApiError::not_ready)?;
+    Ok(Json(ready.info.clone()).into_response())
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    if let Some(ready) = state.ready.get() {
+        state
+            .metrics
+            .queue_depth
+            .set(ready.engine.queued_inputs() as i64);
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn openapi() -> Response {
+    Json(ApiDoc::openapi()).into_response()
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no such route: see GET /openapi.json",
+    )
+}

@@ -1,0 +1,254 @@
+//! What every scoring route shares: readiness and admission, the client batch limit,
+//! formatting and tokenizing on the tokenizer pool (one bad input fails the request alone,
+//! before anything is queued), the engine with a timeout, metrics and timing headers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::scorer::Score;
+use crate::text::{Direction, Input, Message};
+
+/// A JSON body read whatever the Content-Type (curl -d sends a form type), with errors in
+/// warm's JSON shape: 413 over the payload limit, 400 for malformed JSON.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large(
+                    "the request body is larger than the payload limit (--payload-limit)",
+                )
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+    }
+}
+
+/// The inputs of one request, ready to tokenize.
+pub struct ScoringRequest {
+    pub inputs: Vec<Input>,
+    pub truncate: Option<bool>,
+    pub direction: Option<Direction>,
+    /// False on the OpenRLHF route, whose text is already templated.
+    pub add_special_tokens: bool,
+}
+
+pub struct ScoringOutcome {
+    pub scores: Vec<Score>,
+    pub prompt_tokens: usize,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    pub tokenization: Duration,
+    pub queue: Duration,
+    pub inference: Duration,
+    pub total: Duration,
+}
+
+impl Timings {
+    /// Response headers with the timings in milliseconds, as TEI sends them.
+    pub fn headers(&self, inputs: usize, tokens: usize) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let ms =
+            |d: Duration| HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1000.0)).ok();
+        for (name, value) in [
+            ("x-tokenization-time", ms(self.tokenization)),
+            ("x-queue-time", ms(self.queue)),
+            ("x-inference-time", ms(self.inference)),
+            ("x-total-time", ms(self.total)),
+            ("x-inputs", HeaderValue::from_str(&inputs.to_string()).ok()),
+            (
+                "x-prompt-tokens",
+                HeaderValue::from_str(&tokens.to_string()).ok(),
+            ),
+        ] {
+            if let Some(v) = value {
+                h.insert(name, v);
+            }
+        }
+        h
+    }
+}
+
+/// Parses one native input: a string, `{"prompt","response"}` or `{"messages"}`.
+pub fn parse_input(value: &serde_json::Value, index: usize) -> Result<Input, ApiError> {
+    let bad = |what: &str| ApiError::bad_request(format!("inputs[{index}]: {what}"));
+    match value {
+        serde_json::Value::String(s) => Ok(Input::Text(s.clone())),
+        serde_json::Value::Object(map) => {
+            if let Some(messages) = map.get("messages") {
+                let messages: Vec<Message> =
+                    serde_json::from_value(messages.clone()).map_err(|e| {
+                        bad(&format!(
+                            "'messages' must be a list of {{\"role\", \"content\"}}: {e}"
+                        ))
+                    })?;
+                return Ok(Input::Messages(messages));
+            }
+            match (map.get("prompt"), map.get("response")) {
+                (Some(serde_json::Value::String(p)), Some(serde_json::Value::String(r))) => {
+                    Ok(Input::Pair {
+                        prompt: p.clone(),
+                        response: r.clone(),
+                    })
+                }
+                _ => Err(bad(
+                    "an object input needs string fields 'prompt' and 'response', or 'messages'",
+                )),
+            }
+        }
+        _ => Err(bad(
+            "expected a string, {\"prompt\", \"response\"} or {\"messages\": [...]}",
+        )),
+    }
+}
+
+pub fn parse_direction(value: Option<&str>) -> Result<Option<Direction>, ApiError> {
+    match value.map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(None),
+        Some("left") => Ok(Some(Direction::Left)),
+        Some("right") => Ok(Some(Direction::Right)),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "truncation_direction '{other}': expected 'left' or 'right'"
+        ))),
+    }
+}
+
+/// Scores one request end to end; records its metrics under `route`.
+pub async fn run(
+    state: &Arc<AppState>,
+    route: &'static str,
+    request: ScoringRequest,
+) -> Result<ScoringOutcome, ApiError> {
+    let started = Instant::now();
+    let result = run_inner(state, request, started).await;
+    let m = &state.metrics;
+    let outcome = match &result {
+        Ok(o) => {
+            m.inputs
+                .with_label_values(&[route])
+                .inc_by(o.scores.len() as u64);
+            m.tokenization.observe(o.timings.tokenization.as_secs_f64());
+            m.queue.observe(o.timings.queue.as_secs_f64());
+            m.inference.observe(o.timings.inference.as_secs_f64());
+            "success".to_string()
+        }
+        Err(e) => e.status.as_u16().to_string(),
+    };
+    m.requests
+        .with_label_values(&[route, outcome.as_str()])
+        .inc();
+    m.request_duration
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn run_inner(
+    state: &Arc<AppState>,
+    request: ScoringRequest,
+    started: Instant,
+) -> Result<ScoringOutcome, ApiError> {
+    let ready = state.ready.get().ok_or_else(ApiError::not_ready)?;
+    let _permit = state
+        .admission
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::overloaded())?;
+    let config = &state.config;
+    if request.inputs.is_empty() {
+        return Err(ApiError::bad_request("the input list is empty"));
+    }
+    if request.inputs.len() > config.max_client_batch_size {
+        return Err(ApiError::too_large(format!(
+            "{} inputs in one request, more than the limit of {} (--max-client-batch-size)",
+            request.inputs.len(),
+            config.max_client_batch_size
+        )));
+    }
+    let truncate = request.truncate.unwrap_or(config.auto_truncate);
+    let tokenizing = Instant::now();
+    let permit = state
+        .tokenizers
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
+    let scorer = ready.scorer.clone();
+    let encoded = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let encode = |(i, input): (usize, &Input)| {
+            scorer
+                .encode(
+                    input,
+                    truncate,
+                    request.direction,
+                    request.add_special_tokens,
+                )
+                .map_err(|e| ApiError::unprocessable(format!("inputs[{i}]: {e}")))
+        };
+        if request.inputs.len() > 64 {
+            use rayon::prelude::*;
+            request
+                .inputs
+                .par_iter()
+                .enumerate()
+                .map(encode)
+                .collect::<Result<Vec<_>, _>>()
+        } else {
+            request
+                .inputs
+                .iter()
+                .enumerate()
+                .map(encode)
+                .collect::<Result<Vec<_>, _>>()
+        }
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("tokenization task failed: {e}"),
+        )
+    })??;
+    let tokenization = tokenizing.elapsed();
+    let prompt_tokens = encoded.iter().map(|s| s.ids.len()).sum();
+    let scored = tokio::time::timeout(config.request_timeout, ready.engine.score(encoded))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "the request took longer than {} s (--request-timeout)",
+                    config.request_timeout.as_secs()
+                ),
+            )
+        })?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(ScoringOutcome {
+        scores: scored.scores,
+        prompt_tokens,
+        timings: Timings {
+            tokenization,
+            queue: scored.queue_time,
+            inference: scored.inference_time,
+            total: started.elapsed(),
+        },
+    })
+}
