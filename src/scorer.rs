@@ -63,6 +63,30 @@ impl Scorer {
         device: &Device,
         max_input_length: Option<usize>,
     ) -> Result<Self, LoadError> {
+        // Fusion (or the ensemble's check) first: it validates every member and names
+        // what is wrong; the config and tokenizer are read from the first member after.
+        let (tensor_sets, weights, report) = match combine {
+            Combine::Weights => {
+                let (tensors, report) = fuse::fuse_to_tensors(members, dtype, device)?;
+                (vec![tensors], vec![1.0], report)
+            }
+            Combine::Predictions => {
+                let report = fuse::inspect(members)?.into_result()?;
+                let mut sets = Vec::with_capacity(members.dirs.len());
+                for dir in &members.dirs {
+                    let single = MembersConfig {
+                        dirs: vec![dir.clone()],
+                        weights: None,
+                        allow_unrelated_members: true,
+                    };
+                    sets.push(fuse::fuse_to_tensors(&single, dtype, device)?.0);
+                }
+                let weights =
+                    fuse::normalize_weights(members.weights.as_deref(), members.dirs.len())
+                        .map_err(|e| FuseError::Incompatible(vec![fuse::Problem::Weights(e)]))?;
+                (sets, weights, report)
+            }
+        };
         let first = members.dirs.first().ok_or(FuseError::NoMembers)?;
         let config = ModelConfig::read(&first.join(crate::checkpoint::CONFIG_FILE))?;
         let encoder = text::load_text_encoder(first)?;
@@ -71,37 +95,17 @@ impl Scorer {
             FloatDType::F16 => DType::F16,
             FloatDType::BF16 => DType::BF16,
         };
-        let build = |tensors| {
-            model::load(&config, tensors, candle_dtype, device).map_err(|source| LoadError::Model {
-                dir: first.display().to_string(),
-                source,
+        let models = tensor_sets
+            .into_iter()
+            .map(|tensors| {
+                model::load(&config, tensors, candle_dtype, device).map_err(|source| {
+                    LoadError::Model {
+                        dir: first.display().to_string(),
+                        source,
+                    }
+                })
             })
-        };
-        let (models, weights, report) = match combine {
-            Combine::Weights => {
-                let (tensors, report) = fuse::fuse_to_tensors(members, dtype, device)?;
-                (vec![build(tensors)?], vec![1.0], report)
-            }
-            Combine::Predictions => {
-                // Check the set as a whole (same architecture, tokenizer, tensors), then load
-                // each member on its own.
-                let report = fuse::inspect(members)?.into_result()?;
-                let mut models = Vec::with_capacity(members.dirs.len());
-                for dir in &members.dirs {
-                    let single = MembersConfig {
-                        dirs: vec![dir.clone()],
-                        weights: None,
-                        allow_unrelated_members: true,
-                    };
-                    let (tensors, _) = fuse::fuse_to_tensors(&single, dtype, device)?;
-                    models.push(build(tensors)?);
-                }
-                let weights =
-                    fuse::normalize_weights(members.weights.as_deref(), members.dirs.len())
-                        .map_err(|e| FuseError::Incompatible(vec![fuse::Problem::Weights(e)]))?;
-                (models, weights, report)
-            }
-        };
+            .collect::<Result<Vec<_>, _>>()?;
         let model_max = models[0].max_input_length();
         Ok(Self {
             encoder,

@@ -128,6 +128,17 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
             .unwrap();
         assert_eq!(seq.ids, ids_of(&t["ids"]), "{name} truncation case {i}");
     }
+    for t in expected["template_errors"].as_array().into_iter().flatten() {
+        let messages: Vec<Message> = serde_json::from_value(t["messages"].clone()).unwrap();
+        match scorer.encode(&Input::Messages(messages), false, None, true) {
+            Err(TextError::Rejected(message)) => {
+                assert_eq!(message, t["error"].as_str().unwrap(), "{name}")
+            }
+            other => {
+                panic!("{name}: expected the template to reject the conversation, got {other:?}")
+            }
+        }
+    }
     eprintln!(
         "{name}: {} cases, max |diff| single {worst_single:.2e}, batched {worst_batch:.2e}",
         cases.len()

@@ -2,6 +2,8 @@
 //! own, and builders for small Hugging Face checkpoint folders.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 pub struct Server {
     pub child: Child,
     pub base: String,
-    pub log: mpsc::Receiver<String>,
+    pub log: std::sync::Mutex<mpsc::Receiver<String>>,
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
 }
 
 impl Server {
@@ -39,18 +41,26 @@ impl Server {
                 }
             }
         });
+        // Owned by the guard from here on, so a failed start still kills the process.
+        let mut server = Self {
+            child,
+            base: String::new(),
+            log: std::sync::Mutex::new(rx),
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let line = rx
+            let line = server
+                .log
+                .lock()
+                .unwrap()
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("warm serve printed no 'listening' line");
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
             if let Some(local) = v["fields"]["local"].as_str() {
-                return Self {
-                    child,
-                    base: format!("http://{local}"),
-                    log: rx,
-                };
+                server.base = format!("http://{local}");
+                return server;
             }
         }
     }
@@ -102,7 +112,10 @@ impl Server {
 }
 
 fn unsafe_kill(pid: u32, signal: i32) {
-    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 impl Drop for Server {

@@ -1,0 +1,312 @@
+//! The real `warm serve` binary on an ephemeral port, spoken to over HTTP: every route and
+//! every error status of design.md section 4.
+
+mod common;
+
+use common::server::{fixture, Server};
+use serde_json::{json, Value};
+
+fn expected(name: &str) -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("tests/fixtures/expected/{name}.json"));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// The native form of a fixture case.
+fn native_input(case: &Value) -> Value {
+    match case["kind"].as_str().unwrap() {
+        "text" => case["text"].clone(),
+        "pair" => json!({"prompt": case["prompt"], "response": case["response"]}),
+        _ => json!({"messages": case["messages"]}),
+    }
+}
+
+fn model_arg(name: &str) -> String {
+    fixture(name).display().to_string()
+}
+
+#[test]
+fn score_rerank_and_the_informational_routes() {
+    let llama = model_arg("llama");
+    let server = Server::started(&["--model", &llama]);
+    let exp = expected("llama");
+    let cases = exp["cases"].as_array().unwrap();
+    let inputs: Vec<Value> = cases.iter().map(native_input).collect();
+    let (status, body) = server.post("/v1/score", &json!({"inputs": inputs}));
+    assert_eq!(status, 200, "{body}");
+    let scores = body["scores"].as_array().unwrap();
+    for (case, got) in cases.iter().zip(scores) {
+        let (got, want) = (got.as_f64().unwrap(), case["score"].as_f64().unwrap());
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    }
+    assert!(body.get("uncertainty").is_none());
+    assert_eq!(body["model"], "llama");
+    let tokens: usize = cases
+        .iter()
+        .map(|c| c["ids"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(body["usage"]["prompt_tokens"], tokens);
+
+    // Best-of-N: the same pairs through /v1/rerank, sorted best first.
+    let pair = cases.iter().find(|c| c["kind"] == "pair").unwrap();
+    let responses = vec![
+        pair["response"].as_str().unwrap(),
+        "no",
+        "Sure! Here is a long and careful answer.",
+    ];
+    let (status, body) = server.post(
+        "/v1/rerank",
+        &json!({"prompt": pair["prompt"], "responses": responses, "top_n": 2}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert!(results[0]["score"].as_f64() >= results[1]["score"].as_f64());
+    assert_eq!(body["best_index"], results[0]["index"]);
+    let first = results
+        .iter()
+        .find(|r| r["index"] == 0)
+        .map(|r| r["score"].as_f64().unwrap());
+    if let Some(s) = first {
+        assert!((s - pair["score"].as_f64().unwrap()).abs() < 1e-4);
+    }
+
+    let (status, text) = server.get("/live");
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = server.get("/info");
+    assert_eq!(status, 200);
+    let info: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(info["architecture"], "LlamaForSequenceClassification");
+    assert_eq!(info["combine"], "weights");
+    assert_eq!(info["members"].as_array().unwrap().len(), 1);
+    assert_eq!(info["limits"]["max_input_length"], exp["max_length"]);
+    let (status, text) = server.get("/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "warm_requests_total{outcome=\"success\",route=\"score\"} 1",
+        "warm_inputs_total{route=\"score\"} 7",
+        "warm_batch_size_bucket",
+        "warm_queue_duration_seconds_bucket",
+        "warm_inference_duration_seconds_bucket",
+        "warm_tokenization_duration_seconds_bucket",
+        "warm_fusion_seconds",
+        "warm_model_info{",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+    let (status, text) = server.get("/openapi.json");
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    assert!(doc["paths"]["/v1/score"]["post"].is_object());
+    assert!(doc["paths"]["/v1/rerank"]["post"].is_object());
+}
+
+#[test]
+fn timing_headers_are_sent() {
+    let server = Server::started(&["--model", &model_arg("bert")]);
+    let r = reqwest::blocking::Client::new()
+        .post(server.url("/v1/score"))
+        .json(&json!({"inputs": ["hello there"]}))
+        .send()
+        .unwrap();
+    for h in [
+        "x-tokenization-time",
+        "x-queue-time",
+        "x-inference-time",
+        "x-total-time",
+        "x-prompt-tokens",
+    ] {
+        assert!(r.headers().contains_key(h), "{h}");
+    }
+}
+
+#[test]
+fn error_statuses() {
+    let bert = model_arg("bert");
+    let server = Server::started(&[
+        "--model",
+        &bert,
+        "--max-client-batch-size",
+        "4",
+        "--max-input-length",
+        "16",
+        "--payload-limit",
+        "2KB",
+    ]);
+    let client = reqwest::blocking::Client::new();
+    let check = |status: u16, body: &Value, want_status: u16, want_text: &str| {
+        assert_eq!(status, want_status, "{body}");
+        let msg = body["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(want_text), "{want_text:?} not in {msg:?}");
+        assert!(body["error_type"].is_string(), "{body}");
+    };
+    // 400: malformed JSON, empty list, wrong shapes.
+    let r = client
+        .post(server.url("/v1/score"))
+        .body("{\"inputs\": [")
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    check(status, &r.json().unwrap(), 400, "malformed JSON");
+    let (s, b) = server.post("/v1/score", &json!({"inputs": []}));
+    check(s, &b, 400, "empty");
+    let (s, b) = server.post("/v1/score", &json!({"inputs": [{"prompt": "x"}]}));
+    check(s, &b, 400, "inputs[0]");
+    let (s, b) = server.post(
+        "/v1/score",
+        &json!({"inputs": ["a"], "truncation_direction": "up"}),
+    );
+    check(s, &b, 400, "truncation_direction");
+    // 413: too many inputs, body over the payload limit.
+    let (s, b) = server.post("/v1/score", &json!({"inputs": ["a", "b", "c", "d", "e"]}));
+    check(s, &b, 413, "--max-client-batch-size");
+    let (s, b) = server.post("/v1/score", &json!({"inputs": ["x".repeat(3000)]}));
+    check(s, &b, 413, "payload limit");
+    // 422: too long without truncation, fine with it; messages without a chat template.
+    let long = "the cat sat on the mat and then it went away again and again ".repeat(2);
+    let (s, b) = server.post("/v1/score", &json!({"inputs": ["ok", long]}));
+    check(s, &b, 422, "inputs[1]");
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap()
+            .contains("more than the maximum of 16"),
+        "{b}"
+    );
+    let (s, b) = server.post(
+        "/v1/score",
+        &json!({"inputs": ["ok", long], "truncate": true}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = server.post(
+        "/v1/score",
+        &json!({"inputs": [{"messages": [{"role": "user", "content": "hi"}]}]}),
+    );
+    check(s, &b, 422, "no chat template");
+    // 404 with the JSON shape.
+    let (s, b) = server.post("/v1/nothing", &json!({}));
+    check(s, &b, 404, "no such route");
+    // The server is unharmed.
+    let (s, b) = server.post("/v1/score", &json!({"inputs": ["still fine"]}));
+    assert_eq!(s, 200, "{b}");
+}
+
+#[test]
+fn template_rejections_are_422() {
+    let server = Server::started(&["--model", &model_arg("gemma2")]);
+    let (s, b) = server.post(
+        "/v1/score",
+        &json!({"inputs": [{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]}]}),
+    );
+    assert_eq!(s, 422, "{b}");
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap()
+            .contains("System role not supported"),
+        "{b}"
+    );
+}
+
+#[test]
+fn api_key_guards_all_but_health_live_and_metrics() {
+    let server = Server::started(&["--model", &model_arg("bert"), "--api-key", "s3cret"]);
+    let client = reqwest::blocking::Client::new();
+    let post = |key: Option<&str>| {
+        let mut r = client
+            .post(server.url("/v1/score"))
+            .json(&json!({"inputs": ["hi"]}));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send().unwrap()
+    };
+    assert_eq!(post(None).status(), 401);
+    let wrong = post(Some("nope"));
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(wrong.json::<Value>().unwrap()["error_type"], "unauthorized");
+    assert_eq!(post(Some("s3cret")).status(), 200);
+    assert_eq!(
+        client.get(server.url("/info")).send().unwrap().status(),
+        401
+    );
+    for open in ["/health", "/live", "/metrics"] {
+        assert_eq!(
+            client.get(server.url(open)).send().unwrap().status(),
+            200,
+            "{open}"
+        );
+    }
+}
+
+#[test]
+fn overload_answers_429_and_spares_the_others() {
+    let server = Server::started(&[
+        "--model",
+        &model_arg("llama"),
+        "--max-concurrent-requests",
+        "2",
+    ]);
+    let long = "a fairly long input that takes some time to score ".repeat(2);
+    let body = json!({"inputs": vec![long; 64]});
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..12)
+            .map(|_| s.spawn(|| server.post("/v1/score", &body).0))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&429),
+        "no request was refused: {statuses:?}"
+    );
+    assert!(statuses.contains(&200), "{statuses:?}");
+}
+
+#[test]
+fn ensemble_mode_reports_uncertainty() {
+    let llama = model_arg("llama");
+    // Two copies of one member: the ensemble equals the member and the spread is zero.
+    let server = Server::started(&[
+        "--model",
+        &llama,
+        "--model",
+        &llama,
+        "--combine",
+        "predictions",
+    ]);
+    let exp = expected("llama");
+    let case = &exp["cases"][0];
+    let (s, b) = server.post("/v1/score", &json!({"inputs": [native_input(case)]}));
+    assert_eq!(s, 200, "{b}");
+    assert!((b["scores"][0].as_f64().unwrap() - case["score"].as_f64().unwrap()).abs() < 1e-4);
+    assert!(b["uncertainty"][0].as_f64().unwrap().abs() < 1e-6, "{b}");
+    let (_, info) = server.get("/info");
+    assert!(info.contains("\"combine\":\"predictions\""), "{info}");
+}
+
+#[test]
+fn startup_failure_is_one_message_and_a_failing_exit() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warm"))
+        .args([
+            "serve",
+            "--model",
+            "/nonexistent/model",
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+        ])
+        .env_remove("WARM_MODEL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/nonexistent/model: not a directory"),
+        "{stderr}"
+    );
+}
