@@ -310,3 +310,49 @@ fn startup_failure_is_one_message_and_a_failing_exit() {
         "{stderr}"
     );
 }
+
+/// Two members with a large embedding, so that loading takes a while.
+fn slow_members(root: &std::path::Path) -> Vec<String> {
+    let src = fixture("llama");
+    let mut tensors = common::read_safetensors(&src.join("model.safetensors"));
+    let hidden = tensors["model.embed_tokens.weight"].shape[1];
+    let rows = 400_000;
+    let mut rng = common::Rng(7);
+    tensors.insert(
+        "model.embed_tokens.weight".into(),
+        common::float("F32", &[rows, hidden], &rng.vec(rows * hidden, 0.02)),
+    );
+    let list: Vec<(String, common::Stored)> = tensors.into_iter().collect();
+    (0..2)
+        .map(|i| {
+            let dir = root.join(format!("m{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+                std::fs::copy(src.join(f), dir.join(f)).unwrap();
+            }
+            let mut config: Value = serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+            config["vocab_size"] = rows.into();
+            std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+            common::write_safetensors(&dir.join("model.safetensors"), &list);
+            dir.display().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn not_ready_is_503_while_loading_then_200() {
+    let tmp = tempfile::tempdir().unwrap();
+    let members = slow_members(tmp.path());
+    let server = Server::start(&["--model", &members[0], "--model", &members[1]]);
+    // The listener is up before the members are read.
+    let (status, body) = server.get("/health");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("still loading"), "{body}");
+    let (status, body) = server.post("/v1/score", &json!({"inputs": ["hi"]}));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error_type"], "unhealthy");
+    assert_eq!(server.get("/live").0, 200);
+    server.wait_ready();
+    let (status, body) = server.post("/v1/score", &json!({"inputs": ["hi"]}));
+    assert_eq!(status, 200, "{body}");
+}
