@@ -149,17 +149,15 @@ impl Scorer {
         direction: Option<Direction>,
         add_special_tokens: bool,
     ) -> Result<Sequence, TextError> {
-        let options = EncodeOptions {
-            max_length: self.max_length,
-            truncate,
-            direction: direction.unwrap_or(self.default_direction()),
-            add_special_tokens,
-        };
-        let encoded = self.encoder.encode(input, &options)?;
-        Ok(Sequence {
-            ids: encoded.ids,
-            type_ids: encoded.type_ids,
-        })
+        self.encode_with(
+            input,
+            &EncodeOptions {
+                max_length: self.max_length,
+                truncate,
+                direction: direction.unwrap_or(self.default_direction()),
+                add_special_tokens,
+            },
+        )
     }
 
     /// Encodes text truncated to `max_length` tokens (special tokens kept), whatever the
@@ -170,13 +168,19 @@ impl Scorer {
         max_length: usize,
         direction: Direction,
     ) -> Result<Sequence, TextError> {
-        let options = EncodeOptions {
-            max_length,
-            truncate: true,
-            direction,
-            add_special_tokens: true,
-        };
-        let encoded = self.encoder.encode(input, &options)?;
+        self.encode_with(
+            input,
+            &EncodeOptions {
+                max_length,
+                truncate: true,
+                direction,
+                add_special_tokens: true,
+            },
+        )
+    }
+
+    fn encode_with(&self, input: &Input, options: &EncodeOptions) -> Result<Sequence, TextError> {
+        let encoded = self.encoder.encode(input, options)?;
         Ok(Sequence {
             ids: encoded.ids,
             type_ids: encoded.type_ids,

@@ -327,10 +327,15 @@ fn slow_members(root: &std::path::Path) -> Vec<String> {
         .map(|i| {
             let dir = root.join(format!("m{i}"));
             std::fs::create_dir_all(&dir).unwrap();
-            for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+            for f in [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+            ] {
                 std::fs::copy(src.join(f), dir.join(f)).unwrap();
             }
-            let mut config: Value = serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+            let mut config: Value =
+                serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
             config["vocab_size"] = rows.into();
             std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
             common::write_safetensors(&dir.join("model.safetensors"), &list);
