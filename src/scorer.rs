@@ -37,15 +37,19 @@ pub enum LoadError {
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
 }
 
-/// One input's score: the reward, and with ENS the spread of the members' rewards.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// One input's score: the reward (first logit), with ENS the spread of the members'
+/// rewards, and every label's logit (the members' weighted mean with ENS).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Score {
     pub value: f32,
     pub uncertainty: Option<f32>,
+    pub logits: Vec<f32>,
 }
 
 pub struct Scorer {
     encoder: TextEncoder,
+    labels: Vec<String>,
+    problem_type: Option<String>,
     models: Vec<Box<dyn RewardModel>>,
     /// Normalized member weights (ENS); a single 1.0 for WARM.
     weights: Vec<f32>,
@@ -107,8 +111,16 @@ impl Scorer {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let model_max = models[0].max_input_length();
+        let labels = label_names(&config, models[0].num_labels());
+        let problem_type = config
+            .raw()
+            .get("problem_type")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string);
         Ok(Self {
             encoder,
+            labels,
+            problem_type,
             pooling: models[0].pooling(),
             max_length: max_input_length.map_or(model_max, |m| m.min(model_max)),
             models,
@@ -127,6 +139,16 @@ impl Scorer {
 
     pub fn num_labels(&self) -> usize {
         self.models[0].num_labels()
+    }
+
+    /// Label names from config.json's `id2label` (`LABEL_i` where missing).
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// config.json's `problem_type` (`regression`, `single_label_classification`, ...).
+    pub fn problem_type(&self) -> Option<&str> {
+        self.problem_type.as_deref()
     }
 
     pub fn has_chat_template(&self) -> bool {
@@ -179,6 +201,27 @@ impl Scorer {
         )
     }
 
+    /// Encodes under a request's own limit (vLLM's `truncate_prompt_tokens`), capped at
+    /// the server's: truncated when `truncate`, refused when too long otherwise.
+    pub fn encode_limited(
+        &self,
+        input: &Input,
+        max_length: usize,
+        truncate: bool,
+        direction: Option<Direction>,
+        add_special_tokens: bool,
+    ) -> Result<Sequence, TextError> {
+        self.encode_with(
+            input,
+            &EncodeOptions {
+                max_length: max_length.min(self.max_length),
+                truncate,
+                direction: direction.unwrap_or(self.default_direction()),
+                add_special_tokens,
+            },
+        )
+    }
+
     fn encode_with(&self, input: &Input, options: &EncodeOptions) -> Result<Sequence, TextError> {
         let encoded = self.encoder.encode(input, options)?;
         Ok(Sequence {
@@ -198,9 +241,10 @@ impl Scorer {
             return Ok(self.models[0]
                 .logits(sequences)?
                 .into_iter()
-                .map(|row| Score {
-                    value: row.first().copied().unwrap_or(f32::NAN),
+                .map(|logits| Score {
+                    value: logits.first().copied().unwrap_or(f32::NAN),
                     uncertainty: None,
+                    logits,
                 })
                 .collect());
         }
@@ -211,18 +255,43 @@ impl Scorer {
             .collect::<Result<Vec<_>, _>>()?;
         Ok((0..sequences.len())
             .map(|i| {
-                let scores: Vec<f64> = per_member
+                let labels = per_member[0][i].len();
+                let logits: Vec<f32> = (0..labels)
+                    .map(|l| {
+                        let values: Vec<f64> = per_member
+                            .iter()
+                            .map(|rows| f64::from(rows[i][l]))
+                            .collect();
+                        weighted_mean_std(&values, &self.weights).0 as f32
+                    })
+                    .collect();
+                let rewards: Vec<f64> = per_member
                     .iter()
                     .map(|rows| f64::from(rows[i].first().copied().unwrap_or(f32::NAN)))
                     .collect();
-                let (mean, std) = weighted_mean_std(&scores, &self.weights);
+                let (mean, std) = weighted_mean_std(&rewards, &self.weights);
                 Score {
                     value: mean as f32,
                     uncertainty: Some(std as f32),
+                    logits,
                 }
             })
             .collect())
     }
+}
+
+fn label_names(config: &ModelConfig, num_labels: usize) -> Vec<String> {
+    let map = config
+        .raw()
+        .get("id2label")
+        .and_then(serde_json::Value::as_object);
+    (0..num_labels)
+        .map(|i| {
+            map.and_then(|m| m.get(&i.to_string()))
+                .and_then(serde_json::Value::as_str)
+                .map_or_else(|| format!("LABEL_{i}"), str::to_string)
+        })
+        .collect()
 }
 
 /// sum_i w_i s_i and sqrt(sum_i w_i (s_i - mean)^2) with weights summing to one.

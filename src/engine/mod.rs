@@ -186,7 +186,7 @@ impl Worker {
                         pending[j].run += 1;
                     }
                     for &j in &touched {
-                        if pending[j].run == pending[j].scores.len() {
+                        if pending[j].run == pending[j].job.sequences.len() {
                             answer(&mut pending[j], None);
                         }
                     }
@@ -203,7 +203,7 @@ impl Worker {
             }
         }
         // Sequences that never ran (client gone, request failed) leave the queue count.
-        let skipped: usize = pending.iter().map(|p| p.scores.len() - p.run).sum();
+        let skipped: usize = pending.iter().map(|p| p.job.sequences.len() - p.run).sum();
         self.queued_inputs.fetch_sub(skipped, Ordering::Relaxed);
     }
 }
@@ -219,13 +219,14 @@ fn answer(p: &mut Pending, error: Option<EngineError>) {
     let outcome = match error {
         Some(e) => Err(e),
         None => Ok(Scored {
-            scores: p
-                .scores
-                .iter()
+            // Every sequence is scored when a request is answered without an error.
+            scores: std::mem::take(&mut p.scores)
+                .into_iter()
                 .map(|s| {
                     s.unwrap_or(Score {
                         value: f32::NAN,
                         uncertainty: None,
+                        logits: Vec::new(),
                     })
                 })
                 .collect(),

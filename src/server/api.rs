@@ -86,8 +86,8 @@ pub struct ErrorResponse {
         description = "Reward-model server for weight-averaged reward models (WARM)"
     ),
     paths(
-        super::native::score,
-        super::native::rerank,
+        super::compat::v1_score,
+        super::compat::v1_rerank,
         super::native::health,
         super::native::info
     ),

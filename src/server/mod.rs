@@ -3,6 +3,7 @@
 
 pub mod api;
 mod auth;
+mod compat;
 pub mod error;
 mod metrics;
 mod native;
@@ -237,8 +238,15 @@ fn router(state: Arc<AppState>) -> Router {
             ])
     });
     let protected = Router::new()
-        .route("/v1/score", post(native::score))
-        .route("/v1/rerank", post(native::rerank))
+        .route("/v1/score", post(compat::v1_score))
+        .route("/v1/rerank", post(compat::v1_rerank))
+        .route("/", post(compat::root))
+        .route("/predict", post(compat::predict))
+        .route("/rerank", post(compat::rerank))
+        .route("/classify", post(compat::classify))
+        .route("/v1/classify", post(compat::classify))
+        .route("/score", post(compat::vllm_score))
+        .route("/get_reward", post(compat::get_reward))
         .route("/info", get(native::info))
         .route("/openapi.json", get(native::openapi))
         .layer(axum::middleware::from_fn_with_state(
@@ -247,6 +255,7 @@ fn router(state: Arc<AppState>) -> Router {
         ));
     let open = Router::new()
         .route("/health", get(native::health))
+        .route("/", get(native::health))
         .route("/live", get(native::live))
         .route("/metrics", get(native::metrics));
     let mut app = protected

@@ -13,18 +13,14 @@ use super::api::{
     ApiDoc, RerankRequest, RerankResponse, RerankResult, ScoreRequest, ScoreResponse, Usage,
 };
 use super::error::ApiError;
-use super::pipeline::{self, parse_direction, parse_input, ApiJson, ScoringRequest};
+use super::pipeline::{self, parse_direction, parse_input, ScoringRequest};
 use super::AppState;
 use crate::text::{Input, Message};
+use serde_json::Value;
 
-#[utoipa::path(post, path = "/v1/score", request_body = ScoreRequest,
-    responses((status = 200, body = ScoreResponse), (status = 400, body = super::api::ErrorResponse),
-              (status = 413, body = super::api::ErrorResponse), (status = 422, body = super::api::ErrorResponse),
-              (status = 429, body = super::api::ErrorResponse), (status = 503, body = super::api::ErrorResponse)))]
-pub async fn score(
-    State(state): State<Arc<AppState>>,
-    ApiJson(body): ApiJson<ScoreRequest>,
-) -> Result<Response, ApiError> {
+/// The native score on a parsed body (shared with the route that vLLM also uses).
+pub async fn score_value(state: &Arc<AppState>, body: Value) -> Result<Response, ApiError> {
+    let body: ScoreRequest = parse_body(body)?;
     let inputs = body
         .inputs
         .iter()
@@ -32,13 +28,12 @@ pub async fn score(
         .map(|(i, v)| parse_input(v, i))
         .collect::<Result<Vec<_>, _>>()?;
     let request = ScoringRequest {
-        inputs,
         truncate: body.truncate,
         direction: parse_direction(body.truncation_direction.as_deref())?,
-        add_special_tokens: true,
+        ..ScoringRequest::new(inputs)
     };
     let n = request.inputs.len();
-    let outcome = pipeline::run(&state, "score", request).await?;
+    let outcome = pipeline::run(state, "score", request).await?;
     let with_uncertainty = outcome.scores.iter().any(|s| s.uncertainty.is_some());
     let response = ScoreResponse {
         scores: outcome.scores.iter().map(|s| s.value).collect(),
@@ -61,13 +56,9 @@ pub async fn score(
         .into_response())
 }
 
-#[utoipa::path(post, path = "/v1/rerank", request_body = RerankRequest,
-    responses((status = 200, body = RerankResponse), (status = 400, body = super::api::ErrorResponse),
-              (status = 422, body = super::api::ErrorResponse)))]
-pub async fn rerank(
-    State(state): State<Arc<AppState>>,
-    ApiJson(body): ApiJson<RerankRequest>,
-) -> Result<Response, ApiError> {
+/// The native rerank on a parsed body (shared with the route that vLLM also uses).
+pub async fn rerank_value(state: &Arc<AppState>, body: Value) -> Result<Response, ApiError> {
+    let body: RerankRequest = parse_body(body)?;
     let inputs: Vec<Input> = match (&body.prompt, &body.messages) {
         (Some(prompt), None) => body
             .responses
@@ -102,13 +93,12 @@ pub async fn rerank(
         }
     };
     let request = ScoringRequest {
-        inputs,
         truncate: body.truncate,
         direction: parse_direction(body.truncation_direction.as_deref())?,
-        add_special_tokens: true,
+        ..ScoringRequest::new(inputs)
     };
     let n = request.inputs.len();
-    let outcome = pipeline::run(&state, "rerank", request).await?;
+    let outcome = pipeline::run(state, "rerank", request).await?;
     let mut results: Vec<RerankResult> = outcome
         .scores
         .iter()
@@ -137,6 +127,12 @@ pub async fn rerank(
         Json(response),
     )
         .into_response())
+}
+
+/// A body of the expected shape, or a 400 that says what is wrong with it.
+fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
+    serde_json::from_value(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "ready"), (status = 503, description = "loading")))]

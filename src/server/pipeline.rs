@@ -45,6 +45,25 @@ pub struct ScoringRequest {
     pub direction: Option<Direction>,
     /// False on the OpenRLHF route, whose text is already templated.
     pub add_special_tokens: bool,
+    /// A request's own token limit (vLLM's `truncate_prompt_tokens`), below the server's.
+    pub max_length: Option<usize>,
+    /// Whether `--max-client-batch-size` applies (not to OpenRLHF's batches of thousands,
+    /// which the payload limit still bounds).
+    pub client_batch_limit: bool,
+}
+
+impl ScoringRequest {
+    /// A request with the defaults of the native routes.
+    pub fn new(inputs: Vec<Input>) -> Self {
+        Self {
+            inputs,
+            truncate: None,
+            direction: None,
+            add_special_tokens: true,
+            max_length: None,
+            client_batch_limit: true,
+        }
+    }
 }
 
 pub struct ScoringOutcome {
@@ -175,7 +194,7 @@ async fn run_inner(
     if request.inputs.is_empty() {
         return Err(ApiError::bad_request("the input list is empty"));
     }
-    if request.inputs.len() > config.max_client_batch_size {
+    if request.client_batch_limit && request.inputs.len() > config.max_client_batch_size {
         return Err(ApiError::too_large(format!(
             "{} inputs in one request, more than the limit of {} (--max-client-batch-size)",
             request.inputs.len(),
@@ -194,14 +213,22 @@ async fn run_inner(
     let encoded = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let encode = |(i, input): (usize, &Input)| {
-            scorer
-                .encode(
+            match request.max_length {
+                Some(max) => scorer.encode_limited(
+                    input,
+                    max,
+                    truncate,
+                    request.direction,
+                    request.add_special_tokens,
+                ),
+                None => scorer.encode(
                     input,
                     truncate,
                     request.direction,
                     request.add_special_tokens,
-                )
-                .map_err(|e| ApiError::unprocessable(format!("inputs[{i}]: {e}")))
+                ),
+            }
+            .map_err(|e| ApiError::unprocessable(format!("inputs[{i}]: {e}")))
         };
         if request.inputs.len() > 64 {
             use rayon::prelude::*;

@@ -1,0 +1,123 @@
+//! Routes in the shapes existing clients send and parse (docs/compat-sources.md has the
+//! upstream file and function behind every shape): TEI, Hugging Face's InferenceClient,
+//! vLLM's pooling API (which verl calls), OpenRLHF's remote reward model. Routes that two
+//! APIs share tell the bodies apart by their fields.
+
+pub mod activation;
+mod openrlhf;
+mod tei;
+mod vllm;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::Response;
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::native;
+use super::pipeline::ApiJson;
+use super::AppState;
+
+pub use openrlhf::get_reward;
+pub use tei::predict;
+pub use vllm::{classify, score as vllm_score};
+
+fn has(body: &Value, key: &str) -> bool {
+    body.get(key).is_some()
+}
+
+/// `POST /`: TEI answers it as /predict for classifiers and as /rerank for one-label
+/// models; Hugging Face's InferenceClient posts `{"inputs", "parameters"}` here and
+/// expects the Inference API's nested list. All three are told apart by their fields.
+pub async fn root(
+    State(state): State<Arc<AppState>>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    if has(&body, "query") && has(&body, "texts") {
+        tei::rerank_body(&state, body).await
+    } else if has(&body, "parameters") {
+        tei::text_classification_body(&state, body).await
+    } else if has(&body, "inputs") {
+        tei::predict_body(&state, body).await
+    } else {
+        Err(ApiError::bad_request(
+            "POST / takes TEI's {\"inputs\"} (predict), {\"query\", \"texts\"} (rerank) or {\"inputs\", \"parameters\"} (text classification)",
+        ))
+    }
+}
+
+/// `POST /rerank`: TEI's `{"query", "texts"}` or vLLM's `{"query", "documents"}`.
+pub async fn rerank(
+    State(state): State<Arc<AppState>>,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
+    use axum::response::IntoResponse;
+    match body {
+        Ok(ApiJson(body)) if has(&body, "documents") => vllm::rerank_body(&state, Ok(body)).await,
+        Ok(ApiJson(body)) => tei::rerank_body(&state, body)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/rerank", request_body = crate::server::api::RerankRequest,
+    responses((status = 200, body = crate::server::api::RerankResponse), (status = 400, body = crate::server::api::ErrorResponse),
+              (status = 422, body = crate::server::api::ErrorResponse)))]
+/// `POST /v1/rerank`: warm's `{"prompt", "responses"}` or vLLM's `{"query", "documents"}`.
+pub async fn v1_rerank(
+    State(state): State<Arc<AppState>>,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
+    use axum::response::IntoResponse;
+    match body {
+        Ok(ApiJson(body)) if has(&body, "documents") => vllm::rerank_body(&state, Ok(body)).await,
+        Ok(ApiJson(body)) => native::rerank_value(&state, body)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/score", request_body = crate::server::api::ScoreRequest,
+    responses((status = 200, body = crate::server::api::ScoreResponse), (status = 400, body = crate::server::api::ErrorResponse),
+              (status = 413, body = crate::server::api::ErrorResponse), (status = 422, body = crate::server::api::ErrorResponse),
+              (status = 429, body = crate::server::api::ErrorResponse), (status = 503, body = crate::server::api::ErrorResponse)))]
+/// `POST /v1/score`: warm's `{"inputs"}` or vLLM's pairs (`queries`/`documents`,
+/// `text_1`/`text_2`, ...).
+pub async fn v1_score(
+    State(state): State<Arc<AppState>>,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
+    use axum::response::IntoResponse;
+    match body {
+        Ok(ApiJson(body)) if has(&body, "inputs") => native::score_value(&state, body)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        Ok(ApiJson(body)) => vllm::score_body(&state, Ok(body)).await,
+        // Unreadable JSON: answered in warm's own shape, this being warm's route.
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A response id in the style vLLM gives (`classify-<32 hex>`).
+fn request_id(prefix: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let state = std::collections::hash_map::RandomState::new();
+    let mut h = state.build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    let a = h.finish();
+    h.write_u64(a);
+    format!("{prefix}-{a:016x}{:016x}", h.finish())
+}
+
+fn unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

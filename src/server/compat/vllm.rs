@@ -1,0 +1,373 @@
+//! vLLM's pooling API: `POST /classify` (and `/v1/classify`, as SGLang names it), `/score`
+//! and `/v1/score`, `/rerank` and `/v1/rerank` with `documents`; errors in vLLM's shape.
+//! verl's reward loop posts `{"model", "input", "use_activation": false}` to /classify and
+//! reads `data[-1].probs[-1]`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::activation::Activation;
+use super::{request_id, unix_time};
+use crate::server::error::ApiError;
+use crate::server::pipeline::{self, parse_direction, ApiJson, ScoringOutcome, ScoringRequest};
+use crate::server::AppState;
+use crate::text::{Input, Message};
+
+/// vLLM's error body: `{"error": {"message", "type", "param", "code"}}`.
+struct VllmError(ApiError);
+
+impl IntoResponse for VllmError {
+    fn into_response(self) -> Response {
+        let status = self.0.status;
+        let kind = match status {
+            StatusCode::UNAUTHORIZED => "AuthenticationError",
+            StatusCode::NOT_FOUND => "NotFoundError",
+            StatusCode::TOO_MANY_REQUESTS => "RateLimitError",
+            StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
+            StatusCode::GATEWAY_TIMEOUT => "TimeoutError",
+            s if s.is_client_error() => "BadRequestError",
+            _ => "InternalServerError",
+        };
+        let body = json!({"error": {"message": self.0.message, "type": kind, "param": null, "code": status.as_u16()}});
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<ApiError> for VllmError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+/// The activation switches: `softmax` over `activation` over `use_activation` (vLLM up
+/// to 0.14 accepted all three; verl sent `activation` before `use_activation`).
+#[derive(Deserialize, Default)]
+struct ActivationFlags {
+    #[serde(default)]
+    use_activation: Option<bool>,
+    #[serde(default)]
+    activation: Option<bool>,
+    #[serde(default)]
+    softmax: Option<bool>,
+}
+
+impl ActivationFlags {
+    fn requested(&self) -> Option<bool> {
+        self.softmax.or(self.activation).or(self.use_activation)
+    }
+}
+
+#[derive(Deserialize)]
+struct ClassifyRequest {
+    #[serde(default)]
+    input: Option<Value>,
+    #[serde(default)]
+    messages: Option<Vec<Message>>,
+    #[serde(default)]
+    add_special_tokens: Option<bool>,
+    #[serde(default)]
+    truncate_prompt_tokens: Option<i64>,
+    #[serde(default)]
+    truncation_side: Option<String>,
+    #[serde(flatten)]
+    flags: ActivationFlags,
+}
+
+fn model_name(state: &AppState) -> String {
+    state.model_name.clone()
+}
+
+fn usage(outcome: &ScoringOutcome) -> Value {
+    json!({
+        "prompt_tokens": outcome.prompt_tokens,
+        "total_tokens": outcome.prompt_tokens,
+        "completion_tokens": 0,
+        "prompt_tokens_details": null,
+    })
+}
+
+/// `truncate_prompt_tokens`: absent = no truncation (too long is an error), -1 = the
+/// model's maximum, k = the last (or first, with `truncation_side`) k tokens.
+fn truncation(tokens: Option<i64>) -> Result<(Option<bool>, Option<usize>), ApiError> {
+    match tokens {
+        None => Ok((None, None)),
+        Some(-1) => Ok((Some(true), None)),
+        Some(k) if k >= 1 => Ok((Some(true), Some(k as usize))),
+        Some(k) => Err(ApiError::bad_request(format!(
+            "truncate_prompt_tokens {k}: expected -1 or a positive number"
+        ))),
+    }
+}
+
+fn string_list(v: &Value, field: &str) -> Result<Vec<String>, ApiError> {
+    match v {
+        Value::String(s) => Ok(vec![s.clone()]),
+        Value::Array(items) if items.iter().all(Value::is_string) && !items.is_empty() => Ok(items
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect()),
+        Value::Array(items)
+            if items.iter().any(Value::is_number) || items.iter().any(Value::is_array) =>
+        {
+            Err(ApiError::bad_request(format!(
+                "`{field}`: token id inputs are not supported, send text"
+            )))
+        }
+        _ => Err(ApiError::bad_request(format!(
+            "`{field}` must be a non-empty string or list of strings"
+        ))),
+    }
+}
+
+pub async fn classify(
+    State(state): State<Arc<AppState>>,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
+    classify_inner(&state, body.map(|ApiJson(b)| b))
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn classify_inner(
+    state: &Arc<AppState>,
+    body: Result<Value, ApiError>,
+) -> Result<Response, VllmError> {
+    let req: ClassifyRequest = serde_json::from_value(body?)
+        .map_err(|e| ApiError::bad_request(format!("invalid /classify body: {e}")))?;
+    let (inputs, default_special) = match (&req.input, &req.messages) {
+        (Some(input), None) => (
+            string_list(input, "input")?
+                .into_iter()
+                .map(Input::Text)
+                .collect(),
+            true,
+        ),
+        (None, Some(messages)) => (vec![Input::Messages(messages.clone())], false),
+        _ => return Err(ApiError::bad_request("give exactly one of `input` or `messages`").into()),
+    };
+    let (truncate, max_length) = truncation(req.truncate_prompt_tokens)?;
+    let request = ScoringRequest {
+        truncate,
+        max_length,
+        direction: parse_direction(req.truncation_side.as_deref())?,
+        add_special_tokens: req.add_special_tokens.unwrap_or(default_special),
+        ..ScoringRequest::new(inputs)
+    };
+    let outcome = pipeline::run(state, "vllm_classify", request).await?;
+    let (num_labels, problem_type, labels) = match state.ready.get() {
+        Some(r) => (
+            r.scorer.num_labels(),
+            r.scorer.problem_type().map(str::to_string),
+            r.scorer.labels().to_vec(),
+        ),
+        None => (1, None, Vec::new()),
+    };
+    // vLLM: on by default, except for regression models.
+    let on = req
+        .flags
+        .requested()
+        .unwrap_or(problem_type.as_deref() != Some("regression"));
+    let activation = match (on, problem_type.as_deref()) {
+        (false, _) => Activation::None,
+        (true, Some("multi_label_classification")) => Activation::Sigmoid,
+        (true, _) => Activation::for_labels(num_labels),
+    };
+    let data: Vec<Value> = outcome
+        .scores
+        .iter()
+        .enumerate()
+        .map(|(index, s)| {
+            let probs = activation.apply(&s.logits);
+            let best = probs
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i);
+            json!({"index": index, "label": labels.get(best), "probs": probs, "num_classes": probs.len()})
+        })
+        .collect();
+    let body = json!({
+        "id": request_id("classify"),
+        "object": "list",
+        "created": unix_time(),
+        "model": model_name(state),
+        "data": data,
+        "usage": usage(&outcome),
+    });
+    Ok((
+        outcome
+            .timings
+            .headers(outcome.scores.len(), outcome.prompt_tokens),
+        Json(body),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct ScoreRequest {
+    #[serde(default, alias = "text_1", alias = "data_1")]
+    queries: Option<Value>,
+    #[serde(default, alias = "text_2", alias = "data_2", alias = "items")]
+    documents: Option<Value>,
+    #[serde(default)]
+    truncate_prompt_tokens: Option<i64>,
+    #[serde(flatten)]
+    flags: ActivationFlags,
+}
+
+/// The (query, document) pairs of /score: 1 x N broadcasts, N x N zips.
+fn score_pairs(queries: Vec<String>, documents: Vec<String>) -> Result<Vec<Input>, ApiError> {
+    let pair = |q: &String, d: &String| Input::Pair {
+        prompt: q.clone(),
+        response: d.clone(),
+    };
+    match (queries.len(), documents.len()) {
+        (1, _) => Ok(documents.iter().map(|d| pair(&queries[0], d)).collect()),
+        (q, d) if q == d => Ok(queries
+            .iter()
+            .zip(&documents)
+            .map(|(q, d)| pair(q, d))
+            .collect()),
+        (q, d) => Err(ApiError::bad_request(format!(
+            "{q} queries and {d} documents: give one query, or as many queries as documents"
+        ))),
+    }
+}
+
+/// Sigmoid of the reward unless switched off (vLLM's score head ignores `problem_type`).
+fn score_activation(flags: &ActivationFlags) -> Activation {
+    if flags.requested().unwrap_or(true) {
+        Activation::Sigmoid
+    } else {
+        Activation::None
+    }
+}
+
+pub async fn score(
+    State(state): State<Arc<AppState>>,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
+    score_body(&state, body.map(|ApiJson(b)| b)).await
+}
+
+pub async fn score_body(state: &Arc<AppState>, body: Result<Value, ApiError>) -> Response {
+    score_inner(state, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn score_inner(
+    state: &Arc<AppState>,
+    body: Result<Value, ApiError>,
+) -> Result<Response, VllmError> {
+    let req: ScoreRequest = serde_json::from_value(body?)
+        .map_err(|e| ApiError::bad_request(format!("invalid /score body: {e}")))?;
+    let (Some(q), Some(d)) = (&req.queries, &req.documents) else {
+        return Err(ApiError::bad_request(
+            "give `queries` and `documents` (or `text_1` and `text_2`)",
+        )
+        .into());
+    };
+    let inputs = score_pairs(string_list(q, "queries")?, string_list(d, "documents")?)?;
+    let (truncate, max_length) = truncation(req.truncate_prompt_tokens)?;
+    let request = ScoringRequest {
+        truncate,
+        max_length,
+        ..ScoringRequest::new(inputs)
+    };
+    let outcome = pipeline::run(state, "vllm_score", request).await?;
+    let activation = score_activation(&req.flags);
+    let data: Vec<Value> = outcome
+        .scores
+        .iter()
+        .enumerate()
+        .map(|(index, s)| json!({"index": index, "object": "score", "score": activation.apply(&[s.value])[0]}))
+        .collect();
+    let body = json!({
+        "id": request_id("score"),
+        "object": "list",
+        "created": unix_time(),
+        "model": model_name(state),
+        "data": data,
+        "usage": usage(&outcome),
+    });
+    Ok((
+        outcome
+            .timings
+            .headers(outcome.scores.len(), outcome.prompt_tokens),
+        Json(body),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct RerankRequest {
+    query: String,
+    documents: Value,
+    #[serde(default)]
+    top_n: Option<usize>,
+    #[serde(default)]
+    truncate_prompt_tokens: Option<i64>,
+    #[serde(flatten)]
+    flags: ActivationFlags,
+}
+
+pub async fn rerank_body(state: &Arc<AppState>, body: Result<Value, ApiError>) -> Response {
+    rerank_inner(state, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn rerank_inner(
+    state: &Arc<AppState>,
+    body: Result<Value, ApiError>,
+) -> Result<Response, VllmError> {
+    let req: RerankRequest = serde_json::from_value(body?)
+        .map_err(|e| ApiError::bad_request(format!("invalid /rerank body: {e}")))?;
+    let documents = string_list(&req.documents, "documents")?;
+    let inputs = score_pairs(vec![req.query.clone()], documents.clone())?;
+    let (truncate, max_length) = truncation(req.truncate_prompt_tokens)?;
+    let request = ScoringRequest {
+        truncate,
+        max_length,
+        ..ScoringRequest::new(inputs)
+    };
+    let outcome = pipeline::run(state, "vllm_rerank", request).await?;
+    let activation = score_activation(&req.flags);
+    let mut ranked: Vec<(usize, f32)> = outcome
+        .scores
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i, activation.apply(&[s.value])[0]))
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    // vLLM: top_n 0 (the default) means all.
+    if let Some(n) = req.top_n.filter(|&n| n > 0) {
+        ranked.truncate(n);
+    }
+    let results: Vec<Value> = ranked
+        .iter()
+        .map(|&(index, score)| {
+            json!({"index": index, "document": {"text": documents[index], "multi_modal": null}, "relevance_score": score})
+        })
+        .collect();
+    let body = json!({
+        "id": request_id("rerank"),
+        "model": model_name(state),
+        "usage": {"prompt_tokens": outcome.prompt_tokens, "total_tokens": outcome.prompt_tokens},
+        "results": results,
+    });
+    Ok((
+        outcome
+            .timings
+            .headers(outcome.scores.len(), outcome.prompt_tokens),
+        Json(body),
+    )
+        .into_response())
+}

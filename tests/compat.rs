@@ -1,0 +1,303 @@
+//! The compat routes, fed the request bodies existing clients send (tests/compat/requests,
+//! each naming its source file and function upstream; docs/compat-sources.md), checked for
+//! the response shape the client parses and for numbers equal to the native /v1/score of
+//! the same inputs, activations included.
+
+mod common;
+
+use common::server::{fixture, Server};
+use serde_json::{json, Value};
+
+fn sample(name: &str) -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("tests/compat/requests/{name}.json"));
+    let v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    assert!(
+        v["source"].as_str().is_some_and(|s| !s.is_empty()),
+        "{name}: no source"
+    );
+    v
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn close(a: &Value, b: f64, what: &str) {
+    let a = a
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what}: not a number: {a}"));
+    assert!((a - b).abs() < 1e-5, "{what}: {a} vs {b}");
+}
+
+/// Raw native scores of `inputs` (native input shapes).
+fn native(server: &Server, inputs: Vec<Value>) -> Vec<f64> {
+    let (s, b) = server.post("/v1/score", &json!({"inputs": inputs, "truncate": true}));
+    assert_eq!(s, 200, "{b}");
+    b["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn pair(q: &Value, d: &Value) -> Value {
+    json!({"prompt": q, "response": d})
+}
+
+fn start() -> Server {
+    Server::started(&["--model", &fixture("llama").display().to_string()])
+}
+
+/// Posts a sample to its route (or `route` when given).
+fn replay(server: &Server, s: &Value) -> Value {
+    let (status, body) = server.post(s["route"].as_str().unwrap(), &s["body"]);
+    assert_eq!(status, 200, "{}: {body}", s["source"]);
+    body
+}
+
+#[test]
+fn tei_predict_single_pair_and_batch() {
+    let server = start();
+    // Single text, default raw_scores false: sigmoid of the reward, label from id2label.
+    let s = sample("tei_predict_single");
+    let body = replay(&server, &s);
+    let want = native(&server, vec![s["body"]["inputs"].clone()]);
+    assert_eq!(body.as_array().unwrap().len(), 1);
+    close(&body[0]["score"], sigmoid(want[0]), "tei single");
+    assert_eq!(body[0]["label"], "LABEL_0");
+    // A [text, text_pair] pair with raw_scores: the raw reward of the prompt/response pair.
+    let s = sample("tei_predict_pair");
+    let body = replay(&server, &s);
+    let inputs = s["body"]["inputs"].as_array().unwrap();
+    let want = native(&server, vec![pair(&inputs[0], &inputs[1])]);
+    close(&body[0]["score"], want[0], "tei pair");
+    // A batch: a list of lists, in input order.
+    let s = sample("tei_predict_batch");
+    let body = replay(&server, &s);
+    let items: Vec<Value> = s["body"]["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| match i.as_array().unwrap().as_slice() {
+            [a] => a.clone(),
+            [a, b] => pair(a, b),
+            _ => unreachable!(),
+        })
+        .collect();
+    let want = native(&server, items);
+    assert_eq!(body.as_array().unwrap().len(), want.len());
+    for (row, w) in body.as_array().unwrap().iter().zip(&want) {
+        close(&row[0]["score"], sigmoid(*w), "tei batch");
+    }
+}
+
+#[test]
+fn tei_rerank_and_its_twin_on_post_root() {
+    let server = start();
+    let s = sample("tei_rerank");
+    let body = replay(&server, &s);
+    let query = &s["body"]["query"];
+    let texts = s["body"]["texts"].as_array().unwrap();
+    let want = native(&server, texts.iter().map(|t| pair(query, t)).collect());
+    let ranked = body.as_array().unwrap();
+    assert_eq!(ranked.len(), texts.len());
+    for w in ranked.windows(2) {
+        assert!(w[0]["score"].as_f64() >= w[1]["score"].as_f64());
+    }
+    for r in ranked {
+        let i = r["index"].as_u64().unwrap() as usize;
+        close(&r["score"], sigmoid(want[i]), "tei rerank");
+        assert_eq!(r["text"], texts[i], "return_text");
+    }
+    // TEI answers POST / as /rerank for a one-label model.
+    let (status, root) = server.post("/", &s["body"]);
+    assert_eq!(status, 200);
+    assert_eq!(root, body);
+}
+
+#[test]
+fn huggingface_inference_client_text_classification() {
+    let server = start();
+    let s = sample("hf_inference_client_text_classification");
+    let body = replay(&server, &s);
+    let want = native(&server, vec![s["body"]["inputs"].clone()]);
+    // The client reads element 0 of a nested list.
+    close(
+        &body[0][0]["score"],
+        sigmoid(want[0]),
+        "text_classification default",
+    );
+    assert_eq!(body[0][0]["label"], "LABEL_0");
+    let s = sample("hf_inference_client_text_classification_params");
+    let body = replay(&server, &s);
+    assert_eq!(body[0].as_array().unwrap().len(), 1, "top_k");
+    close(&body[0][0]["score"], want[0], "function_to_apply none");
+}
+
+#[test]
+fn vllm_classify_as_verl_and_pooling_clients_send_it() {
+    let server = start();
+    let s = sample("vllm_classify_string");
+    let body = replay(&server, &s);
+    let want = native(&server, vec![s["body"]["input"].clone()]);
+    assert_eq!(body["object"], "list");
+    assert!(body["id"].as_str().unwrap().starts_with("classify-"));
+    assert!(body["created"].is_u64());
+    assert_eq!(body["data"][0]["index"], 0);
+    assert_eq!(body["data"][0]["num_classes"], 1);
+    assert_eq!(body["data"][0]["label"], "LABEL_0");
+    close(
+        &body["data"][0]["probs"][0],
+        sigmoid(want[0]),
+        "classify default sigmoid",
+    );
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+
+    let s = sample("vllm_classify_list");
+    let body = replay(&server, &s);
+    let want = native(&server, s["body"]["input"].as_array().unwrap().clone());
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(body["data"][i]["index"], i);
+        close(&body["data"][i]["probs"][0], *w, "classify list raw");
+    }
+
+    let s = sample("vllm_classify_messages");
+    let body = replay(&server, &s);
+    let want = native(&server, vec![json!({"messages": s["body"]["messages"]})]);
+    close(
+        &body["data"][0]["probs"][0],
+        want[0],
+        "classify messages raw",
+    );
+
+    // verl reads data[-1].probs[-1] and expects the raw reward.
+    for name in ["verl_reward", "verl_reward_legacy_activation"] {
+        let s = sample(name);
+        let body = replay(&server, &s);
+        let want = native(&server, vec![s["body"]["input"].clone()]);
+        let last = body["data"].as_array().unwrap().last().unwrap();
+        close(
+            last["probs"].as_array().unwrap().last().unwrap(),
+            want[0],
+            name,
+        );
+    }
+}
+
+#[test]
+fn vllm_score_and_rerank() {
+    let server = start();
+    let s = sample("vllm_score_text");
+    let body = replay(&server, &s);
+    let docs = s["body"]["text_2"].as_array().unwrap();
+    let want = native(
+        &server,
+        docs.iter().map(|d| pair(&s["body"]["text_1"], d)).collect(),
+    );
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(body["data"][i]["object"], "score");
+        close(
+            &body["data"][i]["score"],
+            sigmoid(*w),
+            "score text_1/text_2",
+        );
+    }
+
+    // On /v1/score, told apart from warm's own body by its fields.
+    let s = sample("vllm_score_queries_documents");
+    let body = replay(&server, &s);
+    let (q, d) = (
+        s["body"]["queries"].as_array().unwrap(),
+        s["body"]["documents"].as_array().unwrap(),
+    );
+    let want = native(&server, q.iter().zip(d).map(|(q, d)| pair(q, d)).collect());
+    for (i, w) in want.iter().enumerate() {
+        close(&body["data"][i]["score"], *w, "score queries/documents raw");
+    }
+
+    // On /v1/rerank, told apart from warm's best-of-N body by `documents`.
+    let s = sample("vllm_rerank");
+    let body = replay(&server, &s);
+    let docs = s["body"]["documents"].as_array().unwrap();
+    let want = native(
+        &server,
+        docs.iter().map(|d| pair(&s["body"]["query"], d)).collect(),
+    );
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "top_n");
+    for r in results {
+        let i = r["index"].as_u64().unwrap() as usize;
+        close(&r["relevance_score"], sigmoid(want[i]), "rerank");
+        assert_eq!(r["document"]["text"], docs[i]);
+    }
+    assert!(results[0]["relevance_score"].as_f64() >= results[1]["relevance_score"].as_f64());
+    // The same body on /rerank (vLLM's other name for it).
+    let (status, again) = server.post("/rerank", &s["body"]);
+    assert_eq!(status, 200);
+    assert_eq!(again["results"], body["results"]);
+    // vLLM's error shape.
+    let (status, err) = server.post("/classify", &json!({"model": "x"}));
+    assert_eq!(status, 400);
+    assert!(
+        err["error"]["message"].is_string() && err["error"]["code"] == 400,
+        "{err}"
+    );
+}
+
+#[test]
+fn openrlhf_get_reward() {
+    let server = start();
+    let s = sample("openrlhf_get_reward");
+    let body = replay(&server, &s);
+    assert_eq!(body["rewards"].as_array().unwrap().len(), 1);
+    assert_eq!(body["rewards"], body["scores"]);
+    assert!(body["extra_logs"].is_object());
+    // OpenRLHF sends text already templated by the actor, tokenized without special tokens:
+    // the rendered chat template of a pair scores as transformers scored that pair.
+    let exp: Value = serde_json::from_slice(
+        &std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/expected/llama.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let cases: Vec<&Value> = exp["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["rendered"].is_string())
+        .collect();
+    assert!(!cases.is_empty());
+    let queries: Vec<&Value> = cases.iter().map(|c| &c["rendered"]).collect();
+    let (status, body) = server.post(
+        "/get_reward",
+        &json!({"query": queries, "prompts": queries, "labels": vec![""; cases.len()]}),
+    );
+    assert_eq!(status, 200, "{body}");
+    for (got, case) in body["rewards"].as_array().unwrap().iter().zip(&cases) {
+        close(
+            got,
+            case["score"].as_f64().unwrap(),
+            "get_reward vs transformers",
+        );
+    }
+}
+
+#[test]
+fn get_reward_takes_batches_of_thousands() {
+    let server = start();
+    let queries: Vec<String> = (0..3000)
+        .map(|i| format!("<s>[INST] What is {i} + 1? [/INST] {}", i + 1))
+        .collect();
+    let started = std::time::Instant::now();
+    let (status, body) = server.post("/get_reward", &json!({"query": queries}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rewards"].as_array().unwrap().len(), 3000);
+    eprintln!(
+        "3000 queries scored in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
