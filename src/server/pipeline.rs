@@ -155,8 +155,20 @@ pub async fn run(
     route: &'static str,
     request: ScoringRequest,
 ) -> Result<ScoringOutcome, ApiError> {
+    use tracing::Instrument;
     let started = Instant::now();
-    let result = run_inner(state, request, started).await;
+    let span = tracing::info_span!("request", route, inputs = request.inputs.len());
+    let result = run_inner(state, request, started)
+        .instrument(span.clone())
+        .await;
+    span.in_scope(|| match &result {
+        Ok(o) => tracing::debug!(
+            tokens = o.prompt_tokens,
+            total_ms = o.timings.total.as_secs_f64() * 1000.0,
+            "scored"
+        ),
+        Err(e) => tracing::info!(status = e.status.as_u16(), error = %e.message, "refused"),
+    });
     let m = &state.metrics;
     let outcome = match &result {
         Ok(o) => {
