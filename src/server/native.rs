@@ -32,7 +32,6 @@ pub async fn score_value(state: &Arc<AppState>, body: Value) -> Result<Response,
         direction: parse_direction(body.truncation_direction.as_deref())?,
         ..ScoringRequest::new(inputs)
     };
-    let n = request.inputs.len();
     let outcome = pipeline::run(state, "score", request).await?;
     let with_uncertainty = outcome.scores.iter().any(|s| s.uncertainty.is_some());
     let response = ScoreResponse {
@@ -49,11 +48,7 @@ pub async fn score_value(state: &Arc<AppState>, body: Value) -> Result<Response,
             prompt_tokens: outcome.prompt_tokens,
         },
     };
-    Ok((
-        outcome.timings.headers(n, outcome.prompt_tokens),
-        Json(response),
-    )
-        .into_response())
+    Ok(outcome.respond(response))
 }
 
 /// The native rerank on a parsed body (shared with the route that vLLM also uses).
@@ -97,7 +92,6 @@ pub async fn rerank_value(state: &Arc<AppState>, body: Value) -> Result<Response
         direction: parse_direction(body.truncation_direction.as_deref())?,
         ..ScoringRequest::new(inputs)
     };
-    let n = request.inputs.len();
     let outcome = pipeline::run(state, "rerank", request).await?;
     let mut results: Vec<RerankResult> = outcome
         .scores
@@ -122,11 +116,7 @@ pub async fn rerank_value(state: &Arc<AppState>, body: Value) -> Result<Response
             prompt_tokens: outcome.prompt_tokens,
         },
     };
-    Ok((
-        outcome.timings.headers(n, outcome.prompt_tokens),
-        Json(response),
-    )
-        .into_response())
+    Ok(outcome.respond(response))
 }
 
 /// A body of the expected shape, or a 400 that says what is wrong with it.

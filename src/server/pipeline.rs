@@ -72,6 +72,18 @@ pub struct ScoringOutcome {
     pub timings: Timings,
 }
 
+impl ScoringOutcome {
+    /// A 200 with `body` and the timing headers of this request.
+    pub fn respond(&self, body: impl serde::Serialize) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        (
+            self.timings.headers(self.scores.len(), self.prompt_tokens),
+            axum::Json(body),
+        )
+            .into_response()
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timings {
     pub tokenization: Duration,

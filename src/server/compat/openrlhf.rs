@@ -8,8 +8,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde_json::{json, Value};
 
 use crate::server::error::ApiError;
@@ -34,7 +33,6 @@ pub async fn get_reward(
             .collect::<Result<_, _>>()?,
         _ => return Err(ApiError::bad_request("`query` must be a list of strings")),
     };
-    let n = queries.len();
     let request = ScoringRequest {
         truncate: Some(true),
         add_special_tokens: false,
@@ -44,9 +42,5 @@ pub async fn get_reward(
     let outcome = pipeline::run(&state, "get_reward", request).await?;
     let rewards: Vec<f32> = outcome.scores.iter().map(|s| s.value).collect();
     let body = json!({"rewards": rewards, "scores": rewards, "extra_logs": {}});
-    Ok((
-        outcome.timings.headers(n, outcome.prompt_tokens),
-        Json(body),
-    )
-        .into_response())
+    Ok(outcome.respond(body))
 }

@@ -4,14 +4,13 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::activation::Activation;
 use crate::server::error::ApiError;
-use crate::server::pipeline::{self, parse_direction, ApiJson, ScoringOutcome, ScoringRequest};
+use crate::server::pipeline::{self, parse_direction, ApiJson, ScoringRequest};
 use crate::server::AppState;
 use crate::text::Input;
 
@@ -103,14 +102,6 @@ fn num_labels(state: &AppState) -> usize {
     state.ready.get().map_or(1, |r| r.scorer.num_labels())
 }
 
-fn with_headers(outcome: &ScoringOutcome, n: usize, body: impl Serialize) -> Response {
-    (
-        outcome.timings.headers(n, outcome.prompt_tokens),
-        Json(body),
-    )
-        .into_response()
-}
-
 pub async fn predict(
     State(state): State<Arc<AppState>>,
     ApiJson(body): ApiJson<Value>,
@@ -122,7 +113,6 @@ pub async fn predict_body(state: &Arc<AppState>, body: Value) -> Result<Response
     let req: PredictRequest = serde_json::from_value(body)
         .map_err(|e| ApiError::unprocessable(format!("invalid /predict body: {e}")))?;
     let (inputs, batch) = predict_inputs(&req.inputs)?;
-    let n = inputs.len();
     let request = ScoringRequest {
         truncate: req.truncate,
         direction: parse_direction(req.truncation_direction.as_deref())?,
@@ -140,9 +130,9 @@ pub async fn predict_body(state: &Arc<AppState>, body: Value) -> Result<Response
         .map(|s| labelled(state, &s.logits, activation))
         .collect();
     Ok(if batch {
-        with_headers(&outcome, n, rows)
+        outcome.respond(rows)
     } else {
-        with_headers(&outcome, n, rows.into_iter().next().unwrap_or_default())
+        outcome.respond(rows.into_iter().next().unwrap_or_default())
     })
 }
 
@@ -189,7 +179,6 @@ pub async fn rerank_body(state: &Arc<AppState>, body: Value) -> Result<Response,
         direction: parse_direction(req.truncation_direction.as_deref())?,
         ..ScoringRequest::new(inputs)
     };
-    let n = req.texts.len();
     let outcome = pipeline::run(state, "tei_rerank", request).await?;
     let activation = if req.raw_scores {
         Activation::None
@@ -207,7 +196,7 @@ pub async fn rerank_body(state: &Arc<AppState>, body: Value) -> Result<Response,
         })
         .collect();
     ranked.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
-    Ok(with_headers(&outcome, n, ranked))
+    Ok(outcome.respond(ranked))
 }
 
 #[derive(Deserialize)]
@@ -270,7 +259,6 @@ pub async fn text_classification_body(
             )))
         }
     };
-    let n = inputs.len();
     let outcome = pipeline::run(state, "text_classification", ScoringRequest::new(inputs)).await?;
     let rows: Vec<Vec<LabelScore>> = outcome
         .scores
@@ -283,5 +271,5 @@ pub async fn text_classification_body(
             row
         })
         .collect();
-    Ok(with_headers(&outcome, n, rows))
+    Ok(outcome.respond(rows))
 }

@@ -83,6 +83,23 @@ fn model_name(state: &AppState) -> String {
     state.model_name.clone()
 }
 
+/// vLLM's list envelope around `data` (classify, score).
+fn list_response(
+    state: &AppState,
+    prefix: &str,
+    outcome: &ScoringOutcome,
+    data: Vec<Value>,
+) -> Response {
+    outcome.respond(json!({
+        "id": request_id(prefix),
+        "object": "list",
+        "created": unix_time(),
+        "model": model_name(state),
+        "data": data,
+        "usage": usage(outcome),
+    }))
+}
+
 fn usage(outcome: &ScoringOutcome) -> Value {
     json!({
         "prompt_tokens": outcome.prompt_tokens,
@@ -192,21 +209,7 @@ async fn classify_inner(
             json!({"index": index, "label": labels.get(best), "probs": probs, "num_classes": probs.len()})
         })
         .collect();
-    let body = json!({
-        "id": request_id("classify"),
-        "object": "list",
-        "created": unix_time(),
-        "model": model_name(state),
-        "data": data,
-        "usage": usage(&outcome),
-    });
-    Ok((
-        outcome
-            .timings
-            .headers(outcome.scores.len(), outcome.prompt_tokens),
-        Json(body),
-    )
-        .into_response())
+    Ok(list_response(state, "classify", &outcome, data))
 }
 
 #[derive(Deserialize)]
@@ -289,21 +292,7 @@ async fn score_inner(
         .enumerate()
         .map(|(index, s)| json!({"index": index, "object": "score", "score": activation.apply(&[s.value])[0]}))
         .collect();
-    let body = json!({
-        "id": request_id("score"),
-        "object": "list",
-        "created": unix_time(),
-        "model": model_name(state),
-        "data": data,
-        "usage": usage(&outcome),
-    });
-    Ok((
-        outcome
-            .timings
-            .headers(outcome.scores.len(), outcome.prompt_tokens),
-        Json(body),
-    )
-        .into_response())
+    Ok(list_response(state, "score", &outcome, data))
 }
 
 #[derive(Deserialize)]
