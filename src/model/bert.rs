@@ -245,7 +245,7 @@ impl BertModel {
             x = layer
                 .attn_norm
                 .forward(&(layer.attn_out.forward(&attn)? + &x)?)?;
-            let inner = self.act.forward(&layer.intermediate.forward(&x)?)?;
+            let inner = super::gelu::activate(self.act, &layer.intermediate.forward(&x)?)?;
             x = layer
                 .out_norm
                 .forward(&(layer.output.forward(&inner)? + &x)?)?;

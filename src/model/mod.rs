@@ -4,6 +4,7 @@
 mod bert;
 mod deberta;
 mod decoder;
+mod gelu;
 mod layers;
 
 use std::collections::HashMap;
