@@ -9,7 +9,7 @@ use candle_nn::Activation;
 use rayon::prelude::*;
 
 const P: [f32; 7] = [
-    1.128_379_2,
+    std::f32::consts::FRAC_2_SQRT_PI,
     0.184_677_66,
     0.054_353_345,
     0.003_841_565,
