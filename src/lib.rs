@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dtype;
 pub mod engine;
+pub mod eval;
 pub mod fuse;
 pub mod model;
 pub mod scorer;

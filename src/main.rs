@@ -33,6 +33,8 @@ enum Command {
     Fuse(FuseArgs),
     /// Check that the members can be fused and how close they are to each other.
     Inspect(MemberArgs),
+    /// Pairwise accuracy of each member, WARM and ENS on preference pairs (JSON lines).
+    Eval(EvalArgs),
 }
 
 #[derive(Args)]
@@ -119,6 +121,21 @@ struct ServeArgs {
 }
 
 #[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    members: MemberArgs,
+    /// JSON lines of {"prompt", "chosen", "rejected"} (strings, or message lists).
+    #[arg(long, env = "WARM_PAIRS")]
+    pairs: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Padded tokens per forward pass.
+    #[arg(long, env = "WARM_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    max_batch_tokens: usize,
+}
+
+#[derive(Args)]
 struct FuseArgs {
     #[command(flatten)]
     members: MemberArgs,
@@ -140,6 +157,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => run_serve(*args),
         Command::Fuse(args) => run_fuse(args),
         Command::Inspect(args) => run_inspect(args),
+        Command::Eval(args) => run_eval(args),
     };
     match result {
         Ok(code) => code,
@@ -218,6 +236,27 @@ fn run_fuse(args: FuseArgs) -> anyhow::Result<ExitCode> {
         report.read_gb_per_s(),
         report.bytes_out as f64 / 1e9,
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let pairs = warm::eval::read_pairs(&args.pairs)?;
+    let members = args.members.into_config();
+    let report = warm::eval::evaluate(&members, &pairs, FloatDType::F32, args.max_batch_tokens)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} preference pairs from {}",
+        report.pairs,
+        args.pairs.display()
+    );
+    println!("| model | pairwise accuracy | correct |");
+    println!("|---|---|---|");
+    for a in report.members.iter().chain([&report.warm, &report.ens]) {
+        println!("| {} | {:.4} | {} |", a.name, a.accuracy, a.correct);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

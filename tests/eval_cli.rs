@@ -1,0 +1,144 @@
+//! `warm eval` on preference pairs: accuracies of members, WARM and ENS match scores
+//! computed directly with the library.
+
+mod common;
+
+use std::process::Command;
+
+use candle_core::Device;
+use common::server::fixture;
+use warm::config::MembersConfig;
+use warm::dtype::FloatDType;
+use warm::scorer::{Combine, Scorer};
+use warm::text::Input;
+
+#[test]
+fn eval_reports_member_warm_and_ens_accuracy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let llama = fixture("llama");
+    // A second member: the fixture with its score head negated, so accuracies differ.
+    let other = tmp.path().join("negated");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(llama.join(f), other.join(f)).unwrap();
+    }
+    let mut tensors = common::read_safetensors(&llama.join("model.safetensors"));
+    let score = tensors.get_mut("score.weight").unwrap();
+    let negated: Vec<f32> = common::decode("F32", &score.bytes)
+        .iter()
+        .map(|v| -*v as f32)
+        .collect();
+    score.bytes = common::encode("F32", &negated);
+    common::write_safetensors(
+        &other.join("model.safetensors"),
+        &tensors.into_iter().collect::<Vec<_>>(),
+    );
+
+    let lines = [
+        r#"{"prompt": "What is 2+2?", "chosen": "4", "rejected": "5, or maybe 22, it depends"}"#,
+        r#"{"prompt": "Capital of France?", "chosen": "Paris is the capital.", "rejected": "London"}"#,
+        r#"{"prompt": [{"role": "user", "content": "Say hi"}], "chosen": [{"role": "assistant", "content": "Hi!"}], "rejected": [{"role": "assistant", "content": "No."}]}"#,
+    ];
+    let pairs_path = tmp.path().join("pairs.jsonl");
+    std::fs::write(&pairs_path, lines.join("\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_warm"))
+        .args(["eval", "--json", "--allow-unrelated-members"])
+        .args([
+            "--model",
+            llama.to_str().unwrap(),
+            "--model",
+            other.to_str().unwrap(),
+        ])
+        .args(["--pairs", pairs_path.to_str().unwrap()])
+        .env_remove("WARM_MODEL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["pairs"], 3);
+
+    // The same numbers straight from the library.
+    let inputs: Vec<(Input, Input)> = warm::eval::read_pairs(&pairs_path)
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.chosen, p.rejected))
+        .collect();
+    let score = |dirs: Vec<std::path::PathBuf>| -> Vec<(f64, f64)> {
+        let members = MembersConfig {
+            dirs,
+            weights: None,
+            allow_unrelated_members: true,
+        };
+        let scorer = Scorer::load(
+            &members,
+            Combine::Weights,
+            FloatDType::F32,
+            &Device::Cpu,
+            None,
+        )
+        .unwrap();
+        inputs
+            .iter()
+            .map(|(c, r)| {
+                let s = |i: &Input| {
+                    f64::from(
+                        scorer
+                            .score(&[&scorer.encode(i, true, None, true).unwrap()])
+                            .unwrap()[0]
+                            .value,
+                    )
+                };
+                (s(c), s(r))
+            })
+            .collect()
+    };
+    let acc = |scores: &[(f64, f64)]| {
+        scores.iter().filter(|(c, r)| c > r).count() as f64 / scores.len() as f64
+    };
+    let a = score(vec![llama.clone()]);
+    let b = score(vec![other.clone()]);
+    let warm = score(vec![llama.clone(), other.clone()]);
+    let ens: Vec<(f64, f64)> = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| ((x.0 + y.0) / 2.0, (x.1 + y.1) / 2.0))
+        .collect();
+    let close = |v: &serde_json::Value, want: f64| {
+        assert!((v.as_f64().unwrap() - want).abs() < 1e-9, "{v} vs {want}")
+    };
+    close(&report["members"][0]["accuracy"], acc(&a));
+    close(&report["members"][1]["accuracy"], acc(&b));
+    close(&report["warm"]["accuracy"], acc(&warm));
+    close(&report["ens"]["accuracy"], acc(&ens));
+    // A negated head ranks every pair the other way round (no ties here).
+    assert!((acc(&a) + acc(&b) - 1.0).abs() < 1e-9);
+
+    // A malformed line is named.
+    std::fs::write(&pairs_path, "{\"prompt\": \"x\", \"chosen\": 1}\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_warm"))
+        .args([
+            "eval",
+            "--model",
+            llama.to_str().unwrap(),
+            "--pairs",
+            pairs_path.to_str().unwrap(),
+        ])
+        .env_remove("WARM_MODEL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pairs.jsonl:1:"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
