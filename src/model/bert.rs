@@ -237,18 +237,26 @@ impl BertModel {
         x = self.embed_norm.forward(&x)?;
         let mask = padding_mask(&batch.lengths, batch.seq_len, device)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        for layer in &self.layers {
-            let q = split_heads(&layer.query.forward(&x)?, self.heads, self.head_dim)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            // The head reads only the first token, so the last layer computes that row
+            // alone (its keys and values still come from every token).
+            let rows = if i == last {
+                x.narrow(1, 0, 1)?
+            } else {
+                x.clone()
+            };
+            let q = split_heads(&layer.query.forward(&rows)?, self.heads, self.head_dim)?;
             let k = split_heads(&layer.key.forward(&x)?, self.heads, self.head_dim)?;
             let v = split_heads(&layer.value.forward(&x)?, self.heads, self.head_dim)?;
             let attn = super::layers::attention(&q, &k, &v, &mask, scale, None)?;
-            x = layer
+            let h = layer
                 .attn_norm
-                .forward(&(layer.attn_out.forward(&attn)? + &x)?)?;
-            let inner = super::gelu::activate(self.act, &layer.intermediate.forward(&x)?)?;
+                .forward(&(layer.attn_out.forward(&attn)? + &rows)?)?;
+            let inner = super::gelu::activate(self.act, &layer.intermediate.forward(&h)?)?;
             x = layer
                 .out_norm
-                .forward(&(layer.output.forward(&inner)? + &x)?)?;
+                .forward(&(layer.output.forward(&inner)? + &h)?)?;
         }
         let first = gather_rows(&x, &vec![0; sequences.len()])?;
         match &self.head {
