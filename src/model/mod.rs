@@ -58,7 +58,7 @@ pub struct Sequence {
 pub struct PaddedBatch {
     pub ids: Tensor,
     pub type_ids: Tensor,
-    /// 1 for real tokens, 0 for padding: [batch, seq] as u8.
+    /// Real tokens per sequence (the rest of each row is padding).
     pub lengths: Vec<usize>,
     pub seq_len: usize,
 }
