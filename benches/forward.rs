@@ -4,29 +4,14 @@
 
 use std::path::PathBuf;
 
-use candle_core::Device;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use warm::config::MembersConfig;
-use warm::dtype::FloatDType;
 use warm::model::Sequence;
-use warm::scorer::{Combine, Scorer};
+use warm::scorer::Scorer;
 
 const SHAPES: &[(usize, usize)] = &[(1, 32), (8, 128), (32, 64)];
 
 fn load(dir: PathBuf) -> Scorer {
-    let members = MembersConfig {
-        dirs: vec![dir],
-        weights: None,
-        allow_unrelated_members: false,
-    };
-    Scorer::load(
-        &members,
-        Combine::Weights,
-        FloatDType::F32,
-        &Device::Cpu,
-        None,
-    )
-    .expect("load the model")
+    Scorer::load_one(&dir).expect("load the model")
 }
 
 fn sequences(batch: usize, len: usize, vocab_hint: u32) -> Vec<Sequence> {

@@ -8,11 +8,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::Device;
-use warm::config::MembersConfig;
-use warm::dtype::FloatDType;
 use warm::model::Sequence;
-use warm::scorer::{Combine, Scorer};
+use warm::scorer::Scorer;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -21,18 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (batch, seq_len, iters): (usize, usize, usize) =
         (batch.parse()?, seq_len.parse()?, iters.parse()?);
-    let members = MembersConfig {
-        dirs: vec![PathBuf::from(dir)],
-        weights: None,
-        allow_unrelated_members: false,
-    };
-    let scorer = Scorer::load(
-        &members,
-        Combine::Weights,
-        FloatDType::F32,
-        &Device::Cpu,
-        None,
-    )?;
+    let scorer = Scorer::load_one(&PathBuf::from(dir))?;
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let sequences: Vec<Sequence> = (0..batch)
         .map(|_| Sequence {

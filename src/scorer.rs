@@ -129,6 +129,22 @@ impl Scorer {
         })
     }
 
+    /// One checkpoint folder as a plain single reward model, f32 on the CPU.
+    pub fn load_one(dir: &std::path::Path) -> Result<Self, LoadError> {
+        let members = MembersConfig {
+            dirs: vec![dir.to_path_buf()],
+            weights: None,
+            allow_unrelated_members: false,
+        };
+        Self::load(
+            &members,
+            Combine::Weights,
+            FloatDType::F32,
+            &Device::Cpu,
+            None,
+        )
+    }
+
     pub fn report(&self) -> &FusionReport {
         &self.report
     }

@@ -4,12 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
 use serde_json::Value;
-use warm::config::MembersConfig;
-use warm::dtype::FloatDType;
 use warm::model::Sequence;
-use warm::scorer::{Combine, Scorer};
+use warm::scorer::Scorer;
 use warm::text::{Direction, Input, Message, TextError};
 
 const TOLERANCE: f32 = 1e-4;
@@ -20,19 +17,7 @@ fn fixtures() -> PathBuf {
 
 fn load(name: &str, dir: PathBuf, expected: &Path) -> (Scorer, Value) {
     let expected: Value = serde_json::from_slice(&std::fs::read(expected).unwrap()).unwrap();
-    let members = MembersConfig {
-        dirs: vec![dir],
-        weights: None,
-        allow_unrelated_members: false,
-    };
-    let scorer = Scorer::load(
-        &members,
-        Combine::Weights,
-        FloatDType::F32,
-        &Device::Cpu,
-        None,
-    )
-    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let scorer = Scorer::load_one(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
     (scorer, expected)
 }
 
