@@ -118,6 +118,13 @@ pub fn load(
         "RobertaForSequenceClassification" | "XLMRobertaForSequenceClassification" => {
             bert::load(&raw, vb, bert::Flavour::Roberta)
         }
+        // candle-transformers' DeBERTa-v2 builds some of its tensors in f32 whatever the
+        // model's dtype.
+        "DebertaV2ForSequenceClassification" if dtype != DType::F32 => {
+            Err(ModelError::Config(format!(
+            "DebertaV2ForSequenceClassification runs in f32 only, not {dtype:?}: use --dtype f32"
+        )))
+        }
         "DebertaV2ForSequenceClassification" => deberta::load(&raw, vb),
         "LlamaForSequenceClassification"
         | "MistralForSequenceClassification"
