@@ -111,7 +111,14 @@ impl OutElem for f16 {
     }
     #[inline(always)]
     fn encode(src: &[f32], dst: &mut [Self]) {
-        // half uses the F16C instructions (round to nearest even) when the CPU has them.
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_f16c() {
+                // SAFETY: the CPU has F16C (and AVX), checked just above.
+                return unsafe { f32_to_f16_f16c(src, dst) };
+            }
+        }
+        // half rounds to nearest even, four lanes at a time with F16C.
         dst.convert_from_f32_slice(src);
     }
     fn to_f32(self) -> f32 {
@@ -169,6 +176,11 @@ pub fn decode(dtype: FloatDType, bytes: &[u8], dst: &mut [f32]) {
                 *d = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        FloatDType::F16 if has_f16c() => {
+            // SAFETY: the CPU has F16C (and AVX), checked by the guard.
+            unsafe { f16_to_f32_f16c(bytes, dst) }
+        }
         FloatDType::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
             Ok(src) => src.convert_to_f32_slice(dst),
             Err(_) => {
@@ -177,6 +189,57 @@ pub fn decode(dtype: FloatDType, bytes: &[u8], dst: &mut [f32]) {
                 }
             }
         },
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_f16c() -> bool {
+    std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx")
+}
+
+/// Eight f16 to f32 at a time (`half` converts four at a time).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f16_to_f32_f16c(bytes: &[u8], dst: &mut [f32]) {
+    use std::arch::x86_64::{_mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+    let n = dst.len().min(bytes.len() / 2);
+    let body = n / 8 * 8;
+    let mut k = 0;
+    while k < body {
+        // SAFETY: k + 8 <= n: 16 bytes read at 2k and 8 floats written at k are in bounds;
+        // both accesses are unaligned loads/stores.
+        unsafe {
+            let h = _mm_loadu_si128(bytes.as_ptr().add(2 * k).cast());
+            _mm256_storeu_ps(dst.as_mut_ptr().add(k), _mm256_cvtph_ps(h));
+        }
+        k += 8;
+    }
+    for k in body..n {
+        dst[k] = f16::from_bits(u16::from_le_bytes([bytes[2 * k], bytes[2 * k + 1]])).to_f32();
+    }
+}
+
+/// Eight f32 to f16 at a time, rounding to nearest even.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f32_to_f16_f16c(src: &[f32], dst: &mut [f16]) {
+    use std::arch::x86_64::{
+        _mm256_cvtps_ph, _mm256_loadu_ps, _mm_storeu_si128, _MM_FROUND_TO_NEAREST_INT,
+    };
+    let n = dst.len().min(src.len());
+    let body = n / 8 * 8;
+    let mut k = 0;
+    while k < body {
+        // SAFETY: k + 8 <= n: 8 floats read and 8 halves (16 bytes) written are in bounds.
+        unsafe {
+            let v = _mm256_loadu_ps(src.as_ptr().add(k));
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            _mm_storeu_si128(dst.as_mut_ptr().add(k).cast(), h);
+        }
+        k += 8;
+    }
+    for k in body..n {
+        dst[k] = f16::from_f32(src[k]);
     }
 }
 
@@ -627,6 +690,43 @@ mod tests {
         assert_eq!((first, count), (4321, 1));
         assert!(value.is_nan());
         assert_eq!(find_non_finite(&bytes[0], FloatDType::BF16), None);
+    }
+
+    #[test]
+    fn eight_lane_f16_conversions_match_half_bit_for_bit() {
+        // Ties, subnormals, overflow, infinities, NaN, and a tail that is not a multiple of 8.
+        let mut values: Vec<f32> = vec![
+            1.0,
+            -2.5,
+            f32::from_bits(0x3f80_1000),
+            6.1e-5,
+            5.96e-8,
+            2.98e-8,
+            65504.0,
+            65520.0,
+            1e6,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+        ];
+        let mut rng = Rng(99);
+        values.extend((0..1001).map(|_| rng.next_f32() * 3.0));
+        let mut ours = vec![f16::ZERO; values.len()];
+        <f16 as OutElem>::encode(&values, &mut ours);
+        for (v, o) in values.iter().zip(&ours) {
+            assert_eq!(o.to_bits(), f16::from_f32(*v).to_bits(), "{v}");
+        }
+        let mut bytes: Vec<u8> = ours
+            .iter()
+            .flat_map(|h| h.to_bits().to_le_bytes())
+            .collect();
+        bytes.extend(f16::NAN.to_bits().to_le_bytes());
+        let mut back = vec![0f32; ours.len() + 1];
+        decode(FloatDType::F16, &bytes, &mut back);
+        for (h, b) in ours.iter().zip(&back) {
+            assert_eq!(b.to_bits(), h.to_f32().to_bits());
+        }
+        assert!(back[ours.len()].is_nan());
     }
 
     #[test]
