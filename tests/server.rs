@@ -361,3 +361,41 @@ fn not_ready_is_503_while_loading_then_200() {
     let (status, body) = server.post("/v1/score", &json!({"inputs": ["hi"]}));
     assert_eq!(status, 200, "{body}");
 }
+
+#[test]
+fn cors_only_when_configured_and_request_timeout_is_504() {
+    let bert = model_arg("bert");
+    let client = reqwest::blocking::Client::new();
+    let preflight = |server: &Server| {
+        client
+            .request(reqwest::Method::OPTIONS, server.url("/v1/score"))
+            .header("Origin", "https://app.example")
+            .header("Access-Control-Request-Method", "POST")
+            .send()
+            .unwrap()
+    };
+    let plain = Server::started(&["--model", &bert]);
+    assert!(preflight(&plain)
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+    drop(plain);
+    let cors = Server::started(&[
+        "--model",
+        &bert,
+        "--cors-allow-origin",
+        "https://app.example",
+        "--request-timeout",
+        "0",
+    ]);
+    let r = preflight(&cors);
+    assert_eq!(
+        r.headers().get("access-control-allow-origin").unwrap(),
+        "https://app.example"
+    );
+    // A zero timeout cannot be met: the request is answered 504, and the server lives on.
+    let (s, b) = cors.post("/v1/score", &json!({"inputs": ["hello"]}));
+    assert_eq!(s, 504, "{b}");
+    assert_eq!(b["error_type"], "timeout");
+    assert_eq!(cors.get("/health").0, 200);
+}
