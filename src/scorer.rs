@@ -198,25 +198,6 @@ impl Scorer {
         )
     }
 
-    /// Encodes text truncated to `max_length` tokens (special tokens kept), whatever the
-    /// server's limit: for checking truncation against transformers.
-    pub fn encode_with_max(
-        &self,
-        input: &Input,
-        max_length: usize,
-        direction: Direction,
-    ) -> Result<Sequence, TextError> {
-        self.encode_with(
-            input,
-            &EncodeOptions {
-                max_length,
-                truncate: true,
-                direction,
-                add_special_tokens: true,
-            },
-        )
-    }
-
     /// Encodes under a request's own limit (vLLM's `truncate_prompt_tokens`), capped at
     /// the server's: truncated when `truncate`, refused when too long otherwise.
     pub fn encode_limited(

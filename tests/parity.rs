@@ -105,10 +105,12 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
         };
         let max = t["max_length"].as_u64().unwrap() as usize;
         let seq = scorer
-            .encode_with_max(
+            .encode_limited(
                 &Input::Text(t["text"].as_str().unwrap().into()),
                 max,
-                direction,
+                true,
+                Some(direction),
+                true,
             )
             .unwrap();
         assert_eq!(seq.ids, ids_of(&t["ids"]), "{name} truncation case {i}");
