@@ -393,8 +393,13 @@ fn cors_only_when_configured_and_request_timeout_is_504() {
         r.headers().get("access-control-allow-origin").unwrap(),
         "https://app.example"
     );
-    // A zero timeout cannot be met: the request is answered 504, and the server lives on.
-    let (s, b) = cors.post("/v1/score", &json!({"inputs": ["hello"]}));
+    // A zero timeout cannot be met by a request that takes some milliseconds (the timer's
+    // resolution is one): it is answered 504, and the server lives on.
+    let long = "the cat sat on the mat and looked at the dog for a while ".repeat(6);
+    let (s, b) = cors.post(
+        "/v1/score",
+        &json!({"inputs": vec![long; 200], "truncate": true}),
+    );
     assert_eq!(s, 504, "{b}");
     assert_eq!(b["error_type"], "timeout");
     assert_eq!(cors.get("/health").0, 200);
