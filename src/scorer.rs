@@ -180,6 +180,7 @@ impl Scorer {
         }
     }
 
+    /// Encodes one input under the server's limit.
     pub fn encode(
         &self,
         input: &Input,
@@ -187,14 +188,12 @@ impl Scorer {
         direction: Option<Direction>,
         add_special_tokens: bool,
     ) -> Result<Sequence, TextError> {
-        self.encode_with(
+        self.encode_limited(
             input,
-            &EncodeOptions {
-                max_length: self.max_length,
-                truncate,
-                direction: direction.unwrap_or(self.default_direction()),
-                add_special_tokens,
-            },
+            self.max_length,
+            truncate,
+            direction,
+            add_special_tokens,
         )
     }
 
@@ -208,28 +207,17 @@ impl Scorer {
         direction: Option<Direction>,
         add_special_tokens: bool,
     ) -> Result<Sequence, TextError> {
-        self.encode_with(
-            input,
-            &EncodeOptions {
-                max_length: max_length.min(self.max_length),
-                truncate,
-                direction: direction.unwrap_or(self.default_direction()),
-                add_special_tokens,
-            },
-        )
-    }
-
-    fn encode_with(&self, input: &Input, options: &EncodeOptions) -> Result<Sequence, TextError> {
-        let encoded = self.encoder.encode(input, options)?;
+        let options = EncodeOptions {
+            max_length: max_length.min(self.max_length),
+            truncate,
+            direction: direction.unwrap_or(self.default_direction()),
+            add_special_tokens,
+        };
+        let encoded = self.encoder.encode(input, &options)?;
         Ok(Sequence {
             ids: encoded.ids,
             type_ids: encoded.type_ids,
         })
-    }
-
-    /// Raw logits of the first member (or the fused model) for each sequence.
-    pub fn logits(&self, sequences: &[&Sequence]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.models[0].logits(sequences)
     }
 
     /// The reward (first logit) of each sequence, combined across members with ENS.

@@ -237,22 +237,17 @@ async fn run_inner(
     let encoded = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let encode = |(i, input): (usize, &Input)| {
-            match request.max_length {
-                Some(max) => scorer.encode_limited(
+            // The server's own limit applies either way (encode_limited caps at it).
+            let max_length = request.max_length.unwrap_or(usize::MAX);
+            scorer
+                .encode_limited(
                     input,
-                    max,
+                    max_length,
                     truncate,
                     request.direction,
                     request.add_special_tokens,
-                ),
-                None => scorer.encode(
-                    input,
-                    truncate,
-                    request.direction,
-                    request.add_special_tokens,
-                ),
-            }
-            .map_err(|e| ApiError::unprocessable(format!("inputs[{i}]: {e}")))
+                )
+                .map_err(|e| ApiError::unprocessable(format!("inputs[{i}]: {e}")))
         };
         if request.inputs.len() > 64 {
             use rayon::prelude::*;
