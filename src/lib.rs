@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod demo;
 pub mod dtype;
 pub mod engine;
 pub mod eval;

@@ -40,12 +40,8 @@ enum Command {
 #[derive(Args)]
 struct MemberArgs {
     /// A member checkpoint folder (repeat the flag, or comma-separate in WARM_MODEL).
-    #[arg(
-        long = "model",
-        env = "WARM_MODEL",
-        value_delimiter = ',',
-        required = true
-    )]
+    /// Default: the demo WARM set, models/minilm-sentiment-warm/member-*.
+    #[arg(long = "model", env = "WARM_MODEL", value_delimiter = ',')]
     models: Vec<PathBuf>,
     /// Member weights, e.g. 0.5,0.25,0.25 (normalized to sum to one; default uniform).
     #[arg(long, env = "WARM_WEIGHTS", value_delimiter = ',', num_args = 1..)]
@@ -56,12 +52,20 @@ struct MemberArgs {
 }
 
 impl MemberArgs {
-    fn into_config(self) -> MembersConfig {
-        MembersConfig {
-            dirs: self.models,
+    /// The members named, or the demo set when none is.
+    fn into_config(self) -> Result<MembersConfig, warm::demo::DemoSetError> {
+        let dirs = if self.models.iter().all(|m| m.as_os_str().is_empty()) {
+            let dirs = warm::demo::demo_members()?;
+            tracing::info!(members = ?dirs, "no --model given: using the demo WARM set");
+            dirs
+        } else {
+            self.models
+        };
+        Ok(MembersConfig {
+            dirs,
             weights: self.weights,
             allow_unrelated_members: self.allow_unrelated_members,
-        }
+        })
     }
 }
 
@@ -191,7 +195,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .tokenization_workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let config = ServeConfig {
-        members: args.members.into_config(),
+        members: args.members.into_config()?,
         combine: args.combine,
         device: args.device,
         dtype,
@@ -219,7 +223,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
 fn run_fuse(args: FuseArgs) -> anyhow::Result<ExitCode> {
     let config = FuseConfig {
-        members: args.members.into_config(),
+        members: args.members.into_config()?,
         output: args.output,
         dtype: args.dtype,
         max_shard_size: args.max_shard_size,
@@ -241,7 +245,7 @@ fn run_fuse(args: FuseArgs) -> anyhow::Result<ExitCode> {
 
 fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let pairs = warm::eval::read_pairs(&args.pairs)?;
-    let members = args.members.into_config();
+    let members = args.members.into_config()?;
     let report = warm::eval::evaluate(&members, &pairs, FloatDType::F32, args.max_batch_tokens)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -261,7 +265,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run_inspect(args: MemberArgs) -> anyhow::Result<ExitCode> {
-    let report = fuse::inspect(&args.into_config())?;
+    let report = fuse::inspect(&args.into_config()?)?;
     print_inspection(&report);
     Ok(if report.problems.is_empty() {
         ExitCode::SUCCESS
