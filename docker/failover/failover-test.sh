@@ -101,8 +101,7 @@ Q=$(awk -v d="$DURATION" 'BEGIN{print d/4}')
 at "$Q";                                    event "kill -9 replica 1 (SIGKILL)"; kill_replica 1
 at "$(awk -v q="$Q" 'BEGIN{print q*1.6}')"; event "restart replica 1";           start_replica 1
 at "$(awk -v q="$Q" 'BEGIN{print q*2.2}')"; event "stop replica 2 (SIGTERM, drain)"; stop_replica 2
-                                            event "replica 2 exited";            start_replica 2
-                                            event "restart replica 2"
+                                            event "replica 2 exited; restart replica 2"; start_replica 2
 wait "$LOAD"
 if [ "$MODE" = native ]; then
   echo "[failover] upstream errors nginx met (each retried elsewhere): $(grep -c 'upstream' "$OUT/nginx-error.log" || true)" >&2
