@@ -6,6 +6,8 @@
 #
 #   bash benches/pairs_vs_transformers.sh MODEL_DIR [PAIRS=512] [THREADS=2] [PORT=18095]
 #
+# WARM_BIN=path uses that warm binary instead of building target/release/warm (to compare
+# two builds against the same transformers run conditions).
 # Needs the reference environment of design.md section 9 at $WARM_REF_ENV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +17,11 @@ THREADS=${3:-$(nproc)}
 PORT=${4:-18095}
 REF=${WARM_REF_ENV:-/tmp/warm-ref/env}
 WORK=$(mktemp -d)
-cargo build --release --quiet --bin warm
+WARM_BIN=${WARM_BIN:-}
+if [ -z "$WARM_BIN" ]; then
+  cargo build --release --quiet --bin warm
+  WARM_BIN=target/release/warm
+fi
 python3 - "$PAIRS" >"$WORK/pairs.json" <<'PY'
 import json, random, sys
 rng = random.Random(7)
@@ -28,7 +34,7 @@ for _ in range(int(sys.argv[1])):
                   "response": f"{a + b} " + " ".join(rng.choice(words) for _ in range(rng.randrange(5, 65)))})
 print(json.dumps(pairs))
 PY
-RAYON_NUM_THREADS=$THREADS target/release/warm serve --model "$MODEL" --host 127.0.0.1 --port "$PORT" >"$WORK/serve.log" 2>&1 &
+RAYON_NUM_THREADS=$THREADS "$WARM_BIN" serve --model "$MODEL" --host 127.0.0.1 --port "$PORT" >"$WORK/serve.log" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done

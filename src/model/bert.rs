@@ -6,7 +6,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
 
-use super::layers::{embedding, gather_rows, layer_norm, linear, padding_mask, split_heads};
+use super::layers::{embedding, layer_norm, linear, padding_mask, split_heads, Packing};
 use super::{
     load_err, logits_to_rows, parse_config, ModelError, PaddedBatch, Pooling, RewardModel, Sequence,
 };
@@ -224,32 +224,53 @@ impl BertModel {
     fn forward(&self, sequences: &[&Sequence]) -> Result<Tensor> {
         let device = self.words.embeddings().device();
         let batch = PaddedBatch::new(sequences, self.pad_id, device)?;
-        let mut x = self.words.forward(&batch.ids)?;
-        x = (x + self
-            .positions
-            .forward(&self.position_ids(&batch, sequences)?)?)?;
+        // Dense layers run on the real tokens only (packed rows); attention on the padded
+        // layout rebuilt from them.
+        let packing = Packing::new(&batch.lengths, batch.seq_len, device)?;
+        let ids = packing.pack(&batch.ids)?;
+        let positions = packing.pack(&self.position_ids(&batch, sequences)?)?;
+        let mut x = (self.words.forward(&ids)? + self.positions.forward(&positions)?)?;
         x = match (&self.token_types, self.flavour) {
-            (Some(tt), Flavour::Bert) => (x + tt.forward(&batch.type_ids)?)?,
+            (Some(tt), Flavour::Bert) => (x + tt.forward(&packing.pack(&batch.type_ids)?)?)?,
             // RoBERTa tokenizers return no token type ids: transformers uses zeros.
-            (Some(tt), Flavour::Roberta) => (x + tt.forward(&batch.type_ids.zeros_like()?)?)?,
+            (Some(tt), Flavour::Roberta) => (x + tt.forward(&ids.zeros_like()?)?)?,
             (None, _) => x,
         };
         x = self.embed_norm.forward(&x)?;
         let mask = padding_mask(&batch.lengths, batch.seq_len, device)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let last = self.layers.len().saturating_sub(1);
+        let split = |t: &Tensor| split_heads(t, self.heads, self.head_dim);
         for (i, layer) in self.layers.iter().enumerate() {
             // The head reads only the first token, so the last layer computes that row
             // alone (its keys and values still come from every token).
-            let rows = if i == last {
-                x.narrow(1, 0, 1)?
+            let only_first = i == last;
+            let rows = if only_first {
+                packing.first_rows(&x)?
             } else {
                 x.clone()
             };
-            let q = split_heads(&layer.query.forward(&rows)?, self.heads, self.head_dim)?;
-            let k = split_heads(&layer.key.forward(&x)?, self.heads, self.head_dim)?;
-            let v = split_heads(&layer.value.forward(&x)?, self.heads, self.head_dim)?;
-            let attn = super::layers::attention(&q, &k, &v, &mask, scale, None)?;
+            let q = layer.query.forward(&rows)?;
+            let q = if only_first {
+                q.unsqueeze(1)?
+            } else {
+                packing.unpack(&q)?
+            };
+            let k = packing.unpack(&layer.key.forward(&x)?)?;
+            let v = packing.unpack(&layer.value.forward(&x)?)?;
+            let attn = super::layers::attention(
+                &split(&q)?,
+                &split(&k)?,
+                &split(&v)?,
+                &mask,
+                scale,
+                None,
+            )?;
+            let attn = if only_first {
+                attn.squeeze(1)?
+            } else {
+                packing.pack(&attn)?
+            };
             let h = layer
                 .attn_norm
                 .forward(&(layer.attn_out.forward(&attn)? + &rows)?)?;
@@ -258,7 +279,11 @@ impl BertModel {
                 .out_norm
                 .forward(&(layer.output.forward(&inner)? + &h)?)?;
         }
-        let first = gather_rows(&x, &vec![0; sequences.len()])?;
+        let first = if self.layers.is_empty() {
+            packing.first_rows(&x)?
+        } else {
+            x
+        };
         match &self.head {
             Head::Pooler { dense, classifier } => {
                 classifier.forward(&dense.forward(&first)?.tanh()?)

@@ -161,6 +161,90 @@ pub fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> 
     x.reshape((b, s, heads, head_dim))?.transpose(1, 2)
 }
 
+/// The real tokens of a padded batch as packed rows `[t, h]`: the dense work (projections,
+/// MLP, norms: nearly all the FLOPs) runs on these alone, and only attention sees the
+/// padded layout `[b, s, h]`, rebuilt from them. Without padding both are reshapes.
+pub struct Packing {
+    /// Flat `b * s` position of each real token, sequence by sequence (None: no padding).
+    real: Option<Tensor>,
+    /// Packed row each padded position reads (padding reads its sequence's first token; the
+    /// mask hides it).
+    padded: Option<Tensor>,
+    /// Packed row of each sequence's first token.
+    first: Tensor,
+    batch: usize,
+    seq_len: usize,
+}
+
+impl Packing {
+    pub fn new(lengths: &[usize], seq_len: usize, device: &Device) -> Result<Self> {
+        let batch = lengths.len();
+        let total: usize = lengths.iter().sum();
+        let last_row = total.saturating_sub(1) as u32;
+        let mut first = Vec::with_capacity(batch);
+        let (real, padded) =
+            if lengths.iter().all(|&l| l == seq_len) {
+                first.extend((0..batch).map(|b| (b * seq_len) as u32));
+                (None, None)
+            } else {
+                let mut real = Vec::with_capacity(total);
+                let mut padded = Vec::with_capacity(batch * seq_len);
+                let mut start = 0u32;
+                for (b, &len) in lengths.iter().enumerate() {
+                    // An empty sequence has no row of its own (encoding refuses those anyway).
+                    let own_first = start.min(last_row);
+                    first.push(own_first);
+                    real.extend((0..len).map(|p| (b * seq_len + p) as u32));
+                    padded.extend((0..seq_len).map(|p| {
+                        if p < len {
+                            start + p as u32
+                        } else {
+                            own_first
+                        }
+                    }));
+                    start += len as u32;
+                }
+                (
+                    Some(Tensor::from_vec(real, total, device)?),
+                    Some(Tensor::from_vec(padded, batch * seq_len, device)?),
+                )
+            };
+        Ok(Self {
+            real,
+            padded,
+            first: Tensor::from_vec(first, batch, device)?,
+            batch,
+            seq_len,
+        })
+    }
+
+    /// `[b, s, ...]` -> the real rows `[t, ...]`.
+    pub fn pack(&self, x: &Tensor) -> Result<Tensor> {
+        let mut flat = vec![self.batch * self.seq_len];
+        flat.extend_from_slice(&x.dims()[2..]);
+        let x = x.reshape(flat)?;
+        match &self.real {
+            Some(real) => x.index_select(real, 0),
+            None => Ok(x),
+        }
+    }
+
+    /// Packed rows `[t, h]` -> `[b, s, h]` (padding filled with a real row: mask it).
+    pub fn unpack(&self, x: &Tensor) -> Result<Tensor> {
+        let h = x.dim(1)?;
+        let x = match &self.padded {
+            Some(padded) => x.index_select(padded, 0)?,
+            None => x.clone(),
+        };
+        x.reshape((self.batch, self.seq_len, h))
+    }
+
+    /// Each sequence's first row: `[t, h]` -> `[b, h]`.
+    pub fn first_rows(&self, x: &Tensor) -> Result<Tensor> {
+        x.index_select(&self.first, 0)
+    }
+}
+
 /// Picks row `index[i]` of sequence i: [b, s, h] -> [b, h].
 pub fn gather_rows(x: &Tensor, index: &[usize]) -> Result<Tensor> {
     let rows = index
@@ -174,6 +258,42 @@ pub fn gather_rows(x: &Tensor, index: &[usize]) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packing_round_trips_real_rows_and_finds_first_rows() {
+        let dev = Device::Cpu;
+        let lengths = [3usize, 1, 2];
+        let (b, s, h) = (3, 3, 2);
+        let x = Tensor::arange(0f32, (b * s * h) as f32, &dev)
+            .unwrap()
+            .reshape((b, s, h))
+            .unwrap();
+        let packing = Packing::new(&lengths, s, &dev).unwrap();
+        let packed = packing.pack(&x).unwrap();
+        let rows: Vec<Vec<f32>> = packed.to_vec2().unwrap();
+        // Sequence 0: all 3 rows; sequence 1: its first row; sequence 2: its first 2 rows.
+        let want: Vec<Vec<f32>> = [0, 1, 2, 3, 6, 7]
+            .iter()
+            .map(|&r| vec![(2 * r) as f32, (2 * r + 1) as f32])
+            .collect();
+        assert_eq!(rows, want);
+        let back: Vec<Vec<Vec<f32>>> = packing.unpack(&packed).unwrap().to_vec3().unwrap();
+        let original: Vec<Vec<Vec<f32>>> = x.to_vec3().unwrap();
+        for (bi, &len) in lengths.iter().enumerate() {
+            assert_eq!(back[bi][..len], original[bi][..len]);
+        }
+        let first: Vec<Vec<f32>> = packing.first_rows(&packed).unwrap().to_vec2().unwrap();
+        assert_eq!(first, vec![vec![0., 1.], vec![6., 7.], vec![12., 13.]]);
+        // No padding: plain reshapes.
+        let dense = Packing::new(&[3, 3, 3], 3, &dev).unwrap();
+        assert_eq!(dense.pack(&x).unwrap().dims(), &[9, 2]);
+        let first: Vec<Vec<f32>> = dense
+            .first_rows(&dense.pack(&x).unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert_eq!(first, vec![vec![0., 1.], vec![6., 7.], vec![12., 13.]]);
+    }
 
     #[test]
     fn sliding_window_keeps_window_keys_including_the_query() {
