@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Activation, Embedding, Linear, VarBuilder};
 
 use super::layers::{
-    attention, causal_mask, embedding, gather_rows, linear, split_heads, RmsNorm, Rotary,
+    attention, causal_mask, embedding, linear, split_heads, Packing, RmsNorm, Rotary,
 };
 use super::{
     load_err, logits_to_rows, parse_config, ModelError, PaddedBatch, Pooling, RewardModel, Sequence,
@@ -343,7 +343,11 @@ impl DecoderModel {
     fn forward(&self, sequences: &[&Sequence]) -> Result<Tensor> {
         let device: Device = self.embed.embeddings().device().clone();
         let batch = PaddedBatch::new(sequences, self.pad_id, &device)?;
-        let mut x = self.embed.forward(&batch.ids)?;
+        // Dense layers run on the real tokens only (packed rows); attention, rotary and the
+        // per-head norms on the padded layout rebuilt from them. Padding is on the right and
+        // the mask causal, so no real token ever attends to a padded one.
+        let packing = Packing::new(&batch.lengths, batch.seq_len, &device)?;
+        let mut x = self.embed.forward(&packing.pack(&batch.ids)?)?;
         if let Some(scale) = self.embed_scale {
             // Gemma2 multiplies by sqrt(hidden) rounded to the compute dtype.
             let s = Tensor::new(scale as f32, &device)?.to_dtype(x.dtype())?;
@@ -361,18 +365,25 @@ impl DecoderModel {
                 (Some(m), true) => m,
                 _ => &full_mask,
             };
-            x = self.layer_forward(layer, &x, mask)?;
+            x = self.layer_forward(layer, &x, mask, &packing)?;
         }
-        let last: Vec<usize> = batch.lengths.iter().map(|&l| l.saturating_sub(1)).collect();
-        let rows = gather_rows(&x, &last)?;
+        let rows = packing.last_rows(&x)?;
         self.score.forward(&self.norm.forward(&rows)?)
     }
 
-    fn layer_forward(&self, l: &Layer, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// One layer on packed rows `[t, h]`.
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        mask: &Tensor,
+        packing: &Packing,
+    ) -> Result<Tensor> {
         let h = l.input_norm.forward(x)?;
-        let mut q = split_heads(&l.q.forward(&h)?, self.heads, self.head_dim)?;
-        let mut k = split_heads(&l.k.forward(&h)?, self.kv_heads, self.head_dim)?;
-        let v = split_heads(&l.v.forward(&h)?, self.kv_heads, self.head_dim)?;
+        let heads = |t: Tensor, n: usize| split_heads(&packing.unpack(&t)?, n, self.head_dim);
+        let mut q = heads(l.q.forward(&h)?, self.heads)?;
+        let mut k = heads(l.k.forward(&h)?, self.kv_heads)?;
+        let v = heads(l.v.forward(&h)?, self.kv_heads)?;
         if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
@@ -380,8 +391,8 @@ impl DecoderModel {
         let q = self.rotary.apply(&q)?;
         let k = self.rotary.apply(&k)?;
         let mask = mask.to_dtype(DType::F32)?;
-        let mut attn =
-            l.o.forward(&attention(&q, &k, &v, &mask, self.scale, self.softcap)?)?;
+        let attn = attention(&q, &k, &v, &mask, self.scale, self.softcap)?;
+        let mut attn = l.o.forward(&packing.pack(&attn)?)?;
         if let Some(n) = &l.post_attn_norm {
             attn = n.forward(&attn)?;
         }

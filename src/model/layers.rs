@@ -172,6 +172,8 @@ pub struct Packing {
     padded: Option<Tensor>,
     /// Packed row of each sequence's first token.
     first: Tensor,
+    /// Packed row of each sequence's last token.
+    last: Tensor,
     batch: usize,
     seq_len: usize,
 }
@@ -182,9 +184,11 @@ impl Packing {
         let total: usize = lengths.iter().sum();
         let last_row = total.saturating_sub(1) as u32;
         let mut first = Vec::with_capacity(batch);
+        let mut last = Vec::with_capacity(batch);
         let (real, padded) =
             if lengths.iter().all(|&l| l == seq_len) {
                 first.extend((0..batch).map(|b| (b * seq_len) as u32));
+                last.extend((0..batch).map(|b| ((b + 1) * seq_len).saturating_sub(1) as u32));
                 (None, None)
             } else {
                 let mut real = Vec::with_capacity(total);
@@ -194,6 +198,7 @@ impl Packing {
                     // An empty sequence has no row of its own (encoding refuses those anyway).
                     let own_first = start.min(last_row);
                     first.push(own_first);
+                    last.push((start + len as u32).saturating_sub(1).min(last_row));
                     real.extend((0..len).map(|p| (b * seq_len + p) as u32));
                     padded.extend((0..seq_len).map(|p| {
                         if p < len {
@@ -213,6 +218,7 @@ impl Packing {
             real,
             padded,
             first: Tensor::from_vec(first, batch, device)?,
+            last: Tensor::from_vec(last, batch, device)?,
             batch,
             seq_len,
         })
@@ -243,16 +249,11 @@ impl Packing {
     pub fn first_rows(&self, x: &Tensor) -> Result<Tensor> {
         x.index_select(&self.first, 0)
     }
-}
 
-/// Picks row `index[i]` of sequence i: [b, s, h] -> [b, h].
-pub fn gather_rows(x: &Tensor, index: &[usize]) -> Result<Tensor> {
-    let rows = index
-        .iter()
-        .enumerate()
-        .map(|(b, &i)| x.get(b)?.get(i))
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::stack(&rows, 0)
+    /// Each sequence's last real row: `[t, h]` -> `[b, h]`.
+    pub fn last_rows(&self, x: &Tensor) -> Result<Tensor> {
+        x.index_select(&self.last, 0)
+    }
 }
 
 #[cfg(test)]
@@ -284,6 +285,8 @@ mod tests {
         }
         let first: Vec<Vec<f32>> = packing.first_rows(&packed).unwrap().to_vec2().unwrap();
         assert_eq!(first, vec![vec![0., 1.], vec![6., 7.], vec![12., 13.]]);
+        let last: Vec<Vec<f32>> = packing.last_rows(&packed).unwrap().to_vec2().unwrap();
+        assert_eq!(last, vec![vec![4., 5.], vec![6., 7.], vec![14., 15.]]);
         // No padding: plain reshapes.
         let dense = Packing::new(&[3, 3, 3], 3, &dev).unwrap();
         assert_eq!(dense.pack(&x).unwrap().dims(), &[9, 2]);
