@@ -24,6 +24,17 @@ pub struct MembersConfig {
     pub allow_unrelated_members: bool,
 }
 
+impl MembersConfig {
+    /// One checkpoint on its own (nothing to compare it with, so no shared-init check).
+    pub fn single(dir: &std::path::Path) -> Self {
+        Self {
+            dirs: vec![dir.to_path_buf()],
+            weights: None,
+            allow_unrelated_members: true,
+        }
+    }
+}
+
 /// Parses a size: plain bytes or a number with a unit. KB/MB/GB/TB are powers of 1000,
 /// KiB/MiB/GiB/TiB powers of 1024 (`5GB`, `512MiB`, `65536`).
 pub fn parse_size(text: &str) -> Result<u64, String> {

@@ -188,11 +188,7 @@ pub fn evaluate(
     let mut member_scores = Vec::with_capacity(members.dirs.len());
     let mut member_acc = Vec::with_capacity(members.dirs.len());
     for dir in &members.dirs {
-        let single = MembersConfig {
-            dirs: vec![dir.clone()],
-            weights: None,
-            allow_unrelated_members: true,
-        };
+        let single = MembersConfig::single(dir);
         let scorer = Scorer::load(&single, Combine::Weights, dtype, &device, None)?;
         let scores = score_all(&scorer, &inputs, batch_tokens)?;
         member_acc.push(accuracy(dir.display().to_string(), &scores));

@@ -78,11 +78,7 @@ impl Scorer {
                 let report = fuse::inspect(members)?.into_result()?;
                 let mut sets = Vec::with_capacity(members.dirs.len());
                 for dir in &members.dirs {
-                    let single = MembersConfig {
-                        dirs: vec![dir.clone()],
-                        weights: None,
-                        allow_unrelated_members: true,
-                    };
+                    let single = MembersConfig::single(dir);
                     sets.push(fuse::fuse_to_tensors(&single, dtype, device)?.0);
                 }
                 let weights =
@@ -131,13 +127,8 @@ impl Scorer {
 
     /// One checkpoint folder as a plain single reward model, f32 on the CPU.
     pub fn load_one(dir: &std::path::Path) -> Result<Self, LoadError> {
-        let members = MembersConfig {
-            dirs: vec![dir.to_path_buf()],
-            weights: None,
-            allow_unrelated_members: false,
-        };
         Self::load(
-            &members,
+            &MembersConfig::single(dir),
             Combine::Weights,
             FloatDType::F32,
             &Device::Cpu,
