@@ -36,6 +36,7 @@ Steps (every random choice is seeded; see SEED and MEMBERS):
    warm's parity test (tests/demo_set.rs).
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -238,6 +239,12 @@ def pruned_tokenizer(train_rows, work: Path):
     return out, rows
 
 
+@functools.lru_cache(maxsize=1)
+def source_weights():
+    """all-MiniLM-L6-v2's tensors, read once for the probe and every member."""
+    return load_file(str(MINILM / "model.safetensors"))
+
+
 def base_model(rows, dropout):
     src_cfg = json.loads((MINILM / "config.json").read_text())
     config = BertConfig(
@@ -249,7 +256,7 @@ def base_model(rows, dropout):
         pad_token_id=0, num_labels=1, problem_type="regression",
     )
     model = BertForSequenceClassification(config)
-    src = load_file(str(MINILM / "model.safetensors"))
+    src = source_weights()
     state = {}
     for name, tensor in src.items():
         key = name if name.startswith("bert.") else "bert." + name
