@@ -4,7 +4,9 @@
 //! id (pad + 1 + i for real tokens).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
+
+use super::dense::Dense;
 
 use super::layers::{embedding, layer_norm, linear, padding_mask, split_heads, Packing};
 use super::{
@@ -49,21 +51,21 @@ fn default_eps() -> f64 {
 }
 
 struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attn_out: Linear,
+    query: Dense,
+    key: Dense,
+    value: Dense,
+    attn_out: Dense,
     attn_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: Dense,
+    output: Dense,
     out_norm: LayerNorm,
 }
 
 enum Head {
     /// BERT: pooler dense + tanh, then the classifier.
-    Pooler { dense: Linear, classifier: Linear },
+    Pooler { dense: Dense, classifier: Dense },
     /// RoBERTa: classifier.dense + tanh + classifier.out_proj.
-    Roberta { dense: Linear, out_proj: Linear },
+    Roberta { dense: Dense, out_proj: Dense },
 }
 
 pub struct BertModel {
@@ -273,11 +275,11 @@ impl BertModel {
             };
             let h = layer
                 .attn_norm
-                .forward(&(layer.attn_out.forward(&attn)? + &rows)?)?;
+                .forward(&layer.attn_out.forward_add(&attn, &rows)?)?;
             let inner = super::gelu::activate(self.act, &layer.intermediate.forward(&h)?)?;
             x = layer
                 .out_norm
-                .forward(&(layer.output.forward(&inner)? + &h)?)?;
+                .forward(&layer.output.forward_add(&inner, &h)?)?;
         }
         let first = if self.layers.is_empty() {
             packing.first_rows(&x)?

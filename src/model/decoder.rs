@@ -9,7 +9,9 @@
 //! attention and MLP, tanh soft-capping of attention scores and `query_pre_attn_scalar`.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Activation, Embedding, Linear, VarBuilder};
+use candle_nn::{Activation, Embedding, VarBuilder};
+
+use super::dense::Dense;
 
 use super::layers::{
     attention, causal_mask, embedding, linear, split_heads, Packing, RmsNorm, Rotary,
@@ -131,10 +133,10 @@ impl Variant {
 
 struct Layer {
     input_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Dense,
+    k: Dense,
+    v: Dense,
+    o: Dense,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     /// Gemma2's norm of the attention output before the residual add.
@@ -143,9 +145,9 @@ struct Layer {
     /// `pre_feedforward_layernorm`.
     pre_mlp_norm: RmsNorm,
     post_mlp_norm: Option<RmsNorm>,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: Dense,
+    up: Dense,
+    down: Dense,
     sliding: bool,
 }
 
@@ -154,7 +156,7 @@ pub struct DecoderModel {
     embed_scale: Option<f64>,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    score: Linear,
+    score: Dense,
     rotary: Rotary,
     act: Activation,
     heads: usize,
@@ -392,19 +394,18 @@ impl DecoderModel {
         let k = self.rotary.apply(&k)?;
         let mask = mask.to_dtype(DType::F32)?;
         let attn = attention(&q, &k, &v, &mask, self.scale, self.softcap)?;
-        let mut attn = l.o.forward(&packing.pack(&attn)?)?;
-        if let Some(n) = &l.post_attn_norm {
-            attn = n.forward(&attn)?;
-        }
-        let x = (x + attn)?;
+        let attn = packing.pack(&attn)?;
+        // Without Gemma2's post-norms the residual add is folded into the projection.
+        let x = match &l.post_attn_norm {
+            Some(n) => (x + n.forward(&l.o.forward(&attn)?)?)?,
+            None => l.o.forward_add(&attn, x)?,
+        };
         let h = l.pre_mlp_norm.forward(&x)?;
-        let mut mlp = l
-            .down
-            .forward(&(self.act.forward(&l.gate.forward(&h)?)? * l.up.forward(&h)?)?)?;
-        if let Some(n) = &l.post_mlp_norm {
-            mlp = n.forward(&mlp)?;
+        let inner = (self.act.forward(&l.gate.forward(&h)?)? * l.up.forward(&h)?)?;
+        match &l.post_mlp_norm {
+            Some(n) => x + n.forward(&l.down.forward(&inner)?)?,
+            None => l.down.forward_add(&inner, &x),
         }
-        x + mlp
     }
 }
 

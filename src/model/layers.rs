@@ -2,14 +2,12 @@
 //! and attention.
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
-pub fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-    if bias {
-        candle_nn::linear(in_dim, out_dim, vb)
-    } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)
-    }
+use super::dense::Dense;
+
+pub fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Dense> {
+    Dense::load(vb, in_dim, out_dim, bias)
 }
 
 pub fn embedding(vb: VarBuilder, count: usize, dim: usize) -> Result<Embedding> {

@@ -4,6 +4,7 @@
 mod bert;
 mod deberta;
 mod decoder;
+mod dense;
 mod gelu;
 mod layers;
 
