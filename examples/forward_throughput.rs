@@ -3,7 +3,8 @@
 //!   cargo run --release --example forward_throughput -- MODEL_DIR BATCH SEQ_LEN ITERS
 //!
 //! Scores ITERS batches of BATCH sequences of SEQ_LEN tokens (seeded random ids) after one
-//! warm-up batch and prints tokens per second. Threads: CANDLE_NUM_THREADS / RAYON_NUM_THREADS.
+//! warm-up batch and prints tokens per second, with the allocator settings `warm serve` uses.
+//! Threads: CANDLE_NUM_THREADS / RAYON_NUM_THREADS.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -18,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (batch, seq_len, iters): (usize, usize, usize) =
         (batch.parse()?, seq_len.parse()?, iters.parse()?);
+    warm::alloc::keep_freed_memory_for_reuse();
     let scorer = Scorer::load_one(&PathBuf::from(dir))?;
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let sequences: Vec<Sequence> = (0..batch)

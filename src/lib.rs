@@ -2,6 +2,7 @@
 //!
 //! The library holds everything; `main.rs` only parses the command line.
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod demo;
@@ -9,6 +10,8 @@ pub mod dtype;
 pub mod engine;
 pub mod eval;
 pub mod fuse;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod model;
 pub mod scorer;
 pub mod server;

@@ -158,10 +158,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.json_logs);
     let result = match cli.command {
-        Command::Serve(args) => run_serve(*args),
+        Command::Serve(args) => {
+            warm::alloc::keep_freed_memory_for_reuse();
+            run_serve(*args)
+        }
         Command::Fuse(args) => run_fuse(args),
         Command::Inspect(args) => run_inspect(args),
-        Command::Eval(args) => run_eval(args),
+        Command::Eval(args) => {
+            warm::alloc::keep_freed_memory_for_reuse();
+            run_eval(args)
+        }
     };
     match result {
         Ok(code) => code,
