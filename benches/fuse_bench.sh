@@ -6,14 +6,14 @@
 #   bash benches/fuse_bench.sh [WORK_DIR] [DTYPE]      (default /tmp/warm-fuse-bench f32)
 #
 # Members: 4 x Llama-shaped, hidden 768, 12 layers, vocab 52000 (125M parameters: about
-# 500 MB each in f32, 250 MB in bf16).
+# 500 MB each in f32, 250 MB in bf16). WARM_BIN=path times that warm binary instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/warm-fuse-bench}
 DTYPE=${2:-f32}
 M=4
 cargo build --release --quiet --bin warm --example synthetic_members
-WARM=target/release/warm
+WARM=${WARM_BIN:-target/release/warm}
 SET="$WORK/$DTYPE"
 if [ ! -d "$SET/member$((M - 1))" ]; then
   target/release/examples/synthetic_members "$SET" "$M" 768 12 52000 "$DTYPE"

@@ -281,11 +281,37 @@ fn average_chunk<O: OutElem>(
 ) -> TensorSums {
     #[cfg(target_arch = "x86_64")]
     {
+        if has_avx512() {
+            // SAFETY: the CPU supports AVX-512 F/BW/VL, checked just above.
+            return unsafe { average_chunk_avx512(inputs, in_dtype, weights, base, out) };
+        }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
             return unsafe { average_chunk_avx2(inputs, in_dtype, weights, base, out) };
         }
     }
+    average_chunk_portable(inputs, in_dtype, weights, base, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
+/// The same code compiled for AVX-512: 16-lane widening, sums and rounding. Still no FMA
+/// (Rust never contracts a multiply and an add), so the averages are the same bits as on
+/// any other x86_64 CPU; only the statistics' summation order differs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn average_chunk_avx512<O: OutElem>(
+    inputs: &[&[u8]],
+    in_dtype: FloatDType,
+    weights: &[f32],
+    base: usize,
+    out: &mut [O],
+) -> TensorSums {
     average_chunk_portable(inputs, in_dtype, weights, base, out)
 }
 
@@ -389,6 +415,10 @@ fn average_chunk_portable<O: OutElem>(
 fn member_block_sums(x: &[f32], total: &[f32], others: f32) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     {
+        if has_avx512() {
+            // SAFETY: the CPU supports AVX-512 F, checked just above.
+            return unsafe { member_block_sums_avx512(x, total, others) };
+        }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
             return unsafe { member_block_sums_avx2(x, total, others) };
@@ -452,6 +482,45 @@ unsafe fn member_block_sums_avx2(x: &[f32], total: &[f32], others: f32) -> [f32;
         lanes(xr) + tail[1],
         lanes(rr) + tail[2],
         lanes(dd) + tail[3],
+    ]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn member_block_sums_avx512(x: &[f32], total: &[f32], others: f32) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let n = x.len().min(total.len());
+    let body = n / 16 * 16;
+    let o = _mm512_set1_ps(others);
+    let (mut sq, mut xr, mut rr, mut dd) = (
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+    );
+    let mut k = 0;
+    while k < body {
+        // SAFETY: k + 16 <= body <= n, within both slices; loads are unaligned.
+        let (v, t) = unsafe {
+            (
+                _mm512_loadu_ps(x.as_ptr().add(k)),
+                _mm512_loadu_ps(total.as_ptr().add(k)),
+            )
+        };
+        let r = _mm512_sub_ps(t, v);
+        let d = _mm512_sub_ps(_mm512_mul_ps(o, v), r);
+        sq = _mm512_add_ps(sq, _mm512_mul_ps(v, v));
+        xr = _mm512_add_ps(xr, _mm512_mul_ps(v, r));
+        rr = _mm512_add_ps(rr, _mm512_mul_ps(r, r));
+        dd = _mm512_add_ps(dd, _mm512_mul_ps(d, d));
+        k += 16;
+    }
+    let tail = member_block_sums_scalar(&x[body..n], &total[body..n], others);
+    [
+        _mm512_reduce_add_ps(sq) + tail[0],
+        _mm512_reduce_add_ps(xr) + tail[1],
+        _mm512_reduce_add_ps(rr) + tail[2],
+        _mm512_reduce_add_ps(dd) + tail[3],
     ]
 }
 
@@ -625,6 +694,53 @@ mod tests {
                 check::<bf16>(FloatDType::F32, m, n, &w);
             }
         }
+    }
+
+    /// AVX-512, AVX2 and portable code paths give the same averages bit for bit, and
+    /// statistics equal up to summation order.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        fn paths<O: OutElem>(dtype: FloatDType) {
+            let n = 3 * BLOCK + 21;
+            let (bytes, _) = members(4, n, dtype, 9);
+            let inputs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+            let w = [0.1, 0.2, 0.3, 0.4];
+            let mut portable = vec![O::default(); n];
+            let want = average_chunk_portable(&inputs, dtype, &w, 3, &mut portable);
+            let mut runs = Vec::new();
+            if std::arch::is_x86_feature_detected!("avx2") {
+                let mut out = vec![O::default(); n];
+                // SAFETY: AVX2 checked just above.
+                let sums = unsafe { average_chunk_avx2(&inputs, dtype, &w, 3, &mut out) };
+                runs.push(("avx2", out, sums));
+            }
+            if has_avx512() {
+                let mut out = vec![O::default(); n];
+                // SAFETY: AVX-512 checked just above.
+                let sums = unsafe { average_chunk_avx512(&inputs, dtype, &w, 3, &mut out) };
+                runs.push(("avx512", out, sums));
+            }
+            for (name, out, sums) in runs {
+                let same =
+                    bytemuck::cast_slice::<O, u8>(&out) == bytemuck::cast_slice::<O, u8>(&portable);
+                assert!(
+                    same,
+                    "{name} {dtype}: averages differ from the portable path"
+                );
+                for (a, b) in sums.members.iter().zip(&want.members) {
+                    assert!((a.sq - b.sq).abs() <= 1e-5 * b.sq.abs(), "{name} {dtype}");
+                    assert!(
+                        (a.dev_sq - b.dev_sq).abs() <= 1e-4 * b.dev_sq.abs(),
+                        "{name}"
+                    );
+                }
+            }
+        }
+        paths::<f32>(FloatDType::F32);
+        paths::<f16>(FloatDType::F16);
+        paths::<bf16>(FloatDType::BF16);
+        paths::<bf16>(FloatDType::F32);
     }
 
     #[test]

@@ -252,7 +252,7 @@ fn header_bytes(tensors: &[PlannedTensor], metadata: &BTreeMap<String, String>) 
         offset = end;
     }
     let mut json = serde_json::to_vec(&header).unwrap_or_default();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
