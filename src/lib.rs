@@ -5,6 +5,8 @@
 pub mod alloc;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod demo;
 pub mod dtype;
 pub mod engine;

@@ -35,6 +35,27 @@ enum Command {
     Inspect(MemberArgs),
     /// Pairwise accuracy of each member, WARM and ENS on preference pairs (JSON lines).
     Eval(EvalArgs),
+    /// Check a GPU: the averaging kernel, its bandwidth, fusion on the device, parity with
+    /// the CPU and scoring throughput; one table (builds with the cuda feature only).
+    #[cfg(feature = "cuda")]
+    GpuCheck(GpuCheckArgs),
+}
+
+#[cfg(feature = "cuda")]
+#[derive(Args)]
+struct GpuCheckArgs {
+    /// GPU ordinal.
+    #[arg(long, default_value_t = 0)]
+    gpu: usize,
+    /// tests/fixtures of the source tree: score every fixture on the GPU and the CPU.
+    #[arg(long)]
+    fixtures: Option<PathBuf>,
+    /// Members to fuse on the device (repeat), timed against reading them and PCIe.
+    #[arg(long = "members")]
+    members: Vec<PathBuf>,
+    /// A model (repeat for a WARM set) to time scoring with on the GPU.
+    #[arg(long = "model")]
+    model: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -168,6 +189,8 @@ fn main() -> ExitCode {
             warm::alloc::keep_freed_memory_for_reuse();
             run_eval(args)
         }
+        #[cfg(feature = "cuda")]
+        Command::GpuCheck(args) => run_gpu_check(args),
     };
     match result {
         Ok(code) => code,
@@ -176,6 +199,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[cfg(feature = "cuda")]
+fn run_gpu_check(args: GpuCheckArgs) -> anyhow::Result<ExitCode> {
+    let passed = warm::cuda::check::run(&warm::cuda::check::CheckArgs {
+        ordinal: args.gpu,
+        fixtures: args.fixtures,
+        members: args.members,
+        model: args.model,
+    })
+    .map_err(|e| anyhow::anyhow!("gpu-check: {e}"))?;
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn init_logging(json: bool) {

@@ -4,6 +4,8 @@
 //! streams all tensors through the kernel into a sink (candle tensors for serving, or the
 //! safetensors `writer` for `warm fuse`).
 
+#[cfg(feature = "cuda")]
+mod device;
 mod error;
 pub mod kernel;
 mod plan;
@@ -84,8 +86,14 @@ pub fn fuse_to_tensors(
 ) -> Result<(HashMap<String, candle_core::Tensor>, FusionReport), FuseError> {
     let members = open_members(&config.dirs)?;
     let plan = checked_plan(&members, config, Some(dtype))?;
-    let mut sink = CandleSink::new(device.clone());
     let total = plan_input_bytes(&members, &plan);
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(cuda) = device {
+        let (tensors, report) =
+            device::execute_on_device(&members, &plan, cuda, &mut FuseProgress::for_stderr(total))?;
+        return Ok((tensors, report.into_result()?));
+    }
+    let mut sink = CandleSink::new(device.clone());
     let report = execute(
         &members,
         &plan,

@@ -264,7 +264,7 @@ fn copy_integer_tensor(
     FusedData::Raw(inputs[0].to_vec())
 }
 
-fn member_reports(
+pub(super) fn member_reports(
     members: &[Checkpoint],
     plan: &FusionPlan,
     sums: &[MemberSums],

@@ -117,6 +117,7 @@ fn model_name(config: &ServeConfig) -> String {
     })
 }
 
+#[cfg(not(feature = "cuda"))]
 fn select_device(choice: DeviceChoice) -> Result<Device, String> {
     match choice {
         DeviceChoice::Auto | DeviceChoice::Cpu => Ok(Device::Cpu),
@@ -126,12 +127,40 @@ fn select_device(choice: DeviceChoice) -> Result<Device, String> {
     }
 }
 
+/// `auto` takes GPU 0 when a CUDA driver and device are there, else the CPU: a CUDA build
+/// still starts and serves on a machine without a GPU.
+#[cfg(feature = "cuda")]
+fn select_device(choice: DeviceChoice) -> Result<Device, String> {
+    let present = crate::cuda::driver_present;
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto if !present() => {
+            tracing::info!("no CUDA driver or device found: serving on the CPU");
+            Ok(Device::Cpu)
+        }
+        DeviceChoice::Auto => {
+            Device::new_cuda(0).map_err(|e| format!("--device auto: opening GPU 0: {e}"))
+        }
+        DeviceChoice::Cuda(n) if !present() => Err(format!(
+            "--device cuda:{n}: no CUDA driver (libcuda.so.1) or no device on this machine"
+        )),
+        DeviceChoice::Cuda(n) => {
+            Device::new_cuda(n).map_err(|e| format!("--device cuda:{n}: opening the GPU: {e}"))
+        }
+    }
+}
+
 /// Loads and fuses the members, runs a warm-up batch, and marks the server ready.
 fn load(state: &AppState) -> Result<(), String> {
     let started = Instant::now();
     let config = &state.config;
     let device = select_device(config.device)?;
-    let dtype = config.dtype.unwrap_or(FloatDType::F32);
+    // f32 on the CPU (candle's half-precision CPU kernels are slow); bf16 on a GPU.
+    let dtype = config.dtype.unwrap_or(if device.is_cuda() {
+        FloatDType::BF16
+    } else {
+        FloatDType::F32
+    });
     tracing::info!(members = config.members.dirs.len(), combine = ?config.combine, %dtype, "loading");
     let scorer = Scorer::load(
         &config.members,

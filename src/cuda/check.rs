@@ -1,0 +1,452 @@
+//! `warm gpu-check` (cuda builds): the checks of a lent or new GPU machine, one table.
+//!
+//! - kernel: warm_average against a CPU reference (f32 fused multiply-adds in member
+//!   order, rounded once) on seeded random data, for each dtype, M in {2, 3, 8}, odd
+//!   sizes, aligned and misaligned inputs, the output poisoned first; bit-exact expected.
+//! - bandwidth: the kernel's bytes read + written per second against a device-to-device
+//!   copy of the same traffic.
+//! - fusion: `--members` fused on the device against reading the files and PCIe.
+//! - parity: every fixture under `--fixtures` scored on the GPU (bf16) and the CPU (f32).
+//! - throughput: `--model` (a WARM set or one checkpoint) scoring on the GPU.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaDevice, Device};
+use half::{bf16, f16};
+
+use super::DeviceAverager;
+use crate::config::MembersConfig;
+use crate::dtype::FloatDType;
+use crate::model::Sequence;
+use crate::scorer::{Combine, Scorer};
+
+type CheckResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+pub struct CheckArgs {
+    pub ordinal: usize,
+    pub fixtures: Option<PathBuf>,
+    pub members: Vec<PathBuf>,
+    pub model: Vec<PathBuf>,
+}
+
+/// Runs every check it has inputs for and prints one row per result. Returns false when a
+/// correctness check failed.
+pub fn run(args: &CheckArgs) -> CheckResult<bool> {
+    if !super::driver_present() {
+        return Err("no CUDA driver (libcuda.so.1) or no device on this machine".into());
+    }
+    let device = Device::new_cuda(args.ordinal)?;
+    let cuda = device.as_cuda_device()?.clone();
+    let context = cuda.cuda_stream().context().clone();
+    println!("device {}: {}", args.ordinal, context.name().w()?);
+    println!("| check | case | result | detail |");
+    println!("|---|---|---|---|");
+    let mut ok = kernel_cases(&cuda)?;
+    bandwidth(&cuda)?;
+    if !args.members.is_empty() {
+        fusion(&device, &cuda, &args.members)?;
+    }
+    if let Some(dir) = &args.fixtures {
+        ok &= parity(&device, dir)?;
+    }
+    if !args.model.is_empty() {
+        throughput(&device, &args.model)?;
+    }
+    Ok(ok)
+}
+
+fn seeded(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            // Never zero: magnitudes in [0.5, 2), either sign, like trained weights scaled.
+            let unit = (s >> 40) as f32 / (1u64 << 24) as f32;
+            let sign = if s & 1 == 0 { 1.0 } else { -1.0 };
+            sign * (0.5 + 1.5 * unit) * 0.05
+        })
+        .collect()
+}
+
+/// Element type with its bits, for the bit-exact comparison.
+trait Elem: Copy + DeviceRepr + 'static {
+    const DTYPE: FloatDType;
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+    fn bits(self) -> u32;
+    fn poison() -> Self;
+}
+
+impl Elem for f32 {
+    const DTYPE: FloatDType = FloatDType::F32;
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn bits(self) -> u32 {
+        self.to_bits()
+    }
+    fn poison() -> Self {
+        f32::from_bits(0x7fc0_dead)
+    }
+}
+
+impl Elem for f16 {
+    const DTYPE: FloatDType = FloatDType::F16;
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn bits(self) -> u32 {
+        self.to_bits() as u32
+    }
+    fn poison() -> Self {
+        f16::from_bits(0x7e5a)
+    }
+}
+
+impl Elem for bf16 {
+    const DTYPE: FloatDType = FloatDType::BF16;
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn bits(self) -> u32 {
+        self.to_bits() as u32
+    }
+    fn poison() -> Self {
+        bf16::from_bits(0x7fda)
+    }
+}
+
+fn kernel_cases(cuda: &CudaDevice) -> CheckResult<bool> {
+    let mut ok = true;
+    for m in [2usize, 3, 8] {
+        for n in [1usize, 7, 1023, 4099, 1_000_003] {
+            for misaligned in [false, true] {
+                ok &= kernel_case::<f32>(cuda, m, n, misaligned)?;
+                ok &= kernel_case::<f16>(cuda, m, n, misaligned)?;
+                ok &= kernel_case::<bf16>(cuda, m, n, misaligned)?;
+            }
+        }
+    }
+    Ok(ok)
+}
+
+fn kernel_case<T: Elem>(
+    cuda: &CudaDevice,
+    m: usize,
+    n: usize,
+    misaligned: bool,
+) -> CheckResult<bool> {
+    let stream = cuda.cuda_stream();
+    let shift = usize::from(misaligned);
+    let raw_weights: Vec<f32> = (0..m).map(|i| 1.0 + i as f32).collect();
+    let total: f32 = raw_weights.iter().sum();
+    let weights: Vec<f32> = raw_weights.iter().map(|w| w / total).collect();
+    let inputs: Vec<Vec<T>> = (0..m)
+        .map(|i| {
+            seeded(n + shift, 11 + i as u64)
+                .into_iter()
+                .map(T::from_f32)
+                .collect()
+        })
+        .collect();
+    let device_inputs: Vec<CudaSlice<T>> = inputs
+        .iter()
+        .map(|x| stream.clone_htod(x))
+        .collect::<Result<_, _>>()
+        .w()?;
+    let size = std::mem::size_of::<T>() as u64;
+    let addresses: Vec<u64> = device_inputs
+        .iter()
+        .map(|x| x.device_ptr(&stream).0 + shift as u64 * size)
+        .collect();
+    let addresses = stream.clone_htod(&addresses).w()?;
+    let device_weights = stream.clone_htod(&weights).w()?;
+    let out: CudaSlice<T> = stream.clone_htod(&vec![T::poison(); n + shift]).w()?;
+    let out_address = out.device_ptr(&stream).0 + shift as u64 * size;
+    // SAFETY: every address has n elements after it (n + shift allocated, shift skipped).
+    unsafe {
+        DeviceAverager::new(cuda.clone()).launch(
+            T::DTYPE,
+            &addresses,
+            &device_weights,
+            out_address,
+            n as u64,
+        )?;
+    }
+    let got = stream.clone_dtoh(&out).w()?;
+    let mut mismatches = 0usize;
+    let mut first = None;
+    for j in 0..n {
+        let mut acc = 0.0f32;
+        for (w, x) in weights.iter().zip(&inputs) {
+            acc = w.mul_add(x[j + shift].to_f32(), acc);
+        }
+        let want = T::from_f32(acc);
+        if got[j + shift].bits() != want.bits() {
+            mismatches += 1;
+            first.get_or_insert((j, got[j + shift].to_f32(), want.to_f32()));
+        }
+    }
+    let untouched = shift == 0 || got[0].bits() == T::poison().bits();
+    let passed = mismatches == 0 && untouched;
+    let detail = match first {
+        None if untouched => "bit-exact".to_string(),
+        None => "wrote before the output".to_string(),
+        Some((j, g, w)) => format!("{mismatches} differ; first at {j}: {g} vs {w}"),
+    };
+    println!(
+        "| kernel | {} M={m} n={n}{} | {} | {detail} |",
+        T::DTYPE,
+        if misaligned { " misaligned" } else { "" },
+        if passed { "ok" } else { "FAIL" }
+    );
+    Ok(passed)
+}
+
+fn timed_event(stream: &CudaStream) -> CheckResult<CudaEvent> {
+    Ok(stream
+        .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+        .w()?)
+}
+
+fn bandwidth(cuda: &CudaDevice) -> CheckResult<()> {
+    let stream = cuda.cuda_stream();
+    let m = 4usize;
+    let n = 64usize << 20; // elements per input: 256 MiB of f32
+    let reps = 10;
+    let inputs: Vec<CudaSlice<f32>> = (0..m)
+        .map(|i| stream.clone_htod(&seeded(n, 100 + i as u64)))
+        .collect::<Result<_, _>>()
+        .w()?;
+    let addresses: Vec<u64> = inputs.iter().map(|x| x.device_ptr(&stream).0).collect();
+    let addresses = stream.clone_htod(&addresses).w()?;
+    let weights = stream.clone_htod(&vec![1.0f32 / m as f32; m]).w()?;
+    let out = stream.alloc_zeros::<f32>(n).w()?;
+    let out_address = out.device_ptr(&stream).0;
+    let averager = DeviceAverager::new(cuda.clone());
+    // SAFETY: all buffers hold n elements.
+    unsafe { averager.launch(FloatDType::F32, &addresses, &weights, out_address, n as u64)? };
+    let start = timed_event(&stream)?;
+    for _ in 0..reps {
+        // SAFETY: as above.
+        unsafe { averager.launch(FloatDType::F32, &addresses, &weights, out_address, n as u64)? };
+    }
+    let end = timed_event(&stream)?;
+    end.synchronize().w()?;
+    let kernel_s = start.elapsed_ms(&end).w()? as f64 / 1e3 / reps as f64;
+    let kernel_bytes = ((m + 1) * n * 4) as f64;
+    // A copy moving the same bytes: read + write of (m + 1) / 2 inputs' worth.
+    let copy_n = (m + 1) * n / 2;
+    let src = stream.alloc_zeros::<f32>(copy_n).w()?;
+    let mut dst = stream.alloc_zeros::<f32>(copy_n).w()?;
+    stream.memcpy_dtod(&src, &mut dst).w()?;
+    let start = timed_event(&stream)?;
+    for _ in 0..reps {
+        stream.memcpy_dtod(&src, &mut dst).w()?;
+    }
+    let end = timed_event(&stream)?;
+    end.synchronize().w()?;
+    let copy_s = start.elapsed_ms(&end).w()? as f64 / 1e3 / reps as f64;
+    let copy_bytes = (2 * copy_n * 4) as f64;
+    let kernel_gbs = kernel_bytes / kernel_s / 1e9;
+    let copy_gbs = copy_bytes / copy_s / 1e9;
+    let ratio = kernel_gbs / copy_gbs;
+    println!(
+        "| bandwidth | f32 M=4, 256 MiB each | {} | kernel {kernel_gbs:.0} GB/s, device copy {copy_gbs:.0} GB/s: {:.0}% (target 80%) |",
+        if ratio >= 0.8 { "ok" } else { "below" },
+        ratio * 100.0
+    );
+    Ok(())
+}
+
+fn fusion(device: &Device, cuda: &CudaDevice, members: &[PathBuf]) -> CheckResult<()> {
+    // Reading the files once (the page cache warmed by a first read) bounds the host side.
+    let files: Vec<PathBuf> = members
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    let read = |files: &[PathBuf]| -> CheckResult<(u64, f64)> {
+        let started = Instant::now();
+        let mut bytes = 0u64;
+        for f in files {
+            bytes += std::fs::read(f)?.len() as u64;
+        }
+        Ok((bytes, started.elapsed().as_secs_f64()))
+    };
+    read(&files)?;
+    let (bytes, read_s) = read(&files)?;
+    let pcie_gbs = pcie_bandwidth(cuda)?;
+    let config = MembersConfig {
+        dirs: members.to_vec(),
+        weights: None,
+        allow_unrelated_members: false,
+    };
+    let dtype = FloatDType::BF16;
+    let started = Instant::now();
+    let (tensors, _) = crate::fuse::fuse_to_tensors(&config, dtype, device)?;
+    device.synchronize()?;
+    let fuse_s = started.elapsed().as_secs_f64();
+    drop(tensors);
+    let gb = bytes as f64 / 1e9;
+    println!(
+        "| fusion | {} members, {gb:.2} GB, to bf16 | {fuse_s:.2} s | {:.1} GB/s; read files {:.1} GB/s ({read_s:.2} s); pinned host->device {pcie_gbs:.1} GB/s |",
+        members.len(),
+        gb / fuse_s,
+        gb / read_s
+    );
+    Ok(())
+}
+
+fn pcie_bandwidth(cuda: &CudaDevice) -> CheckResult<f64> {
+    let stream = cuda.cuda_stream();
+    let context = stream.context().clone();
+    let bytes = 256usize << 20;
+    // SAFETY: plain bytes, filled before use.
+    let mut host = unsafe { context.alloc_pinned::<u8>(bytes) }.w()?;
+    host.as_mut_slice().w()?.fill(1);
+    let mut dev = stream.alloc_zeros::<u8>(bytes).w()?;
+    stream.memcpy_htod(&host, &mut dev).w()?;
+    let reps = 8;
+    let start = timed_event(&stream)?;
+    for _ in 0..reps {
+        stream.memcpy_htod(&host, &mut dev).w()?;
+    }
+    let end = timed_event(&stream)?;
+    end.synchronize().w()?;
+    let s = start.elapsed_ms(&end).w()? as f64 / 1e3;
+    Ok((bytes * reps) as f64 / s / 1e9)
+}
+
+fn parity(device: &Device, fixtures: &Path) -> CheckResult<bool> {
+    let mut ok = true;
+    let mut names: Vec<PathBuf> = std::fs::read_dir(fixtures.join("models"))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    for dir in names {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let expected: serde_json::Value = serde_json::from_slice(&std::fs::read(
+            fixtures.join("expected").join(format!("{name}.json")),
+        )?)?;
+        let sequences: Vec<Sequence> = expected["cases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|case| {
+                let ids: Vec<u32> = case["ids"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_u64().map(|v| v as u32))
+                    .collect();
+                Sequence {
+                    type_ids: vec![0; ids.len()],
+                    ids,
+                }
+            })
+            .collect();
+        let refs: Vec<&Sequence> = sequences.iter().collect();
+        // DeBERTa-v2 runs in f32 only (candle's implementation).
+        let dtype = if name == "deberta-v2" {
+            FloatDType::F32
+        } else {
+            FloatDType::BF16
+        };
+        let members = MembersConfig::single(&dir);
+        let cpu = Scorer::load(
+            &members,
+            Combine::Weights,
+            FloatDType::F32,
+            &Device::Cpu,
+            None,
+        )?;
+        let gpu = Scorer::load(&members, Combine::Weights, dtype, device, None)?;
+        let cpu_scores = cpu.score(&refs)?;
+        let gpu_scores = gpu.score(&refs)?;
+        let mut worst = 0.0f32;
+        let mut scale = 0.0f32;
+        for (c, g) in cpu_scores.iter().zip(&gpu_scores) {
+            worst = worst.max((c.value - g.value).abs());
+            scale = scale.max(c.value.abs());
+        }
+        // bf16 keeps 8 bits of mantissa: a few percent of the largest score.
+        let tolerance = if dtype == FloatDType::F32 {
+            1e-3
+        } else {
+            0.05 * scale.max(1.0)
+        };
+        let passed = worst <= tolerance;
+        ok &= passed;
+        println!(
+            "| parity | {name} ({dtype}, {} inputs) | {} | max |GPU - CPU| {worst:.2e}, largest |score| {scale:.2}, tolerance {tolerance:.2e} |",
+            refs.len(),
+            if passed { "ok" } else { "FAIL" }
+        );
+    }
+    Ok(ok)
+}
+
+fn throughput(device: &Device, model: &[PathBuf]) -> CheckResult<()> {
+    let config = MembersConfig {
+        dirs: model.to_vec(),
+        weights: None,
+        allow_unrelated_members: model.len() == 1,
+    };
+    let started = Instant::now();
+    let scorer = Scorer::load(&config, Combine::Weights, FloatDType::BF16, device, None)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let (batch, seq_len, iters) = (64usize, 128usize, 20usize);
+    let limit = scorer.max_input_length().min(seq_len);
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let sequences: Vec<Sequence> = (0..batch)
+        .map(|_| Sequence {
+            ids: (0..limit)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    1000 + (state % 1500) as u32
+                })
+                .collect(),
+            type_ids: vec![0; limit],
+        })
+        .collect();
+    let refs: Vec<&Sequence> = sequences.iter().collect();
+    scorer.score(&refs)?;
+    device.synchronize()?;
+    let started = Instant::now();
+    for _ in 0..iters {
+        scorer.score(&refs)?;
+    }
+    device.synchronize()?;
+    let s = started.elapsed().as_secs_f64();
+    println!(
+        "| throughput | {} member(s), batch {batch} x {limit} tokens, bf16 | {:.0} sequences/s | {:.0} tokens/s; loaded (fused on the device) in {load_s:.2} s |",
+        model.len(),
+        (batch * iters) as f64 / s,
+        (batch * iters * limit) as f64 / s
+    );
+    Ok(())
+}

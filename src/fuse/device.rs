@@ -1,0 +1,329 @@
+//! Fusion on a CUDA device (feature `cuda`): each tensor's M member slices go host ->
+//! device through pinned staging buffers, two sets used in turn on a copy stream so that
+//! copying one chunk overlaps the kernel averaging the previous one; the kernel writes
+//! straight into the tensor's final device buffer, which becomes the candle tensor.
+//!
+//! Peak device memory: the model plus two staging sets of M x [`CHUNK_BYTES`] (tensors
+//! larger than a chunk are averaged chunk by chunk; averaging is element-wise).
+//!
+//! Unfinished: this path computes no shared-init statistics and finds no NaN/Inf (the CPU
+//! pass does both); `warm inspect` on the CPU checks a set before it is served from here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::backend::BackendDevice;
+use candle_core::cuda_backend::cudarc::driver::{
+    result, CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice,
+};
+use candle_core::cuda_backend::{CudaStorage, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, Storage, Tensor};
+use half::{bf16, f16};
+
+use super::kernel::{self, MemberSums};
+use super::plan::{member_ref, FusionPlan, PlannedTensor};
+use super::problem::Problem;
+use super::progress::FuseProgress;
+use super::run::{member_reports, FusionReport};
+use super::sink::{CandleSink, FusedData, TensorSink};
+use super::FuseError;
+use crate::checkpoint::Checkpoint;
+use crate::cuda::DeviceAverager;
+use crate::dtype::FloatDType;
+
+/// Bytes per member per staging set (a multiple of 16, so chunks stay 16-byte aligned).
+pub const CHUNK_BYTES: usize = 32 << 20;
+
+/// Fuses the planned tensors on `device`. Integer tensors are checked for equality on the
+/// host and copied once.
+pub fn execute_on_device(
+    members: &[Checkpoint],
+    plan: &FusionPlan,
+    device: &CudaDevice,
+    progress: &mut FuseProgress,
+) -> Result<(HashMap<String, Tensor>, FusionReport), FuseError> {
+    let started = Instant::now();
+    let mut fuser = DeviceFuser::new(device, members.len(), &plan.weights).map_err(setup)?;
+    let mut tensors = HashMap::with_capacity(plan.tensors.len());
+    let mut integers = CandleSink::new(candle_core::Device::Cuda(device.clone()));
+    let mut problems = plan.problems.clone();
+    let mut bytes_read = 0u64;
+    for tensor in &plan.tensors {
+        let _span = tracing::debug_span!("fuse_tensor_on_device", name = %tensor.name).entered();
+        let sources = members
+            .iter()
+            .map(|c| {
+                c.tensor(&tensor.name).ok_or_else(|| FuseError::Load {
+                    tensor: tensor.name.clone(),
+                    reason: "planned but not found in a member".into(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let inputs: Vec<&[u8]> = sources
+            .iter()
+            .map(|(file, info)| file.bytes(info))
+            .collect();
+        match tensor.stored.as_fusable() {
+            Some(stored) => {
+                let fused = fuser
+                    .fuse(tensor, stored, &inputs)
+                    .map_err(|e| FuseError::Load {
+                        tensor: tensor.name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                tensors.insert(tensor.name.clone(), fused);
+            }
+            None => {
+                for (i, bytes) in inputs.iter().enumerate().skip(1) {
+                    if *bytes != inputs[0] {
+                        problems.push(Problem::IntegerTensorDiffers {
+                            member: member_ref(members, i),
+                            base: member_ref(members, 0),
+                            tensor: tensor.name.clone(),
+                        });
+                    }
+                }
+                integers.put(tensor, FusedData::Raw(inputs[0].to_vec()))?;
+            }
+        }
+        let read: u64 = inputs.iter().map(|b| b.len() as u64).sum();
+        // Staged and copied (the copies are from pinned buffers): the mapped pages can go.
+        for (file, info) in &sources {
+            file.release(&info.range);
+        }
+        bytes_read += read;
+        progress.advance(read);
+    }
+    device.synchronize().map_err(setup)?;
+    progress.finish();
+    tensors.extend(integers.into_tensors());
+    let sums = vec![MemberSums::default(); members.len()];
+    let report = FusionReport {
+        members: member_reports(members, plan, &sums),
+        tensors: plan.tensors.len(),
+        parameters: plan.tensors.iter().map(PlannedTensor::numel).sum(),
+        bytes_read,
+        bytes_out: plan.output_bytes(),
+        seconds: started.elapsed().as_secs_f64(),
+        problems: problems.iter().map(ToString::to_string).collect(),
+        warnings: plan.warnings.clone(),
+        problem_list: problems,
+    };
+    Ok((tensors, report))
+}
+
+fn setup(e: candle_core::Error) -> FuseError {
+    FuseError::Load {
+        tensor: "(device set-up)".into(),
+        reason: e.to_string(),
+    }
+}
+
+/// One staging set: M pinned host buffers, M device buffers and the device array of
+/// their addresses, with the events that say when each side may be refilled.
+struct StagingSet {
+    host: Vec<PinnedHostSlice<u8>>,
+    device: Vec<CudaSlice<u8>>,
+    addresses: CudaSlice<u64>,
+    /// Recorded on the copy stream after this set's host -> device copies.
+    copied: Option<CudaEvent>,
+    /// Recorded on the compute stream after the kernel that read this set.
+    consumed: Option<CudaEvent>,
+}
+
+pub struct DeviceFuser {
+    device: CudaDevice,
+    compute: Arc<CudaStream>,
+    copy: Arc<CudaStream>,
+    averager: DeviceAverager,
+    weights: CudaSlice<f32>,
+    sets: [StagingSet; 2],
+    next: usize,
+    /// Host buffer for widening members to f32 when the output type differs.
+    widened: Vec<f32>,
+}
+
+impl DeviceFuser {
+    pub fn new(device: &CudaDevice, m: usize, weights: &[f32]) -> candle_core::Result<Self> {
+        let compute = device.cuda_stream();
+        let context = compute.context().clone();
+        let copy = context.new_stream().w()?;
+        let set = || -> candle_core::Result<StagingSet> {
+            let mut host = Vec::with_capacity(m);
+            let mut staged = Vec::with_capacity(m);
+            for _ in 0..m {
+                // SAFETY: pinned allocations of plain bytes; written before they are read.
+                host.push(unsafe { context.alloc_pinned::<u8>(CHUNK_BYTES) }.w()?);
+                staged.push(unsafe { copy.alloc::<u8>(CHUNK_BYTES) }.w()?);
+            }
+            let addresses: Vec<u64> = staged.iter().map(|b| b.device_ptr(&copy).0).collect();
+            let addresses = compute.clone_htod(&addresses).w()?;
+            Ok(StagingSet {
+                host,
+                device: staged,
+                addresses,
+                copied: None,
+                consumed: None,
+            })
+        };
+        let sets = [set()?, set()?];
+        let weights = compute.clone_htod(weights).w()?;
+        Ok(Self {
+            device: device.clone(),
+            averager: DeviceAverager::new(device.clone()),
+            compute,
+            copy,
+            weights,
+            sets,
+            next: 0,
+            widened: Vec::new(),
+        })
+    }
+
+    /// Averages one float tensor whose members are stored as `stored` into a device
+    /// tensor of the planned output type.
+    pub fn fuse(
+        &mut self,
+        tensor: &PlannedTensor,
+        stored: FloatDType,
+        inputs: &[&[u8]],
+    ) -> candle_core::Result<Tensor> {
+        let n = tensor.numel();
+        let output = tensor.output.as_fusable().ok_or_else(|| {
+            candle_core::Error::Msg(format!("cannot average into {}", tensor.output))
+        })?;
+        // Same type in and out: the kernel reads the stored bytes. Otherwise the members
+        // are widened to f32 on the host (exact), averaged in f32, and rounded once on
+        // the device to the output type.
+        let staged = if stored == output {
+            stored
+        } else {
+            FloatDType::F32
+        };
+        let out = DeviceBuffer::alloc(&self.compute, staged, n)?;
+        let size = staged.size_in_bytes();
+        let chunk = CHUNK_BYTES / size;
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            self.stage(inputs, stored, staged, start, len)?;
+            let set = &mut self.sets[self.next];
+            let copied = set.copied.as_ref().expect("stage records the copy");
+            self.compute.wait(copied).w()?;
+            let out_address = out.address(&self.compute) + (start * size) as u64;
+            // SAFETY: the set's device buffers hold `len` staged elements for every member
+            // (ordered by the wait above) and `out` has n - start >= len elements left
+            // from `out_address`; all stay alive until the device synchronizes.
+            unsafe {
+                self.averager.launch(
+                    staged,
+                    &set.addresses,
+                    &self.weights,
+                    out_address,
+                    len as u64,
+                )?;
+            }
+            set.consumed = Some(self.compute.record_event(None).w()?);
+            self.next = 1 - self.next;
+            start += len;
+        }
+        let shape = tensor.shape.as_slice();
+        let fused = out.into_tensor(shape, &self.device);
+        if staged == output {
+            Ok(fused)
+        } else {
+            fused.to_dtype(candle_dtype(output))
+        }
+    }
+
+    /// Fills the next staging set with elements `start..start + len` of every member and
+    /// queues their copies to the device.
+    fn stage(
+        &mut self,
+        inputs: &[&[u8]],
+        stored: FloatDType,
+        staged: FloatDType,
+        start: usize,
+        len: usize,
+    ) -> candle_core::Result<()> {
+        let set = &mut self.sets[self.next];
+        // The host buffers are free once their previous copies have run.
+        if let Some(copied) = set.copied.take() {
+            copied.synchronize().w()?;
+        }
+        let in_size = stored.size_in_bytes();
+        let out_bytes = len * staged.size_in_bytes();
+        for (host, bytes) in set.host.iter_mut().zip(inputs) {
+            let source = &bytes[start * in_size..(start + len) * in_size];
+            let target = &mut host.as_mut_slice().w()?[..out_bytes];
+            if stored == staged {
+                target.copy_from_slice(source);
+            } else {
+                self.widened.resize(len, 0.0);
+                kernel::decode(stored, source, &mut self.widened);
+                target.copy_from_slice(bytemuck::cast_slice(&self.widened));
+            }
+        }
+        // The device buffers are free once the kernel that read them has run.
+        if let Some(consumed) = &set.consumed {
+            self.copy.wait(consumed).w()?;
+        }
+        for (host, device) in set.host.iter().zip(&set.device) {
+            let address = device.device_ptr(&self.copy).0;
+            let source = &host.as_slice().w()?[..out_bytes];
+            // SAFETY: `address` holds CHUNK_BYTES >= out_bytes; the pinned source stays
+            // untouched until `copied` (recorded below) has completed.
+            unsafe { result::memcpy_htod_async(address, source, self.copy.cu_stream()) }.w()?;
+        }
+        set.copied = Some(self.copy.record_event(None).w()?);
+        Ok(())
+    }
+}
+
+fn candle_dtype(dtype: FloatDType) -> candle_core::DType {
+    match dtype {
+        FloatDType::F32 => candle_core::DType::F32,
+        FloatDType::F16 => candle_core::DType::F16,
+        FloatDType::BF16 => candle_core::DType::BF16,
+    }
+}
+
+/// A tensor's final device buffer, in the type the kernel writes.
+enum DeviceBuffer {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<f16>),
+    BF16(CudaSlice<bf16>),
+}
+
+impl DeviceBuffer {
+    fn alloc(stream: &Arc<CudaStream>, dtype: FloatDType, n: usize) -> candle_core::Result<Self> {
+        // SAFETY: every element is written by the kernel before the tensor is used (the
+        // chunks cover 0..n and run on the stream the tensor's users run on).
+        unsafe {
+            Ok(match dtype {
+                FloatDType::F32 => Self::F32(stream.alloc::<f32>(n).w()?),
+                FloatDType::F16 => Self::F16(stream.alloc::<f16>(n).w()?),
+                FloatDType::BF16 => Self::BF16(stream.alloc::<bf16>(n).w()?),
+            })
+        }
+    }
+
+    fn address(&self, stream: &CudaStream) -> u64 {
+        match self {
+            Self::F32(s) => s.device_ptr(stream).0,
+            Self::F16(s) => s.device_ptr(stream).0,
+            Self::BF16(s) => s.device_ptr(stream).0,
+        }
+    }
+
+    fn into_tensor(self, shape: &[usize], device: &CudaDevice) -> Tensor {
+        let storage = match self {
+            Self::F32(s) => CudaStorage::wrap_cuda_slice(s, device.clone()),
+            Self::F16(s) => CudaStorage::wrap_cuda_slice(s, device.clone()),
+            Self::BF16(s) => CudaStorage::wrap_cuda_slice(s, device.clone()),
+        };
+        Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+    }
+}
