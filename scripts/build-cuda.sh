@@ -27,14 +27,18 @@ cargo fetch --quiet
 CANDLE_VERSION=$(sed -n '/^name = "candle-core"$/{n;s/^version = "\(.*\)"$/\1/p}' Cargo.lock)
 SRC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"candle-core-$CANDLE_VERSION" | head -1)
 PATCH=$TARGET/patched/candle-core
-rm -rf "$PATCH"
-mkdir -p "$(dirname "$PATCH")"
-cp -r "$SRC" "$PATCH"
-if [ "$(grep -c '"dynamic-linking"' "$PATCH/Cargo.toml")" != 1 ]; then
-  echo "candle-core $CANDLE_VERSION: expected one cudarc \"dynamic-linking\" feature to switch" >&2
-  exit 1
+# Made once per candle version: copying it again would rebuild everything above it.
+if [ ! -f "$TARGET/patched/candle-core-$CANDLE_VERSION.done" ]; then
+  rm -rf "$PATCH"
+  mkdir -p "$(dirname "$PATCH")"
+  cp -r "$SRC" "$PATCH"
+  if [ "$(grep -c '"dynamic-linking"' "$PATCH/Cargo.toml")" != 1 ]; then
+    echo "candle-core $CANDLE_VERSION: expected one cudarc \"dynamic-linking\" feature to switch" >&2
+    exit 1
+  fi
+  sed -i 's/"dynamic-linking"/"dynamic-loading"/' "$PATCH/Cargo.toml"
+  touch "$TARGET/patched/candle-core-$CANDLE_VERSION.done"
 fi
-sed -i 's/"dynamic-linking"/"dynamic-loading"/' "$PATCH/Cargo.toml"
 LINK=$TARGET/link
 mkdir -p "$LINK"
 echo "INPUT($CUDA_HOME/lib/libcudart_static.a -ldl -lrt -lpthread)" >"$LINK/libcudart.so"
