@@ -129,17 +129,32 @@ pub fn execute(
             }
         }
     }
-    Ok(FusionReport {
-        members: reports,
-        tensors: plan.tensors.len(),
-        parameters: plan.tensors.iter().map(PlannedTensor::numel).sum(),
-        bytes_read,
-        bytes_out: plan.output_bytes(),
-        seconds: started.elapsed().as_secs_f64(),
-        problems: problems.iter().map(ToString::to_string).collect(),
-        warnings: plan.warnings.clone(),
-        problem_list: problems,
-    })
+    Ok(FusionReport::assemble(
+        plan, reports, bytes_read, started, problems,
+    ))
+}
+
+impl FusionReport {
+    /// The report of a finished pass over `plan`.
+    pub(super) fn assemble(
+        plan: &FusionPlan,
+        members: Vec<MemberReport>,
+        bytes_read: u64,
+        started: Instant,
+        problems: Vec<Problem>,
+    ) -> Self {
+        Self {
+            members,
+            tensors: plan.tensors.len(),
+            parameters: plan.tensors.iter().map(PlannedTensor::numel).sum(),
+            bytes_read,
+            bytes_out: plan.output_bytes(),
+            seconds: started.elapsed().as_secs_f64(),
+            problems: problems.iter().map(ToString::to_string).collect(),
+            warnings: plan.warnings.clone(),
+            problem_list: problems,
+        }
+    }
 }
 
 fn missing(tensor: &PlannedTensor) -> FuseError {
