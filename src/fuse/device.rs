@@ -23,11 +23,10 @@ use candle_core::{CudaDevice, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::kernel::{self, MemberSums};
-use super::plan::{member_ref, FusionPlan, PlannedTensor};
-use super::problem::Problem;
+use super::plan::{FusionPlan, PlannedTensor};
 use super::progress::FuseProgress;
-use super::run::{member_reports, FusionReport};
-use super::sink::{CandleSink, FusedData, TensorSink};
+use super::run::{copy_integer_tensor, member_reports, missing, FusionReport};
+use super::sink::{CandleSink, TensorSink};
 use super::FuseError;
 use crate::checkpoint::Checkpoint;
 use crate::cuda::DeviceAverager;
@@ -54,12 +53,7 @@ pub fn execute_on_device(
         let _span = tracing::debug_span!("fuse_tensor_on_device", name = %tensor.name).entered();
         let sources = members
             .iter()
-            .map(|c| {
-                c.tensor(&tensor.name).ok_or_else(|| FuseError::Load {
-                    tensor: tensor.name.clone(),
-                    reason: "planned but not found in a member".into(),
-                })
-            })
+            .map(|c| c.tensor(&tensor.name).ok_or_else(|| missing(tensor)))
             .collect::<Result<Vec<_>, _>>()?;
         let inputs: Vec<&[u8]> = sources
             .iter()
@@ -76,16 +70,8 @@ pub fn execute_on_device(
                 tensors.insert(tensor.name.clone(), fused);
             }
             None => {
-                for (i, bytes) in inputs.iter().enumerate().skip(1) {
-                    if *bytes != inputs[0] {
-                        problems.push(Problem::IntegerTensorDiffers {
-                            member: member_ref(members, i),
-                            base: member_ref(members, 0),
-                            tensor: tensor.name.clone(),
-                        });
-                    }
-                }
-                integers.put(tensor, FusedData::Raw(inputs[0].to_vec()))?;
+                let data = copy_integer_tensor(members, tensor, &inputs, &mut problems);
+                integers.put(tensor, data)?;
             }
         }
         let read: u64 = inputs.iter().map(|b| b.len() as u64).sum();

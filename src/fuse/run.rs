@@ -157,7 +157,7 @@ impl FusionReport {
     }
 }
 
-fn missing(tensor: &PlannedTensor) -> FuseError {
+pub(super) fn missing(tensor: &PlannedTensor) -> FuseError {
     FuseError::Load {
         tensor: tensor.name.clone(),
         reason: "planned but not found in a member".into(),
@@ -261,7 +261,7 @@ fn check_non_finite(
     kernel::exact_sums(inputs, in_dtype)
 }
 
-fn copy_integer_tensor(
+pub(super) fn copy_integer_tensor(
     members: &[Checkpoint],
     tensor: &PlannedTensor,
     inputs: &[&[u8]],
