@@ -69,6 +69,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
         "num_attention_heads": hidden / 64, "num_key_value_heads": hidden / 64,
         "vocab_size": vocab, "num_labels": 1, "torch_dtype": dtype.torch_name(),
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "hidden_act": "silu", "tie_word_embeddings": false, "pad_token_id": 0,
     });
     for m in 0..members {
         let dir = out.join(format!("member{m}"));

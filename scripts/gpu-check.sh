@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One script for a lent GPU machine: builds nothing, runs every GPU check of warm and
-# prints one table (kernel vs CPU reference, kernel bandwidth vs a device copy, fusion of a
-# multi-GB set on the device vs reading it and PCIe, GPU vs CPU scores on the parity
-# fixtures, scoring throughput of the demo WARM set).
+# prints one table (kernels vs CPU references, kernel bandwidth vs a device copy, fusion of
+# a multi-GB set on the device vs reading it and PCIe, device vs CPU fusion, GPU vs CPU
+# scores on the parity fixtures, scoring throughput of the demo WARM set and of a
+# Llama-shaped ~1.3B set, `warm serve` over HTTP on the GPU and without one).
+# With $OUT set (the device tool), the whole log is written to $OUT/gpu-check.log.
 #
 # Here (no GPU):   bash scripts/build-cuda.sh && bash scripts/gpu-check.sh --prepare
 #                  (strips the binaries into target/gpu-carry/, under the 64 MiB carry limit)
@@ -26,7 +28,12 @@ if [ "${1:-}" = "--prepare" ]; then
   exit 0
 fi
 WORK=${GPU_CHECK_WORK:-/tmp/warm-gpu-check}
+export GPU_CHECK_WORK=$WORK
 mkdir -p "$WORK"
+if [ -n "${OUT:-}" ] && [ -z "${GPU_CHECK_LOGGING:-}" ]; then
+  GPU_CHECK_LOGGING=1 bash "$0" "$@" 2>&1 | tee "$OUT/gpu-check.log"
+  exit "${PIPESTATUS[0]}"
+fi
 [ -f "$CARRY/warm.gz" ] || { echo "no $CARRY/warm.gz: run 'bash scripts/gpu-check.sh --prepare' on the build machine and carry $CARRY" >&2; exit 2; }
 BIN=$WORK/warm
 gzip -dc "$CARRY/warm.gz" >"$BIN"
@@ -34,18 +41,36 @@ chmod +x "$BIN"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 # cuBLAS, cuRAND and NVRTC (CUDA 13) from the machine's Python packages; the binary opens
 # them at run time.
-LIB=$(find / \( -path /proc -o -path /sys -o -path /dev \) -prune -o -path '*/site-packages/nvidia/cu13/lib' -type d -print 2>/dev/null | head -1 || true)
-[ -n "$LIB" ] && export LD_LIBRARY_PATH=$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-echo "CUDA libraries: ${LIB:-not found}"
+LIB=""
+for name in 'libcublas.so.13*' 'libcublasLt.so.13*' 'libcurand.so.10*'; do
+  found=$(find / \( -path /proc -o -path /sys -o -path /dev \) -prune -o -name "$name" -print 2>/dev/null | head -1 || true)
+  [ -z "$found" ] || case ":$LIB:" in *":$(dirname "$found"):"*) ;; *) LIB=${LIB:+$LIB:}$(dirname "$found") ;; esac
+done
+[ -z "$LIB" ] || export LD_LIBRARY_PATH=$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+echo "CUDA libraries (cuBLAS 13, cuRAND 10): ${LIB:-not found}"
 M=${GPU_CHECK_MEMBERS:-4}
 if [ ! -d "$WORK/member$((M - 1))" ]; then
   "$CARRY/synthetic_members" "$WORK" "$M" "${GPU_CHECK_HIDDEN:-2048}" "${GPU_CHECK_LAYERS:-16}" \
     "${GPU_CHECK_VOCAB:-128000}" bf16 >/dev/null
+  # A tokenizer makes the synthetic set servable for the throughput row (scores are
+  # meaningless, the ids are drawn below the fixture's vocabulary anyway).
+  for i in $(seq 0 $((M - 1))); do
+    cp tests/fixtures/models/llama/{tokenizer.json,tokenizer_config.json,special_tokens_map.json} "$WORK/member$i/"
+  done
 fi
 MEMBERS=()
 for i in $(seq 0 $((M - 1))); do MEMBERS+=(--members "$WORK/member$i"); done
 DEMO=()
 for d in models/minilm-sentiment-warm/member-*; do DEMO+=(--model "$d"); done
-# The binary must also start where no GPU is usable: --device auto falls back to the CPU.
-CUDA_VISIBLE_DEVICES="" timeout 60 "$BIN" inspect >/dev/null 2>&1 && echo "no-GPU start (inspect, CUDA_VISIBLE_DEVICES=''): ok"
-"$BIN" gpu-check --fixtures tests/fixtures "${MEMBERS[@]}" "${DEMO[@]}"
+status=0
+# The table on stdout; fusion progress and logs on stderr, kept apart (tail shown on failure).
+"$BIN" gpu-check --fixtures tests/fixtures "${MEMBERS[@]}" "${DEMO[@]}" 2>"$WORK/gpu-check.stderr" || {
+  status=1
+  echo "warm gpu-check failed; the end of its stderr:"
+  tail -n 20 "$WORK/gpu-check.stderr"
+}
+# `warm serve` over HTTP: on the GPU, and where no GPU is usable (falls back to the CPU).
+python3 scripts/gpu-serve-check.py "$BIN" || status=1
+[ -z "${OUT:-}" ] || cp "$WORK"/*.log "$WORK/gpu-check.stderr" "$OUT/" 2>/dev/null || true
+echo "gpu-check: $([ $status = 0 ] && echo all passed || echo FAILURES above)"
+exit $status

@@ -3,12 +3,19 @@
 //! - kernel: warm_average against a CPU reference (f32 fused multiply-adds in member
 //!   order, rounded once) on seeded random data, for each dtype, M in {2, 3, 8}, odd
 //!   sizes, aligned and misaligned inputs, the output poisoned first; bit-exact expected.
+//! - sums: warm_member_sums against the same four sums in f64 on the CPU.
 //! - bandwidth: the kernel's bytes read + written per second against a device-to-device
 //!   copy of the same traffic.
 //! - fusion: `--members` fused on the device against reading the files and PCIe.
+//! - device vs CPU fusion: `--members` and `--model` fused on the device and on the CPU:
+//!   every tensor within four units of the output type's precision, the same statistics.
 //! - parity: every fixture under `--fixtures` scored on the GPU (bf16) and the CPU (f32).
-//! - throughput: `--model` (a WARM set or one checkpoint) scoring on the GPU.
+//! - throughput: `--model` and `--members` (when it has a tokenizer) scoring on the GPU.
+//!
+//! A check that errors or panics prints an ERROR row and the others still run.
 
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -16,12 +23,13 @@ use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
 };
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaDevice, Device};
+use candle_core::{CudaDevice, DType, Device, Tensor};
 use half::{bf16, f16};
 
-use super::DeviceAverager;
+use super::{DeviceAverager, DeviceMemberSums};
 use crate::config::MembersConfig;
 use crate::dtype::FloatDType;
+use crate::fuse::FusionReport;
 use crate::model::Sequence;
 use crate::scorer::{Combine, Scorer};
 
@@ -46,18 +54,56 @@ pub fn run(args: &CheckArgs) -> CheckResult<bool> {
     println!("device {}: {}", args.ordinal, context.name().w()?);
     println!("| check | case | result | detail |");
     println!("|---|---|---|---|");
-    let mut ok = kernel_cases(&cuda)?;
-    bandwidth(&cuda)?;
+    let mut ok = section("kernel", || kernel_cases(&cuda));
+    ok &= section("sums", || sums_cases(&cuda));
+    ok &= section("bandwidth", || bandwidth(&cuda).map(|()| true));
     if !args.members.is_empty() {
-        fusion(&device, &cuda, &args.members)?;
-    }
-    if let Some(dir) = &args.fixtures {
-        ok &= parity(&device, dir)?;
+        ok &= section("fusion", || {
+            fusion(&device, &cuda, &args.members).map(|()| true)
+        });
+        ok &= section("device vs CPU fusion", || {
+            compare_fusion(&device, &args.members, FloatDType::BF16)
+        });
     }
     if !args.model.is_empty() {
-        throughput(&device, &args.model)?;
+        for dtype in [FloatDType::F32, FloatDType::BF16] {
+            ok &= section("device vs CPU fusion", || {
+                compare_fusion(&device, &args.model, dtype)
+            });
+        }
+    }
+    if let Some(dir) = &args.fixtures {
+        ok &= section("parity", || parity(&device, dir));
+    }
+    if !args.model.is_empty() {
+        ok &= section("throughput", || throughput(&device, &args.model).map(|()| true));
+    }
+    let members_scorable = args
+        .members
+        .first()
+        .is_some_and(|d| d.join("tokenizer.json").exists());
+    if members_scorable {
+        ok &= section("throughput", || {
+            throughput(&device, &args.members).map(|()| true)
+        });
     }
     Ok(ok)
+}
+
+/// Runs one check; an error or a panic becomes an ERROR row (and a failed run) instead of
+/// ending the run, so one call on a lent machine reports everything it can.
+fn section(name: &str, check: impl FnOnce() -> CheckResult<bool>) -> bool {
+    let why = match catch_unwind(AssertUnwindSafe(check)) {
+        Ok(Ok(passed)) => return passed,
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .map_or_else(|| "panicked".to_string(), |m| format!("panicked: {m}")),
+    };
+    println!("| {name} | - | ERROR | {} |", why.replace(['\n', '|'], " "));
+    false
 }
 
 fn seeded(len: usize, seed: u64) -> Vec<f32> {
@@ -219,6 +265,84 @@ fn kernel_case<T: Elem>(
     Ok(passed)
 }
 
+fn sums_cases(cuda: &CudaDevice) -> CheckResult<bool> {
+    let mut ok = true;
+    for m in [2usize, 3, 8] {
+        for n in [1usize, 7, 4099, 1_000_003] {
+            ok &= sums_case::<f32>(cuda, m, n)?;
+            ok &= sums_case::<f16>(cuda, m, n)?;
+            ok &= sums_case::<bf16>(cuda, m, n)?;
+        }
+    }
+    Ok(ok)
+}
+
+/// warm_member_sums over a range split in two launches (as fusion adds chunk by chunk),
+/// on members that share an init (a common part plus member noise), against f64 sums.
+fn sums_case<T: Elem>(cuda: &CudaDevice, m: usize, n: usize) -> CheckResult<bool> {
+    let stream = cuda.cuda_stream();
+    let init = seeded(n, 7);
+    let inputs: Vec<Vec<T>> = (0..m)
+        .map(|i| {
+            init.iter()
+                .zip(seeded(n, 11 + i as u64))
+                .map(|(a, b)| T::from_f32(a + 0.1 * b))
+                .collect()
+        })
+        .collect();
+    let device_inputs: Vec<CudaSlice<T>> = inputs
+        .iter()
+        .map(|x| stream.clone_htod(x))
+        .collect::<Result<_, _>>()
+        .w()?;
+    let size = std::mem::size_of::<T>() as u64;
+    let half = n / 2;
+    let sums = stream.alloc_zeros::<f64>(4 * m).w()?;
+    let sums_address = sums.device_ptr(&stream).0;
+    let summer = DeviceMemberSums::new(cuda.clone());
+    for (from, len) in [(0, half), (half, n - half)] {
+        let addresses: Vec<u64> = device_inputs
+            .iter()
+            .map(|x| x.device_ptr(&stream).0 + from as u64 * size)
+            .collect();
+        let addresses = stream.clone_htod(&addresses).w()?;
+        // SAFETY: each address has n - from >= len elements after it; sums holds 4m f64.
+        unsafe { summer.launch(T::DTYPE, &addresses, len as u64, sums_address)? };
+        stream.synchronize().w()?;
+    }
+    let got = stream.clone_dtoh(&sums).w()?;
+    let mut want = vec![[0f64; 4]; m];
+    for j in 0..n {
+        let total: f64 = inputs.iter().map(|x| f64::from(x[j].to_f32())).sum();
+        for (k, w) in want.iter_mut().enumerate() {
+            let x = f64::from(inputs[k][j].to_f32());
+            let r = total - x;
+            let d = (m - 1) as f64 * x - r;
+            w[0] += x * x;
+            w[1] += x * r;
+            w[2] += r * r;
+            w[3] += d * d;
+        }
+    }
+    // Relative to each sum's natural scale (x.r against |x||r|: it can cancel).
+    let mut worst = 0f64;
+    for (k, w) in want.iter().enumerate() {
+        let g = &got[4 * k..4 * k + 4];
+        let scales = [w[0], (w[0] * w[2]).sqrt(), w[2], w[3]];
+        for q in 0..4 {
+            let err = (g[q] - w[q]).abs() / scales[q].max(f64::MIN_POSITIVE);
+            worst = worst.max(if err.is_nan() { f64::INFINITY } else { err });
+        }
+    }
+    let passed = worst <= 1e-5;
+    println!(
+        "| sums | {} M={m} n={n} | {} | max relative error {worst:.1e} (tolerance 1e-5) |",
+        T::DTYPE,
+        if passed { "ok" } else { "FAIL" }
+    );
+    Ok(passed)
+}
+
 fn timed_event(stream: &CudaStream) -> CheckResult<CudaEvent> {
     Ok(stream
         .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
@@ -313,6 +437,117 @@ fn fusion(device: &Device, cuda: &CudaDevice, members: &[PathBuf]) -> CheckResul
         gb / read_s
     );
     Ok(())
+}
+
+/// Fuses `dirs` on the device and on the CPU into `dtype` and compares every tensor and
+/// the members' statistics. The two passes sum in different orders (the CPU around one
+/// member, the kernel in member order), so a float element may differ in its last units:
+/// four units of the output type's precision, relative to the tensor's largest value.
+fn compare_fusion(device: &Device, dirs: &[PathBuf], dtype: FloatDType) -> CheckResult<bool> {
+    let config = MembersConfig {
+        dirs: dirs.to_vec(),
+        weights: None,
+        allow_unrelated_members: dirs.len() == 1,
+    };
+    let (gpu, gpu_report) = crate::fuse::fuse_to_tensors(&config, dtype, device)?;
+    let (cpu, cpu_report) = crate::fuse::fuse_to_tensors(&config, dtype, &Device::Cpu)?;
+    let epsilon = match dtype {
+        FloatDType::F32 => f32::EPSILON,
+        FloatDType::F16 => f32::from(half::f16::EPSILON),
+        FloatDType::BF16 => f32::from(half::bf16::EPSILON),
+    };
+    let (differ, elements, worst, worst_name) = compare_tensors(&gpu, &cpu)?;
+    let tensors_ok = gpu.len() == cpu.len() && worst <= 4.0 * epsilon;
+    let (cosine_gap, distance_gap) = statistics_gap(&gpu_report, &cpu_report);
+    let statistics_ok = cosine_gap <= 1e-5 && distance_gap <= 1e-4;
+    let cosines: Vec<String> = gpu_report
+        .members
+        .iter()
+        .map(|r| r.cosine_to_rest.map_or("-".into(), |c| format!("{c:.6}")))
+        .collect();
+    println!(
+        "| device vs CPU fusion | {} member(s) of {}, to {dtype} | {} | {} tensors: {differ} of {elements} elements differ, largest gap {worst:.1e} of the tensor's max ({worst_name}), tolerance {:.1e}; cosines {} (gap {cosine_gap:.1e}), distance gap {distance_gap:.1e} |",
+        dirs.len(),
+        dirs[0].parent().map_or_else(|| dirs[0].display().to_string(), |p| p.display().to_string()),
+        if tensors_ok && statistics_ok { "ok" } else { "FAIL" },
+        gpu.len(),
+        4.0 * epsilon,
+        cosines.join(", "),
+    );
+    Ok(tensors_ok && statistics_ok)
+}
+
+/// Elements that differ, elements compared, and the largest gap relative to its tensor's
+/// largest magnitude (integer tensors must match exactly: any gap counts as infinite).
+fn compare_tensors(
+    gpu: &HashMap<String, Tensor>,
+    cpu: &HashMap<String, Tensor>,
+) -> CheckResult<(usize, usize, f32, String)> {
+    let (mut differ, mut elements, mut worst, mut worst_name) = (0, 0, 0f32, String::new());
+    for (name, c) in cpu {
+        let g = gpu
+            .get(name)
+            .ok_or_else(|| format!("{name} missing from the device's tensors"))?;
+        if g.dtype() != c.dtype() || g.dims() != c.dims() {
+            return Err(format!(
+                "{name}: device {:?} {:?}, CPU {:?} {:?}",
+                g.dtype(),
+                g.dims(),
+                c.dtype(),
+                c.dims()
+            )
+            .into());
+        }
+        let wide = if c.dtype().is_float() { DType::F32 } else { DType::F64 };
+        let flat = |t: &Tensor| -> candle_core::Result<Vec<f64>> {
+            let t = t.to_device(&Device::Cpu)?.to_dtype(wide)?.flatten_all()?;
+            Ok(match wide {
+                DType::F32 => t.to_vec1::<f32>()?.into_iter().map(f64::from).collect(),
+                _ => t.to_vec1::<f64>()?,
+            })
+        };
+        let (g, c_values) = (flat(g)?, flat(c)?);
+        let largest = c_values.iter().fold(0f64, |a, v| a.max(v.abs()));
+        let mut gap = 0f64;
+        for (a, b) in g.iter().zip(&c_values) {
+            if a.to_bits() != b.to_bits() {
+                differ += 1;
+                gap = gap.max((a - b).abs());
+            }
+        }
+        elements += c_values.len();
+        let relative = if gap == 0.0 {
+            0.0
+        } else if wide == DType::F64 || largest == 0.0 {
+            f32::INFINITY
+        } else {
+            (gap / largest) as f32
+        };
+        if relative > worst || worst_name.is_empty() {
+            worst = worst.max(relative);
+            worst_name = name.clone();
+        }
+    }
+    Ok((differ, elements, worst, worst_name))
+}
+
+/// The largest gaps between two reports' cosines and relative distances.
+fn statistics_gap(a: &FusionReport, b: &FusionReport) -> (f64, f64) {
+    let mut cosine = 0f64;
+    let mut distance = 0f64;
+    for (x, y) in a.members.iter().zip(&b.members) {
+        match (x.cosine_to_rest, y.cosine_to_rest) {
+            (Some(p), Some(q)) => cosine = cosine.max((p - q).abs()),
+            (None, None) => {}
+            _ => cosine = f64::INFINITY,
+        }
+        match (x.distance_to_rest, y.distance_to_rest) {
+            (Some(p), Some(q)) => distance = distance.max((p - q).abs() / q.abs().max(1e-12)),
+            (None, None) => {}
+            _ => distance = f64::INFINITY,
+        }
+    }
+    (cosine, distance)
 }
 
 fn pcie_bandwidth(cuda: &CudaDevice) -> CheckResult<f64> {

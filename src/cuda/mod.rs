@@ -1,5 +1,5 @@
-//! CUDA (feature `cuda`): finding a GPU at run time, and fusing the members on it with the
-//! averaging kernel of kernels/warm_average.cu.
+//! CUDA (feature `cuda`): finding a GPU at run time, and the kernels that fuse the members
+//! on it (kernels/warm_average.cu, kernels/warm_member_sums.cu).
 //!
 //! The binary must start on a machine without a GPU, so nothing here links the driver:
 //! [`driver_present`] opens `libcuda.so.1` itself before candle touches CUDA (candle's CUDA
@@ -7,8 +7,10 @@
 
 mod average;
 pub mod check;
+mod sums;
 
 pub use average::DeviceAverager;
+pub use sums::DeviceMemberSums;
 
 /// True when the CUDA driver library can be opened and reports at least one device.
 pub fn driver_present() -> bool {

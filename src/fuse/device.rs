@@ -6,14 +6,15 @@
 //! Peak device memory: the model plus two staging sets of M x [`CHUNK_BYTES`] (tensors
 //! larger than a chunk are averaged chunk by chunk; averaging is element-wise).
 //!
-//! Unfinished: this path computes no shared-init statistics and finds no NaN/Inf (the CPU
-//! pass does both); `warm inspect` on the CPU checks a set before it is served from here.
+//! The shared-init statistics are summed on the device too (kernels/warm_member_sums.cu,
+//! one f64 row of 4 x M per tensor, read back once at the end). A tensor whose sums are
+//! not finite is scanned on the host exactly as the CPU pass does: NaN/Inf are named
+//! there, an f32 overflow is summed again in f64.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::cudarc::driver::{
     result, CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice,
 };
@@ -25,11 +26,14 @@ use half::{bf16, f16};
 use super::kernel::{self, MemberSums};
 use super::plan::{FusionPlan, PlannedTensor};
 use super::progress::FuseProgress;
-use super::run::{copy_integer_tensor, member_reports, missing, FusionReport};
+use super::run::{
+    check_non_finite, copy_integer_tensor, flag_unrelated, member_reports, missing,
+    FusionReport, RunOptions,
+};
 use super::sink::{CandleSink, TensorSink};
 use super::FuseError;
 use crate::checkpoint::Checkpoint;
-use crate::cuda::DeviceAverager;
+use crate::cuda::{DeviceAverager, DeviceMemberSums};
 use crate::dtype::FloatDType;
 
 /// Bytes per member per staging set (a multiple of 16, so chunks stay 16-byte aligned).
@@ -42,14 +46,16 @@ pub fn execute_on_device(
     plan: &FusionPlan,
     device: &CudaDevice,
     progress: &mut FuseProgress,
+    options: &RunOptions,
 ) -> Result<(HashMap<String, Tensor>, FusionReport), FuseError> {
     let started = Instant::now();
-    let mut fuser = DeviceFuser::new(device, members.len(), &plan.weights).map_err(setup)?;
+    let m = members.len();
+    let mut fuser = DeviceFuser::new(device, m, &plan.weights, plan.tensors.len()).map_err(setup)?;
     let mut tensors = HashMap::with_capacity(plan.tensors.len());
     let mut integers = CandleSink::new(candle_core::Device::Cuda(device.clone()));
     let mut problems = plan.problems.clone();
     let mut bytes_read = 0u64;
-    for tensor in &plan.tensors {
+    for (index, tensor) in plan.tensors.iter().enumerate() {
         let _span = tracing::debug_span!("fuse_tensor_on_device", name = %tensor.name).entered();
         let sources = members
             .iter()
@@ -62,7 +68,7 @@ pub fn execute_on_device(
         match tensor.stored.as_fusable() {
             Some(stored) => {
                 let fused = fuser
-                    .fuse(tensor, stored, &inputs)
+                    .fuse(index, tensor, stored, &inputs)
                     .map_err(|e| FuseError::Load {
                         tensor: tensor.name.clone(),
                         reason: e.to_string(),
@@ -82,12 +88,44 @@ pub fn execute_on_device(
         bytes_read += read;
         progress.advance(read);
     }
-    device.synchronize().map_err(setup)?;
+    let rows = fuser.read_sums().map_err(setup)?;
     progress.finish();
     tensors.extend(integers.into_tensors());
-    // No statistics on this path yet: the members' cosines stay unknown.
-    let sums = vec![MemberSums::default(); members.len()];
+    let mut sums = vec![MemberSums::default(); m];
+    for (tensor, row) in plan.tensors.iter().zip(rows.chunks_exact(4 * m)) {
+        let Some(stored) = tensor.stored.as_fusable() else {
+            continue;
+        };
+        let row: Vec<MemberSums> = row
+            .chunks_exact(4)
+            .map(|q| MemberSums {
+                sq: q[0],
+                dot_rest: q[1],
+                rest_sq: q[2],
+                dev_sq: q[3],
+            })
+            .collect();
+        let finite = row
+            .iter()
+            .all(|s| [s.sq, s.dot_rest, s.rest_sq, s.dev_sq].iter().all(|v| v.is_finite()));
+        let row = if finite {
+            row
+        } else {
+            // One member's NaN spoils every member's sums through their shared total:
+            // name the culprits from the files, or sum again exactly after an overflow.
+            let inputs = members
+                .iter()
+                .map(|c| c.tensor(&tensor.name).map(|(file, info)| file.bytes(info)))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| missing(tensor))?;
+            check_non_finite(members, tensor, &inputs, stored, &mut problems)
+        };
+        for (total, s) in sums.iter_mut().zip(row) {
+            *total += s;
+        }
+    }
     let reports = member_reports(members, plan, &sums);
+    flag_unrelated(members, &reports, options, &mut problems);
     let report = FusionReport::assemble(plan, reports, bytes_read, started, problems);
     Ok((tensors, report))
 }
@@ -116,7 +154,11 @@ pub struct DeviceFuser {
     compute: Arc<CudaStream>,
     copy: Arc<CudaStream>,
     averager: DeviceAverager,
+    summer: DeviceMemberSums,
     weights: CudaSlice<f32>,
+    /// Per tensor, 4 f64 sums per member (zeroed, added to by the sums kernel).
+    sums: CudaSlice<f64>,
+    members: usize,
     sets: [StagingSet; 2],
     next: usize,
     /// Host buffer for widening members to f32 when the output type differs.
@@ -124,7 +166,13 @@ pub struct DeviceFuser {
 }
 
 impl DeviceFuser {
-    pub fn new(device: &CudaDevice, m: usize, weights: &[f32]) -> candle_core::Result<Self> {
+    /// Staging for `m` members and statistics rows for `tensors` tensors.
+    pub fn new(
+        device: &CudaDevice,
+        m: usize,
+        weights: &[f32],
+        tensors: usize,
+    ) -> candle_core::Result<Self> {
         let compute = device.cuda_stream();
         let context = compute.context().clone();
         let copy = context.new_stream().w()?;
@@ -148,12 +196,16 @@ impl DeviceFuser {
         };
         let sets = [set()?, set()?];
         let weights = compute.clone_htod(weights).w()?;
+        let sums = compute.alloc_zeros::<f64>((tensors * 4 * m).max(1)).w()?;
         Ok(Self {
             device: device.clone(),
             averager: DeviceAverager::new(device.clone()),
+            summer: DeviceMemberSums::new(device.clone()),
             compute,
             copy,
             weights,
+            sums,
+            members: m,
             sets,
             next: 0,
             widened: Vec::new(),
@@ -161,9 +213,10 @@ impl DeviceFuser {
     }
 
     /// Averages one float tensor whose members are stored as `stored` into a device
-    /// tensor of the planned output type.
+    /// tensor of the planned output type, adding its statistics to row `index`.
     pub fn fuse(
         &mut self,
+        index: usize,
         tensor: &PlannedTensor,
         stored: FloatDType,
         inputs: &[&[u8]],
@@ -181,6 +234,11 @@ impl DeviceFuser {
             FloatDType::F32
         };
         let out = DeviceBuffer::alloc(&self.compute, staged, n)?;
+        let row = 4 * self.members * index;
+        if row + 4 * self.members > self.sums.len() {
+            candle_core::bail!("statistics row {index} beyond the {} planned", self.sums.len());
+        }
+        let row_address = self.sums.device_ptr(&self.compute).0 + (row * 8) as u64;
         let size = staged.size_in_bytes();
         let chunk = CHUNK_BYTES / size;
         let mut start = 0;
@@ -192,8 +250,9 @@ impl DeviceFuser {
             self.compute.wait(copied).w()?;
             let out_address = out.address(&self.compute) + (start * size) as u64;
             // SAFETY: the set's device buffers hold `len` staged elements for every member
-            // (ordered by the wait above) and `out` has n - start >= len elements left
-            // from `out_address`; all stay alive until the device synchronizes.
+            // (ordered by the wait above), `out` has n - start >= len elements left from
+            // `out_address` and `row_address` has 4 x M f64 (checked above); all stay
+            // alive until the device synchronizes.
             unsafe {
                 self.averager.launch(
                     staged,
@@ -202,6 +261,8 @@ impl DeviceFuser {
                     out_address,
                     len as u64,
                 )?;
+                self.summer
+                    .launch(staged, &set.addresses, len as u64, row_address)?;
             }
             set.consumed = Some(self.compute.record_event(None).w()?);
             self.next = 1 - self.next;
@@ -214,6 +275,12 @@ impl DeviceFuser {
         } else {
             fused.to_dtype(candle_dtype(output))
         }
+    }
+
+    /// Waits for every queued kernel and returns the statistics rows, 4 x M f64 per tensor.
+    pub fn read_sums(&self) -> candle_core::Result<Vec<f64>> {
+        self.compute.synchronize().w()?;
+        self.compute.clone_dtoh(&self.sums).w()
     }
 
     /// Fills the next staging set with elements `start..start + len` of every member and

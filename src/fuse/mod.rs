@@ -90,7 +90,13 @@ pub fn fuse_to_tensors(
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(cuda) = device {
         let (tensors, report) =
-            device::execute_on_device(&members, &plan, cuda, &mut FuseProgress::for_stderr(total))?;
+            device::execute_on_device(
+            &members,
+            &plan,
+            cuda,
+            &mut FuseProgress::for_stderr(total),
+            &run_options(config),
+        )?;
         return Ok((tensors, report.into_result()?));
     }
     let mut sink = CandleSink::new(device.clone());

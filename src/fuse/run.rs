@@ -117,21 +117,33 @@ pub fn execute(
         progress.advance(read);
     }
     progress.finish();
-    let mut reports = member_reports(members, plan, &sums);
-    if let Some(threshold) = options.min_cosine {
-        for (i, r) in reports.iter_mut().enumerate() {
-            if let Some(cosine) = r.cosine_to_rest.filter(|c| *c < threshold) {
-                problems.push(Problem::Unrelated {
-                    member: member_ref(members, i),
-                    cosine,
-                    threshold,
-                });
-            }
-        }
-    }
+    let reports = member_reports(members, plan, &sums);
+    flag_unrelated(members, &reports, options, &mut problems);
     Ok(FusionReport::assemble(
         plan, reports, bytes_read, started, problems,
     ))
+}
+
+/// A member whose cosine to the others is under the threshold was not fine-tuned from
+/// their init: a problem, unless the options allow it.
+pub(super) fn flag_unrelated(
+    members: &[Checkpoint],
+    reports: &[MemberReport],
+    options: &RunOptions,
+    problems: &mut Vec<Problem>,
+) {
+    let Some(threshold) = options.min_cosine else {
+        return;
+    };
+    for (i, r) in reports.iter().enumerate() {
+        if let Some(cosine) = r.cosine_to_rest.filter(|c| *c < threshold) {
+            problems.push(Problem::Unrelated {
+                member: member_ref(members, i),
+                cosine,
+                threshold,
+            });
+        }
+    }
 }
 
 impl FusionReport {
@@ -233,7 +245,7 @@ fn average_tensor(
 
 /// A non-finite block sum means NaN/Inf in the data, or squares that overflowed f32: report
 /// every member holding non-finite values, or else return the statistics computed exactly.
-fn check_non_finite(
+pub(super) fn check_non_finite(
     members: &[Checkpoint],
     tensor: &PlannedTensor,
     inputs: &[&[u8]],

@@ -139,13 +139,19 @@ fn select_device(choice: DeviceChoice) -> Result<Device, String> {
             Ok(Device::Cpu)
         }
         DeviceChoice::Auto => {
-            Device::new_cuda(0).map_err(|e| format!("--device auto: opening GPU 0: {e}"))
+            let device = Device::new_cuda(0)
+                .map_err(|e| format!("--device auto: opening GPU 0: {e}"))?;
+            tracing::info!("serving on CUDA GPU 0");
+            Ok(device)
         }
         DeviceChoice::Cuda(n) if !present() => Err(format!(
             "--device cuda:{n}: no CUDA driver (libcuda.so.1) or no device on this machine"
         )),
         DeviceChoice::Cuda(n) => {
-            Device::new_cuda(n).map_err(|e| format!("--device cuda:{n}: opening the GPU: {e}"))
+            let device = Device::new_cuda(n)
+                .map_err(|e| format!("--device cuda:{n}: opening the GPU: {e}"))?;
+            tracing::info!("serving on CUDA GPU {n}");
+            Ok(device)
         }
     }
 }
