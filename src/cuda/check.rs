@@ -76,7 +76,9 @@ pub fn run(args: &CheckArgs) -> CheckResult<bool> {
         ok &= section("parity", || parity(&device, dir));
     }
     if !args.model.is_empty() {
-        ok &= section("throughput", || throughput(&device, &args.model).map(|()| true));
+        ok &= section("throughput", || {
+            throughput(&device, &args.model).map(|()| true)
+        });
     }
     let members_scorable = args
         .members
@@ -498,7 +500,11 @@ fn compare_tensors(
             )
             .into());
         }
-        let wide = if c.dtype().is_float() { DType::F32 } else { DType::F64 };
+        let wide = if c.dtype().is_float() {
+            DType::F32
+        } else {
+            DType::F64
+        };
         let flat = |t: &Tensor| -> candle_core::Result<Vec<f64>> {
             let t = t.to_device(&Device::Cpu)?.to_dtype(wide)?.flatten_all()?;
             Ok(match wide {

@@ -23,12 +23,12 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::kernel::{self, MemberSums};
+use super::kernel;
 use super::plan::{FusionPlan, PlannedTensor};
 use super::progress::FuseProgress;
 use super::run::{
-    check_non_finite, copy_integer_tensor, flag_unrelated, member_reports, missing,
-    FusionReport, RunOptions,
+    copy_integer_tensor, flag_unrelated, member_reports, missing, sums_from_rows, FusionReport,
+    RunOptions,
 };
 use super::sink::{CandleSink, TensorSink};
 use super::FuseError;
@@ -50,7 +50,8 @@ pub fn execute_on_device(
 ) -> Result<(HashMap<String, Tensor>, FusionReport), FuseError> {
     let started = Instant::now();
     let m = members.len();
-    let mut fuser = DeviceFuser::new(device, m, &plan.weights, plan.tensors.len()).map_err(setup)?;
+    let mut fuser =
+        DeviceFuser::new(device, m, &plan.weights, plan.tensors.len()).map_err(setup)?;
     let mut tensors = HashMap::with_capacity(plan.tensors.len());
     let mut integers = CandleSink::new(candle_core::Device::Cuda(device.clone()));
     let mut problems = plan.problems.clone();
@@ -67,12 +68,13 @@ pub fn execute_on_device(
             .collect();
         match tensor.stored.as_fusable() {
             Some(stored) => {
-                let fused = fuser
-                    .fuse(index, tensor, stored, &inputs)
-                    .map_err(|e| FuseError::Load {
-                        tensor: tensor.name.clone(),
-                        reason: e.to_string(),
-                    })?;
+                let fused =
+                    fuser
+                        .fuse(index, tensor, stored, &inputs)
+                        .map_err(|e| FuseError::Load {
+                            tensor: tensor.name.clone(),
+                            reason: e.to_string(),
+                        })?;
                 tensors.insert(tensor.name.clone(), fused);
             }
             None => {
@@ -91,39 +93,7 @@ pub fn execute_on_device(
     let rows = fuser.read_sums().map_err(setup)?;
     progress.finish();
     tensors.extend(integers.into_tensors());
-    let mut sums = vec![MemberSums::default(); m];
-    for (tensor, row) in plan.tensors.iter().zip(rows.chunks_exact(4 * m)) {
-        let Some(stored) = tensor.stored.as_fusable() else {
-            continue;
-        };
-        let row: Vec<MemberSums> = row
-            .chunks_exact(4)
-            .map(|q| MemberSums {
-                sq: q[0],
-                dot_rest: q[1],
-                rest_sq: q[2],
-                dev_sq: q[3],
-            })
-            .collect();
-        let finite = row
-            .iter()
-            .all(|s| [s.sq, s.dot_rest, s.rest_sq, s.dev_sq].iter().all(|v| v.is_finite()));
-        let row = if finite {
-            row
-        } else {
-            // One member's NaN spoils every member's sums through their shared total:
-            // name the culprits from the files, or sum again exactly after an overflow.
-            let inputs = members
-                .iter()
-                .map(|c| c.tensor(&tensor.name).map(|(file, info)| file.bytes(info)))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| missing(tensor))?;
-            check_non_finite(members, tensor, &inputs, stored, &mut problems)
-        };
-        for (total, s) in sums.iter_mut().zip(row) {
-            *total += s;
-        }
-    }
+    let sums = sums_from_rows(members, plan, &rows, &mut problems)?;
     let reports = member_reports(members, plan, &sums);
     flag_unrelated(members, &reports, options, &mut problems);
     let report = FusionReport::assemble(plan, reports, bytes_read, started, problems);
@@ -236,7 +206,10 @@ impl DeviceFuser {
         let out = DeviceBuffer::alloc(&self.compute, staged, n)?;
         let row = 4 * self.members * index;
         if row + 4 * self.members > self.sums.len() {
-            candle_core::bail!("statistics row {index} beyond the {} planned", self.sums.len());
+            candle_core::bail!(
+                "statistics row {index} beyond the {} planned",
+                self.sums.len()
+            );
         }
         let row_address = self.sums.device_ptr(&self.compute).0 + (row * 8) as u64;
         let size = staged.size_in_bytes();

@@ -89,8 +89,7 @@ pub fn fuse_to_tensors(
     let total = plan_input_bytes(&members, &plan);
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(cuda) = device {
-        let (tensors, report) =
-            device::execute_on_device(
+        let (tensors, report) = device::execute_on_device(
             &members,
             &plan,
             cuda,

@@ -245,7 +245,7 @@ fn average_tensor(
 
 /// A non-finite block sum means NaN/Inf in the data, or squares that overflowed f32: report
 /// every member holding non-finite values, or else return the statistics computed exactly.
-pub(super) fn check_non_finite(
+fn check_non_finite(
     members: &[Checkpoint],
     tensor: &PlannedTensor,
     inputs: &[&[u8]],
@@ -271,6 +271,55 @@ pub(super) fn check_non_finite(
     }
     tracing::debug!(tensor = %tensor.name, "recomputing statistics in f64 after an f32 overflow");
     kernel::exact_sums(inputs, in_dtype)
+}
+
+/// The members' statistics from per-tensor rows of 4 x M sums (the device pass's
+/// kernels/warm_member_sums.cu output, in plan order). A row that is not finite is redone
+/// from the files as the CPU pass does: NaN/Inf become problems naming member, tensor and
+/// index; an f32 overflow is summed again in f64.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) fn sums_from_rows(
+    members: &[Checkpoint],
+    plan: &FusionPlan,
+    rows: &[f64],
+    problems: &mut Vec<Problem>,
+) -> Result<Vec<MemberSums>, FuseError> {
+    let m = members.len();
+    let mut sums = vec![MemberSums::default(); m];
+    for (tensor, row) in plan.tensors.iter().zip(rows.chunks_exact(4 * m)) {
+        let Some(stored) = tensor.stored.as_fusable() else {
+            continue;
+        };
+        let row: Vec<MemberSums> = row
+            .chunks_exact(4)
+            .map(|q| MemberSums {
+                sq: q[0],
+                dot_rest: q[1],
+                rest_sq: q[2],
+                dev_sq: q[3],
+            })
+            .collect();
+        let finite = row.iter().all(|s| {
+            [s.sq, s.dot_rest, s.rest_sq, s.dev_sq]
+                .iter()
+                .all(|v| v.is_finite())
+        });
+        let row = if finite {
+            row
+        } else {
+            // One member's NaN spoils every member's sums through their shared total.
+            let inputs = members
+                .iter()
+                .map(|c| c.tensor(&tensor.name).map(|(file, info)| file.bytes(info)))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| missing(tensor))?;
+            check_non_finite(members, tensor, &inputs, stored, problems)
+        };
+        for (total, s) in sums.iter_mut().zip(row) {
+            *total += s;
+        }
+    }
+    Ok(sums)
 }
 
 pub(super) fn copy_integer_tensor(
@@ -313,4 +362,90 @@ pub(super) fn member_reports(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::fuse::{open_members, plan as make_plan, SafetensorsWriter};
+
+    /// A member with one f32 tensor per entry of `tensors`.
+    fn member(root: &Path, name: &str, tensors: &[(&str, Vec<f32>)]) -> PathBuf {
+        let dir = root.join(name);
+        let planned: Vec<PlannedTensor> = tensors
+            .iter()
+            .map(|(n, v)| PlannedTensor {
+                name: n.to_string(),
+                shape: vec![v.len()],
+                stored: DType::F32,
+                output: DType::F32,
+            })
+            .collect();
+        let mut writer =
+            SafetensorsWriter::create(&dir, &planned, u64::MAX, &Default::default()).unwrap();
+        for (t, (_, v)) in planned.iter().zip(tensors) {
+            writer.put(t, FusedData::F32(v.clone())).unwrap();
+        }
+        writer.finish().unwrap();
+        let config =
+            r#"{"architectures": ["LlamaForSequenceClassification"], "model_type": "llama"}"#;
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        dir
+    }
+
+    #[test]
+    fn device_rows_add_up_and_non_finite_rows_are_redone_from_the_files() {
+        let root = tempfile::tempdir().unwrap();
+        let a = member(
+            root.path(),
+            "a",
+            &[("x", vec![1.0, 2.0, 3.0]), ("y", vec![4.0, 5.0])],
+        );
+        let b = member(
+            root.path(),
+            "b",
+            &[("x", vec![1.5, 2.0, 2.5]), ("y", vec![4.0, f32::NAN])],
+        );
+        let members = open_members(&[a, b]).unwrap();
+        let plan = make_plan(&members, None, None);
+        let names: Vec<&str> = plan.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["x", "y"]);
+        // Row x as the kernel would give it; row y spoilt by b's NaN.
+        let row_x = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        let mut rows = row_x.to_vec();
+        rows.extend([f64::NAN; 8]);
+        let mut problems = Vec::new();
+        let sums = sums_from_rows(&members, &plan, &rows, &mut problems).unwrap();
+        assert_eq!((sums[0].sq, sums[0].dev_sq), (1.0, 4.0));
+        assert_eq!((sums[1].sq, sums[1].dev_sq), (5.0, 8.0));
+        let described: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 1, "{described:?}");
+        assert!(
+            described[0]
+                .contains("tensor 'y' holds 1 non-finite value(s), the first NaN at flat index 1"),
+            "{described:?}"
+        );
+
+        // A non-finite row over finite data (an f32 overflow on the device) is summed
+        // again exactly from the files.
+        let c = member(root.path(), "c", &[("x", vec![1.0, 2.0, 3.0])]);
+        let d = member(root.path(), "d", &[("x", vec![3.0, 2.0, 1.0])]);
+        let members = open_members(&[c, d]).unwrap();
+        let plan = make_plan(&members, None, None);
+        let mut problems = Vec::new();
+        let sums = sums_from_rows(&members, &plan, &[f64::INFINITY; 8], &mut problems).unwrap();
+        assert!(problems.is_empty());
+        // x.x = 14 for both; x.r = 1*3 + 2*2 + 3*1 = 10; d = x - r.
+        assert_eq!(
+            (
+                sums[0].sq,
+                sums[0].dot_rest,
+                sums[0].rest_sq,
+                sums[0].dev_sq
+            ),
+            (14.0, 10.0, 14.0, 8.0)
+        );
+    }
 }

@@ -139,8 +139,8 @@ fn select_device(choice: DeviceChoice) -> Result<Device, String> {
             Ok(Device::Cpu)
         }
         DeviceChoice::Auto => {
-            let device = Device::new_cuda(0)
-                .map_err(|e| format!("--device auto: opening GPU 0: {e}"))?;
+            let device =
+                Device::new_cuda(0).map_err(|e| format!("--device auto: opening GPU 0: {e}"))?;
             tracing::info!("serving on CUDA GPU 0");
             Ok(device)
         }
