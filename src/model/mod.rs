@@ -102,6 +102,12 @@ pub trait RewardModel: Send + Sync {
     fn num_labels(&self) -> usize;
 }
 
+/// Architectures that run in f32 only: candle-transformers' DeBERTa-v2 builds some of its
+/// tensors in f32 whatever the model's dtype.
+pub fn runs_in_f32_only(architecture: &str) -> bool {
+    architecture == "DebertaV2ForSequenceClassification"
+}
+
 /// Builds the model named by config.json's `architectures` from `tensors`.
 pub fn load(
     config: &ModelConfig,
@@ -119,13 +125,9 @@ pub fn load(
         "RobertaForSequenceClassification" | "XLMRobertaForSequenceClassification" => {
             bert::load(&raw, vb, bert::Flavour::Roberta)
         }
-        // candle-transformers' DeBERTa-v2 builds some of its tensors in f32 whatever the
-        // model's dtype.
-        "DebertaV2ForSequenceClassification" if dtype != DType::F32 => {
-            Err(ModelError::Config(format!(
-            "DebertaV2ForSequenceClassification runs in f32 only, not {dtype:?}: use --dtype f32"
-        )))
-        }
+        _ if runs_in_f32_only(architecture) && dtype != DType::F32 => Err(ModelError::Config(
+            format!("{architecture} runs in f32 only, not {dtype:?}: use --dtype f32"),
+        )),
         "DebertaV2ForSequenceClassification" => deberta::load(&raw, vb),
         "LlamaForSequenceClassification"
         | "MistralForSequenceClassification"

@@ -18,7 +18,8 @@ use candle_core::Device;
 use tokio::sync::Semaphore;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::config::{DeviceChoice, ServeConfig};
+use crate::checkpoint::{ModelConfig, CONFIG_FILE};
+use crate::config::{DeviceChoice, MembersConfig, ServeConfig};
 use crate::dtype::FloatDType;
 use crate::engine::{BatchLimits, Engine};
 use crate::scorer::{Combine, Scorer};
@@ -156,17 +157,37 @@ fn select_device(choice: DeviceChoice) -> Result<Device, String> {
     }
 }
 
+/// `--dtype auto`: f32 on the CPU (candle's half-precision CPU kernels are slow); bf16 on a
+/// GPU, except for an architecture that runs in f32 only. A config that cannot be read
+/// here is reported precisely by the load that follows.
+fn auto_dtype(on_gpu: bool, members: &MembersConfig) -> FloatDType {
+    if !on_gpu {
+        return FloatDType::F32;
+    }
+    let config = members
+        .dirs
+        .first()
+        .and_then(|dir| ModelConfig::read(&dir.join(CONFIG_FILE)).ok());
+    match config.as_ref().and_then(|c| c.architecture()) {
+        Some(architecture) if crate::model::runs_in_f32_only(architecture) => {
+            tracing::info!(
+                architecture,
+                "--dtype auto: f32, the only type this architecture runs in"
+            );
+            FloatDType::F32
+        }
+        _ => FloatDType::BF16,
+    }
+}
+
 /// Loads and fuses the members, runs a warm-up batch, and marks the server ready.
 fn load(state: &AppState) -> Result<(), String> {
     let started = Instant::now();
     let config = &state.config;
     let device = select_device(config.device)?;
-    // f32 on the CPU (candle's half-precision CPU kernels are slow); bf16 on a GPU.
-    let dtype = config.dtype.unwrap_or(if device.is_cuda() {
-        FloatDType::BF16
-    } else {
-        FloatDType::F32
-    });
+    let dtype = config
+        .dtype
+        .unwrap_or_else(|| auto_dtype(device.is_cuda(), &config.members));
     tracing::info!(members = config.members.dirs.len(), combine = ?config.combine, %dtype, "loading");
     let scorer = Scorer::load(
         &config.members,
@@ -324,4 +345,25 @@ async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutdown signal: finishing queued and in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn fixture(name: &str) -> MembersConfig {
+        MembersConfig::single(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/models/{name}")),
+        )
+    }
+
+    #[test]
+    fn auto_dtype_is_f32_on_the_cpu_and_for_f32_only_architectures() {
+        assert_eq!(auto_dtype(false, &fixture("llama")), FloatDType::F32);
+        assert_eq!(auto_dtype(true, &fixture("llama")), FloatDType::BF16);
+        assert_eq!(auto_dtype(true, &fixture("bert")), FloatDType::BF16);
+        assert_eq!(auto_dtype(true, &fixture("deberta-v2")), FloatDType::F32);
+    }
 }
