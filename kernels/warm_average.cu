@@ -1,11 +1,13 @@
 // Weighted average of M tensors on the GPU: out[j] = sum_i w[i] * x_i[j].
 //
-// One kernel per dtype (f32, f16, bf16). Sums are kept in f32 and rounded once to the
-// output dtype (round to nearest even), as warm's CPU fusion does. M is any count: the
-// input pointers and the weights are arrays in device memory. Where the output and every
-// input are 16-byte aligned, each thread moves 16 bytes per load and store (4 f32 or
-// 8 halves) and a scalar pass covers the tail; otherwise the whole range runs scalar.
-// Nothing assumes the length is a multiple of anything.
+// One kernel per pair of input and output types (f32, f16, bf16: the members' stored type
+// and the served one, so f32 checkpoints are averaged straight into a bf16 model). Sums
+// are kept in f32 and rounded once to the output type (round to nearest even), as warm's
+// CPU fusion does. M is any count: the input pointers and the weights are arrays in
+// device memory. Where the output and every input are 16-byte aligned, each thread moves
+// whole 16-byte vectors (4 elements when both types are f32, else 8: one or two vectors
+// per input and for the output) and a scalar pass covers the tail; otherwise the whole
+// range runs scalar. Nothing assumes the length is a multiple of anything.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -26,8 +28,9 @@ template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float
   return __float2bfloat16_rn(x);
 }
 
-template <typename T>
-__device__ __forceinline__ bool all_aligned(const T *const *inputs, uint32_t m, const T *out) {
+template <typename TIn, typename TOut>
+__device__ __forceinline__ bool all_aligned(const TIn *const *inputs, uint32_t m,
+                                            const TOut *out) {
   uintptr_t bits = reinterpret_cast<uintptr_t>(out);
   for (uint32_t i = 0; i < m; ++i) {
     bits |= reinterpret_cast<uintptr_t>(inputs[i]);
@@ -35,11 +38,13 @@ __device__ __forceinline__ bool all_aligned(const T *const *inputs, uint32_t m, 
   return (bits & 15u) == 0;
 }
 
-template <typename T>
-__device__ __forceinline__ void average(const T *const *__restrict__ inputs,
+template <typename TIn, typename TOut>
+__device__ __forceinline__ void average(const TIn *const *__restrict__ inputs,
                                         const float *__restrict__ weights, uint32_t m,
-                                        T *__restrict__ out, uint64_t n) {
-  constexpr uint32_t LANES = 16 / sizeof(T);
+                                        TOut *__restrict__ out, uint64_t n) {
+  constexpr uint32_t LANES = (sizeof(TIn) == 4 && sizeof(TOut) == 4) ? 4 : 8;
+  constexpr uint32_t IN_VECTORS = LANES * sizeof(TIn) / 16;
+  constexpr uint32_t OUT_VECTORS = LANES * sizeof(TOut) / 16;
   const uint64_t thread = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const uint64_t stride = uint64_t(gridDim.x) * blockDim.x;
 
@@ -51,41 +56,48 @@ __device__ __forceinline__ void average(const T *const *__restrict__ inputs,
 #pragma unroll
       for (uint32_t k = 0; k < LANES; ++k) acc[k] = 0.0f;
       for (uint32_t i = 0; i < m; ++i) {
-        const uint4 raw = __ldg(reinterpret_cast<const uint4 *>(inputs[i]) + v);
-        const T *x = reinterpret_cast<const T *>(&raw);
+        uint4 raw[IN_VECTORS];
+#pragma unroll
+        for (uint32_t q = 0; q < IN_VECTORS; ++q)
+          raw[q] = __ldg(reinterpret_cast<const uint4 *>(inputs[i]) + v * IN_VECTORS + q);
+        const TIn *x = reinterpret_cast<const TIn *>(raw);
         const float w = weights[i];
 #pragma unroll
         for (uint32_t k = 0; k < LANES; ++k) acc[k] = fmaf(w, widen(x[k]), acc[k]);
       }
-      uint4 packed;
-      T *y = reinterpret_cast<T *>(&packed);
+      uint4 packed[OUT_VECTORS];
+      TOut *y = reinterpret_cast<TOut *>(packed);
 #pragma unroll
-      for (uint32_t k = 0; k < LANES; ++k) y[k] = narrow<T>(acc[k]);
-      reinterpret_cast<uint4 *>(out)[v] = packed;
+      for (uint32_t k = 0; k < LANES; ++k) y[k] = narrow<TOut>(acc[k]);
+#pragma unroll
+      for (uint32_t q = 0; q < OUT_VECTORS; ++q)
+        reinterpret_cast<uint4 *>(out)[v * OUT_VECTORS + q] = packed[q];
     }
     scalar_from = vectors * LANES;
   }
   for (uint64_t j = scalar_from + thread; j < n; j += stride) {
     float acc = 0.0f;
     for (uint32_t i = 0; i < m; ++i) acc = fmaf(weights[i], widen(inputs[i][j]), acc);
-    out[j] = narrow<T>(acc);
+    out[j] = narrow<TOut>(acc);
   }
 }
 
 } // namespace
 
-extern "C" __global__ void warm_average_f32(const float *const *inputs, const float *weights,
-                                            uint32_t m, float *out, uint64_t n) {
-  average<float>(inputs, weights, m, out, n);
-}
+// warm_average_<input>_<output>(const TIn *const *inputs, const float *weights, uint32_t m,
+//                               TOut *out, uint64_t n)
+#define WARM_AVERAGE(IN_NAME, TIN, OUT_NAME, TOUT)                                          \
+  extern "C" __global__ void warm_average_##IN_NAME##_##OUT_NAME(                           \
+      const TIN *const *inputs, const float *weights, uint32_t m, TOUT *out, uint64_t n) { \
+    average<TIN, TOUT>(inputs, weights, m, out, n);                                         \
+  }
 
-extern "C" __global__ void warm_average_f16(const __half *const *inputs, const float *weights,
-                                            uint32_t m, __half *out, uint64_t n) {
-  average<__half>(inputs, weights, m, out, n);
-}
-
-extern "C" __global__ void warm_average_bf16(const __nv_bfloat16 *const *inputs,
-                                             const float *weights, uint32_t m,
-                                             __nv_bfloat16 *out, uint64_t n) {
-  average<__nv_bfloat16>(inputs, weights, m, out, n);
-}
+WARM_AVERAGE(f32, float, f32, float)
+WARM_AVERAGE(f32, float, f16, __half)
+WARM_AVERAGE(f32, float, bf16, __nv_bfloat16)
+WARM_AVERAGE(f16, __half, f32, float)
+WARM_AVERAGE(f16, __half, f16, __half)
+WARM_AVERAGE(f16, __half, bf16, __nv_bfloat16)
+WARM_AVERAGE(bf16, __nv_bfloat16, f32, float)
+WARM_AVERAGE(bf16, __nv_bfloat16, f16, __half)
+WARM_AVERAGE(bf16, __nv_bfloat16, bf16, __nv_bfloat16)

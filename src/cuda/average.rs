@@ -7,7 +7,7 @@ use candle_core::{CudaDevice, Result};
 use crate::dtype::FloatDType;
 use crate::kernels;
 
-/// Threads per block; each thread moves 16 bytes per input per step.
+/// Threads per block; each thread moves one or two 16-byte vectors per input per step.
 const THREADS: u32 = 256;
 /// Enough blocks to fill an H100/H200 several times over; the kernel loops over the rest.
 const MAX_BLOCKS: u64 = 8192;
@@ -21,16 +21,17 @@ impl DeviceAverager {
         Self { device }
     }
 
-    /// Averages `n` elements of `dtype`: `inputs` holds M device addresses (one per member,
-    /// each `n` elements), `weights` M f32 weights, `out` the device address to write. Runs
-    /// on the device's stream.
+    /// Averages `n` elements: `inputs` holds M device addresses (one per member, each `n`
+    /// elements of `input`), `weights` M f32 weights, `out` the device address of `n`
+    /// elements of `output` to write. Runs on the device's stream.
     ///
     /// # Safety
-    /// Every address in `inputs` and `out` must point to at least `n` live elements of
-    /// `dtype` on this device, valid until the kernel has run.
+    /// Every address in `inputs` and `out` must point to at least `n` live elements of its
+    /// type on this device, valid until the kernel has run.
     pub unsafe fn launch(
         &self,
-        dtype: FloatDType,
+        input: FloatDType,
+        output: FloatDType,
         inputs: &CudaSlice<u64>,
         weights: &CudaSlice<f32>,
         out: u64,
@@ -39,16 +40,17 @@ impl DeviceAverager {
         if n == 0 {
             return Ok(());
         }
-        let name = match dtype {
-            FloatDType::F32 => kernels::WARM_AVERAGE_F32,
-            FloatDType::F16 => kernels::WARM_AVERAGE_F16,
-            FloatDType::BF16 => kernels::WARM_AVERAGE_BF16,
-        };
+        let name = kernels::warm_average_entry(input, output);
         let func =
             self.device
                 .get_or_load_custom_func(name, "warm_average", kernels::WARM_AVERAGE_PTX)?;
         let m = inputs.len() as u32;
-        let lanes = (16 / dtype.size_in_bytes()) as u64;
+        // Elements per thread and step, as the kernel's LANES.
+        let lanes = if input == FloatDType::F32 && output == FloatDType::F32 {
+            4
+        } else {
+            8
+        };
         let blocks = n
             .div_ceil(lanes)
             .div_ceil(THREADS as u64)
@@ -65,8 +67,8 @@ impl DeviceAverager {
         builder.arg(&out);
         builder.arg(&n);
         // SAFETY: the argument list matches the kernel's signature
-        // (const T* const*, const float*, uint32_t, T*, uint64_t); the caller vouches for
-        // the addresses.
+        // (const TIn* const*, const float*, uint32_t, TOut*, uint64_t); the caller vouches
+        // for the addresses.
         unsafe { builder.launch(config) }.w()?;
         Ok(())
     }

@@ -1,8 +1,10 @@
 //! `warm gpu-check` (cuda builds): the checks of a lent or new GPU machine, one table.
 //!
 //! - kernel: warm_average against a CPU reference (f32 fused multiply-adds in member
-//!   order, rounded once) on seeded random data, for each dtype, M in {2, 3, 8}, odd
-//!   sizes, aligned and misaligned inputs, the output poisoned first; bit-exact expected.
+//!   order, rounded once) on seeded random data, for each pair of input and output types,
+//!   M in {2, 3, 8}, odd sizes, aligned and misaligned inputs, the output poisoned first;
+//!   bit-exact expected.
+//! - bandwidth: f32 and bf16.
 //! - sums: warm_member_sums against the same four sums in f64 on the CPU.
 //! - bandwidth: the kernel's bytes read + written per second against a device-to-device
 //!   copy of the same traffic.
@@ -56,7 +58,7 @@ pub fn run(args: &CheckArgs) -> CheckResult<bool> {
     println!("|---|---|---|---|");
     let mut ok = section("kernel", || kernel_cases(&cuda));
     ok &= section("sums", || sums_cases(&cuda));
-    ok &= section("bandwidth", || bandwidth(&cuda).map(|()| true));
+    ok &= section("bandwidth", || bandwidth(&cuda));
     if !args.members.is_empty() {
         ok &= section("fusion", || {
             fusion(&device, &cuda, &args.members).map(|()| true)
@@ -180,57 +182,93 @@ impl Elem for bf16 {
     }
 }
 
+/// Every pair of input and output types; one row per pair, over M in {2, 3, 8}, five
+/// sizes, aligned and misaligned pointers.
 fn kernel_cases(cuda: &CudaDevice) -> CheckResult<bool> {
     let mut ok = true;
-    for m in [2usize, 3, 8] {
-        for n in [1usize, 7, 1023, 4099, 1_000_003] {
-            for misaligned in [false, true] {
-                ok &= kernel_case::<f32>(cuda, m, n, misaligned)?;
-                ok &= kernel_case::<f16>(cuda, m, n, misaligned)?;
-                ok &= kernel_case::<bf16>(cuda, m, n, misaligned)?;
-            }
-        }
-    }
+    ok &= kernel_pair::<f32, f32>(cuda)?;
+    ok &= kernel_pair::<f32, f16>(cuda)?;
+    ok &= kernel_pair::<f32, bf16>(cuda)?;
+    ok &= kernel_pair::<f16, f32>(cuda)?;
+    ok &= kernel_pair::<f16, f16>(cuda)?;
+    ok &= kernel_pair::<f16, bf16>(cuda)?;
+    ok &= kernel_pair::<bf16, f32>(cuda)?;
+    ok &= kernel_pair::<bf16, f16>(cuda)?;
+    ok &= kernel_pair::<bf16, bf16>(cuda)?;
     Ok(ok)
 }
 
-fn kernel_case<T: Elem>(
+fn kernel_pair<I: Elem, O: Elem>(cuda: &CudaDevice) -> CheckResult<bool> {
+    let mut cases = 0;
+    let mut failures = Vec::new();
+    for m in [2usize, 3, 8] {
+        for n in [1usize, 7, 1023, 4099, 1_000_003] {
+            for misaligned in [false, true] {
+                cases += 1;
+                if let Some(why) = kernel_case::<I, O>(cuda, m, n, misaligned)? {
+                    failures.push(format!(
+                        "M={m} n={n}{}: {why}",
+                        if misaligned { " misaligned" } else { "" }
+                    ));
+                }
+            }
+        }
+    }
+    let passed = failures.is_empty();
+    println!(
+        "| kernel | {} -> {}, M 2/3/8, n 1/7/1023/4099/1000003, aligned and misaligned | {} | {} |",
+        I::DTYPE,
+        O::DTYPE,
+        if passed { "ok" } else { "FAIL" },
+        if passed {
+            format!("{cases} cases bit-exact, output poisoned first")
+        } else {
+            format!("{} of {cases} cases wrong; {}", failures.len(), failures[0])
+        }
+    );
+    Ok(passed)
+}
+
+/// One launch against the CPU reference; `Some(why)` when it differs.
+fn kernel_case<I: Elem, O: Elem>(
     cuda: &CudaDevice,
     m: usize,
     n: usize,
     misaligned: bool,
-) -> CheckResult<bool> {
+) -> CheckResult<Option<String>> {
     let stream = cuda.cuda_stream();
     let shift = usize::from(misaligned);
     let raw_weights: Vec<f32> = (0..m).map(|i| 1.0 + i as f32).collect();
     let total: f32 = raw_weights.iter().sum();
     let weights: Vec<f32> = raw_weights.iter().map(|w| w / total).collect();
-    let inputs: Vec<Vec<T>> = (0..m)
+    let inputs: Vec<Vec<I>> = (0..m)
         .map(|i| {
             seeded(n + shift, 11 + i as u64)
                 .into_iter()
-                .map(T::from_f32)
+                .map(I::from_f32)
                 .collect()
         })
         .collect();
-    let device_inputs: Vec<CudaSlice<T>> = inputs
+    let device_inputs: Vec<CudaSlice<I>> = inputs
         .iter()
         .map(|x| stream.clone_htod(x))
         .collect::<Result<_, _>>()
         .w()?;
-    let size = std::mem::size_of::<T>() as u64;
+    let in_size = std::mem::size_of::<I>() as u64;
+    let out_size = std::mem::size_of::<O>() as u64;
     let addresses: Vec<u64> = device_inputs
         .iter()
-        .map(|x| x.device_ptr(&stream).0 + shift as u64 * size)
+        .map(|x| x.device_ptr(&stream).0 + shift as u64 * in_size)
         .collect();
     let addresses = stream.clone_htod(&addresses).w()?;
     let device_weights = stream.clone_htod(&weights).w()?;
-    let out: CudaSlice<T> = stream.clone_htod(&vec![T::poison(); n + shift]).w()?;
-    let out_address = out.device_ptr(&stream).0 + shift as u64 * size;
+    let out: CudaSlice<O> = stream.clone_htod(&vec![O::poison(); n + shift]).w()?;
+    let out_address = out.device_ptr(&stream).0 + shift as u64 * out_size;
     // SAFETY: every address has n elements after it (n + shift allocated, shift skipped).
     unsafe {
         DeviceAverager::new(cuda.clone()).launch(
-            T::DTYPE,
+            I::DTYPE,
+            O::DTYPE,
             &addresses,
             &device_weights,
             out_address,
@@ -245,26 +283,18 @@ fn kernel_case<T: Elem>(
         for (w, x) in weights.iter().zip(&inputs) {
             acc = w.mul_add(x[j + shift].to_f32(), acc);
         }
-        let want = T::from_f32(acc);
+        let want = O::from_f32(acc);
         if got[j + shift].bits() != want.bits() {
             mismatches += 1;
             first.get_or_insert((j, got[j + shift].to_f32(), want.to_f32()));
         }
     }
-    let untouched = shift == 0 || got[0].bits() == T::poison().bits();
-    let passed = mismatches == 0 && untouched;
-    let detail = match first {
-        None if untouched => "bit-exact".to_string(),
-        None => "wrote before the output".to_string(),
-        Some((j, g, w)) => format!("{mismatches} differ; first at {j}: {g} vs {w}"),
-    };
-    println!(
-        "| kernel | {} M={m} n={n}{} | {} | {detail} |",
-        T::DTYPE,
-        if misaligned { " misaligned" } else { "" },
-        if passed { "ok" } else { "FAIL" }
-    );
-    Ok(passed)
+    let untouched = shift == 0 || got[0].bits() == O::poison().bits();
+    Ok(match first {
+        None if untouched => None,
+        None => Some("wrote before the output".to_string()),
+        Some((j, g, w)) => Some(format!("{mismatches} differ; first at {j}: {g} vs {w}")),
+    })
 }
 
 fn sums_cases(cuda: &CudaDevice) -> CheckResult<bool> {
@@ -351,36 +381,65 @@ fn timed_event(stream: &CudaStream) -> CheckResult<CudaEvent> {
         .w()?)
 }
 
-fn bandwidth(cuda: &CudaDevice) -> CheckResult<()> {
+fn bandwidth(cuda: &CudaDevice) -> CheckResult<bool> {
+    bandwidth_of::<f32>(cuda)?;
+    bandwidth_of::<bf16>(cuda)?;
+    Ok(true)
+}
+
+/// The kernel averaging four 256 MiB inputs of `T` into a fifth, against a device copy of
+/// the same bytes.
+fn bandwidth_of<T: Elem + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>(
+    cuda: &CudaDevice,
+) -> CheckResult<()> {
     let stream = cuda.cuda_stream();
     let m = 4usize;
-    let n = 64usize << 20; // elements per input: 256 MiB of f32
+    let size = std::mem::size_of::<T>();
+    let n = (256usize << 20) / size;
     let reps = 10;
-    let inputs: Vec<CudaSlice<f32>> = (0..m)
-        .map(|i| stream.clone_htod(&seeded(n, 100 + i as u64)))
+    let inputs: Vec<CudaSlice<T>> = (0..m)
+        .map(|i| {
+            let values: Vec<T> = seeded(n, 100 + i as u64)
+                .into_iter()
+                .map(T::from_f32)
+                .collect();
+            stream.clone_htod(&values)
+        })
         .collect::<Result<_, _>>()
         .w()?;
     let addresses: Vec<u64> = inputs.iter().map(|x| x.device_ptr(&stream).0).collect();
     let addresses = stream.clone_htod(&addresses).w()?;
     let weights = stream.clone_htod(&vec![1.0f32 / m as f32; m]).w()?;
-    let out = stream.alloc_zeros::<f32>(n).w()?;
+    let out = stream.alloc_zeros::<T>(n).w()?;
     let out_address = out.device_ptr(&stream).0;
     let averager = DeviceAverager::new(cuda.clone());
-    // SAFETY: all buffers hold n elements.
-    unsafe { averager.launch(FloatDType::F32, &addresses, &weights, out_address, n as u64)? };
+    let launch = || -> CheckResult<()> {
+        // SAFETY: all buffers hold n elements of T.
+        unsafe {
+            averager.launch(
+                T::DTYPE,
+                T::DTYPE,
+                &addresses,
+                &weights,
+                out_address,
+                n as u64,
+            )?
+        };
+        Ok(())
+    };
+    launch()?;
     let start = timed_event(&stream)?;
     for _ in 0..reps {
-        // SAFETY: as above.
-        unsafe { averager.launch(FloatDType::F32, &addresses, &weights, out_address, n as u64)? };
+        launch()?;
     }
     let end = timed_event(&stream)?;
     end.synchronize().w()?;
     let kernel_s = start.elapsed_ms(&end).w()? as f64 / 1e3 / reps as f64;
-    let kernel_bytes = ((m + 1) * n * 4) as f64;
+    let kernel_bytes = ((m + 1) * n * size) as f64;
     // A copy moving the same bytes: read + write of (m + 1) / 2 inputs' worth.
-    let copy_n = (m + 1) * n / 2;
-    let src = stream.alloc_zeros::<f32>(copy_n).w()?;
-    let mut dst = stream.alloc_zeros::<f32>(copy_n).w()?;
+    let copy_bytes_each = (m + 1) * n * size / 2;
+    let src = stream.alloc_zeros::<u8>(copy_bytes_each).w()?;
+    let mut dst = stream.alloc_zeros::<u8>(copy_bytes_each).w()?;
     stream.memcpy_dtod(&src, &mut dst).w()?;
     let start = timed_event(&stream)?;
     for _ in 0..reps {
@@ -389,12 +448,12 @@ fn bandwidth(cuda: &CudaDevice) -> CheckResult<()> {
     let end = timed_event(&stream)?;
     end.synchronize().w()?;
     let copy_s = start.elapsed_ms(&end).w()? as f64 / 1e3 / reps as f64;
-    let copy_bytes = (2 * copy_n * 4) as f64;
     let kernel_gbs = kernel_bytes / kernel_s / 1e9;
-    let copy_gbs = copy_bytes / copy_s / 1e9;
+    let copy_gbs = (2 * copy_bytes_each) as f64 / copy_s / 1e9;
     let ratio = kernel_gbs / copy_gbs;
     println!(
-        "| bandwidth | f32 M=4, 256 MiB each | {} | kernel {kernel_gbs:.0} GB/s, device copy {copy_gbs:.0} GB/s: {:.0}% (target 80%) |",
+        "| bandwidth | {} M=4, 256 MiB each | {} | kernel {kernel_gbs:.0} GB/s, device copy {copy_gbs:.0} GB/s: {:.0}% (target 80%) |",
+        T::DTYPE,
         if ratio >= 0.8 { "ok" } else { "below" },
         ratio * 100.0
     );

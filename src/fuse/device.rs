@@ -4,7 +4,10 @@
 //! straight into the tensor's final device buffer, which becomes the candle tensor.
 //!
 //! Peak device memory: the model plus two staging sets of M x [`CHUNK_BYTES`] (tensors
-//! larger than a chunk are averaged chunk by chunk; averaging is element-wise).
+//! larger than a chunk are averaged chunk by chunk; averaging is element-wise). The
+//! members' stored bytes cross PCIe as they are; the kernel reads their type and writes
+//! the output's (f32 checkpoints averaged straight into a bf16 model, say). Filling the
+//! pinned buffers from the memory maps is a host copy, split over the CPU's cores.
 //!
 //! The shared-init statistics are summed on the device too (kernels/warm_member_sums.cu,
 //! one f64 row of 4 x M per tensor, read back once at the end). A tensor whose sums are
@@ -23,7 +26,6 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::kernel;
 use super::plan::{FusionPlan, PlannedTensor};
 use super::progress::FuseProgress;
 use super::run::{
@@ -131,8 +133,8 @@ pub struct DeviceFuser {
     members: usize,
     sets: [StagingSet; 2],
     next: usize,
-    /// Host buffer for widening members to f32 when the output type differs.
-    widened: Vec<f32>,
+    /// Threads that fill a staging set from the memory maps.
+    copy_threads: usize,
 }
 
 impl DeviceFuser {
@@ -178,7 +180,7 @@ impl DeviceFuser {
             members: m,
             sets,
             next: 0,
-            widened: Vec::new(),
+            copy_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         })
     }
 
@@ -195,15 +197,7 @@ impl DeviceFuser {
         let output = tensor.output.as_fusable().ok_or_else(|| {
             candle_core::Error::Msg(format!("cannot average into {}", tensor.output))
         })?;
-        // Same type in and out: the kernel reads the stored bytes. Otherwise the members
-        // are widened to f32 on the host (exact), averaged in f32, and rounded once on
-        // the device to the output type.
-        let staged = if stored == output {
-            stored
-        } else {
-            FloatDType::F32
-        };
-        let out = DeviceBuffer::alloc(&self.compute, staged, n)?;
+        let out = DeviceBuffer::alloc(&self.compute, output, n)?;
         let row = 4 * self.members * index;
         if row + 4 * self.members > self.sums.len() {
             candle_core::bail!(
@@ -212,42 +206,37 @@ impl DeviceFuser {
             );
         }
         let row_address = self.sums.device_ptr(&self.compute).0 + (row * 8) as u64;
-        let size = staged.size_in_bytes();
-        let chunk = CHUNK_BYTES / size;
+        let out_size = output.size_in_bytes();
+        let chunk = CHUNK_BYTES / stored.size_in_bytes();
         let mut start = 0;
         while start < n {
             let len = chunk.min(n - start);
-            self.stage(inputs, stored, staged, start, len)?;
+            self.stage(inputs, stored, start, len)?;
             let set = &mut self.sets[self.next];
             let copied = set.copied.as_ref().expect("stage records the copy");
             self.compute.wait(copied).w()?;
-            let out_address = out.address(&self.compute) + (start * size) as u64;
-            // SAFETY: the set's device buffers hold `len` staged elements for every member
-            // (ordered by the wait above), `out` has n - start >= len elements left from
-            // `out_address` and `row_address` has 4 x M f64 (checked above); all stay
-            // alive until the device synchronizes.
+            let out_address = out.address(&self.compute) + (start * out_size) as u64;
+            // SAFETY: the set's device buffers hold `len` staged elements of `stored` for
+            // every member (ordered by the wait above), `out` has n - start >= len
+            // elements of `output` left from `out_address` and `row_address` has 4 x M
+            // f64 (checked above); all stay alive until the device synchronizes.
             unsafe {
                 self.averager.launch(
-                    staged,
+                    stored,
+                    output,
                     &set.addresses,
                     &self.weights,
                     out_address,
                     len as u64,
                 )?;
                 self.summer
-                    .launch(staged, &set.addresses, len as u64, row_address)?;
+                    .launch(stored, &set.addresses, len as u64, row_address)?;
             }
             set.consumed = Some(self.compute.record_event(None).w()?);
             self.next = 1 - self.next;
             start += len;
         }
-        let shape = tensor.shape.as_slice();
-        let fused = out.into_tensor(shape, &self.device);
-        if staged == output {
-            Ok(fused)
-        } else {
-            fused.to_dtype(candle_dtype(output))
-        }
+        Ok(out.into_tensor(tensor.shape.as_slice(), &self.device))
     }
 
     /// Waits for every queued kernel and returns the statistics rows, 4 x M f64 per tensor.
@@ -262,7 +251,6 @@ impl DeviceFuser {
         &mut self,
         inputs: &[&[u8]],
         stored: FloatDType,
-        staged: FloatDType,
         start: usize,
         len: usize,
     ) -> candle_core::Result<()> {
@@ -271,27 +259,22 @@ impl DeviceFuser {
         if let Some(copied) = set.copied.take() {
             copied.synchronize().w()?;
         }
-        let in_size = stored.size_in_bytes();
-        let out_bytes = len * staged.size_in_bytes();
-        for (host, bytes) in set.host.iter_mut().zip(inputs) {
-            let source = &bytes[start * in_size..(start + len) * in_size];
-            let target = &mut host.as_mut_slice().w()?[..out_bytes];
-            if stored == staged {
-                target.copy_from_slice(source);
-            } else {
-                self.widened.resize(len, 0.0);
-                kernel::decode(stored, source, &mut self.widened);
-                target.copy_from_slice(bytemuck::cast_slice(&self.widened));
-            }
+        let size = stored.size_in_bytes();
+        let bytes = len * size;
+        let mut pieces: Vec<(&mut [u8], &[u8])> = Vec::with_capacity(inputs.len());
+        for (host, input) in set.host.iter_mut().zip(inputs) {
+            let target = &mut host.as_mut_slice().w()?[..bytes];
+            pieces.push((target, &input[start * size..start * size + bytes]));
         }
+        copy_in_parallel(pieces, self.copy_threads);
         // The device buffers are free once the kernel that read them has run.
         if let Some(consumed) = &set.consumed {
             self.copy.wait(consumed).w()?;
         }
         for (host, device) in set.host.iter().zip(&set.device) {
             let address = device.device_ptr(&self.copy).0;
-            let source = &host.as_slice().w()?[..out_bytes];
-            // SAFETY: `address` holds CHUNK_BYTES >= out_bytes; the pinned source stays
+            let source = &host.as_slice().w()?[..bytes];
+            // SAFETY: `address` holds CHUNK_BYTES >= bytes; the pinned source stays
             // untouched until `copied` (recorded below) has completed.
             unsafe { result::memcpy_htod_async(address, source, self.copy.cu_stream()) }.w()?;
         }
@@ -300,12 +283,20 @@ impl DeviceFuser {
     }
 }
 
-fn candle_dtype(dtype: FloatDType) -> candle_core::DType {
-    match dtype {
-        FloatDType::F32 => candle_core::DType::F32,
-        FloatDType::F16 => candle_core::DType::F16,
-        FloatDType::BF16 => candle_core::DType::BF16,
-    }
+/// Copies each source into its target, the work split into about `threads` parts: reading
+/// the members' pages from the page cache is the host side of device fusion, and one core
+/// copies far slower than PCIe moves.
+fn copy_in_parallel(pieces: Vec<(&mut [u8], &[u8])>, threads: usize) {
+    let total: usize = pieces.iter().map(|(t, _)| t.len()).sum();
+    // Parts of at least 1 MiB: smaller ones cost more to hand out than to copy.
+    let part = total.div_ceil(threads.max(1)).max(1 << 20);
+    std::thread::scope(|scope| {
+        for (target, source) in pieces {
+            for (t, s) in target.chunks_mut(part).zip(source.chunks(part)) {
+                scope.spawn(move || t.copy_from_slice(s));
+            }
+        }
+    });
 }
 
 /// A tensor's final device buffer, in the type the kernel writes.
@@ -343,5 +334,27 @@ impl DeviceBuffer {
             Self::BF16(s) => CudaStorage::wrap_cuda_slice(s, device.clone()),
         };
         Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_in_parallel;
+
+    #[test]
+    fn parallel_copy_moves_every_byte_of_every_member() {
+        let sources: Vec<Vec<u8>> = (0..3u8)
+            .map(|m| (0..(3 << 20) + 17).map(|i| (i % 251) as u8 ^ m).collect())
+            .collect();
+        for threads in [1, 2, 16] {
+            let mut targets: Vec<Vec<u8>> = sources.iter().map(|s| vec![0; s.len()]).collect();
+            let pieces = targets
+                .iter_mut()
+                .zip(&sources)
+                .map(|(t, s)| (t.as_mut_slice(), s.as_slice()))
+                .collect();
+            copy_in_parallel(pieces, threads);
+            assert_eq!(targets, sources, "{threads} threads");
+        }
     }
 }
