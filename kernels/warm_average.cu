@@ -56,22 +56,27 @@ __device__ __forceinline__ void average(const TIn *const *__restrict__ inputs,
 #pragma unroll
       for (uint32_t k = 0; k < LANES; ++k) acc[k] = 0.0f;
       for (uint32_t i = 0; i < m; ++i) {
-        uint4 raw[IN_VECTORS];
+        // memcpy, not a pointer cast, moves the vector's bytes into typed elements: a cast
+        // would read a uint4 object as TIn (undefined; g++ -O2 drops such stores).
+        TIn x[LANES];
 #pragma unroll
-        for (uint32_t q = 0; q < IN_VECTORS; ++q)
-          raw[q] = __ldg(reinterpret_cast<const uint4 *>(inputs[i]) + v * IN_VECTORS + q);
-        const TIn *x = reinterpret_cast<const TIn *>(raw);
+        for (uint32_t q = 0; q < IN_VECTORS; ++q) {
+          const uint4 raw = __ldg(reinterpret_cast<const uint4 *>(inputs[i]) + v * IN_VECTORS + q);
+          memcpy(&x[q * (LANES / IN_VECTORS)], &raw, 16);
+        }
         const float w = weights[i];
 #pragma unroll
         for (uint32_t k = 0; k < LANES; ++k) acc[k] = fmaf(w, widen(x[k]), acc[k]);
       }
-      uint4 packed[OUT_VECTORS];
-      TOut *y = reinterpret_cast<TOut *>(packed);
+      TOut y[LANES];
 #pragma unroll
       for (uint32_t k = 0; k < LANES; ++k) y[k] = narrow<TOut>(acc[k]);
 #pragma unroll
-      for (uint32_t q = 0; q < OUT_VECTORS; ++q)
-        reinterpret_cast<uint4 *>(out)[v * OUT_VECTORS + q] = packed[q];
+      for (uint32_t q = 0; q < OUT_VECTORS; ++q) {
+        uint4 packed;
+        memcpy(&packed, &y[q * (LANES / OUT_VECTORS)], 16);
+        reinterpret_cast<uint4 *>(out)[v * OUT_VECTORS + q] = packed;
+      }
     }
     scalar_from = vectors * LANES;
   }
