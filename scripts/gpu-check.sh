@@ -42,8 +42,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 # cuBLAS, cuRAND and NVRTC (CUDA 13) from the machine's Python packages; the binary opens
 # them at run time.
 LIB=""
+# Where pip put NVIDIA's packages (quick), else the whole file system.
+ROOTS=$(python3 -c 'import nvidia; print(" ".join(nvidia.__path__))' 2>/dev/null || true)
 for name in 'libcublas.so.13*' 'libcublasLt.so.13*' 'libcurand.so.10*'; do
-  found=$(find / \( -path /proc -o -path /sys -o -path /dev \) -prune -o -name "$name" -print 2>/dev/null | head -1 || true)
+  found=""
+  # shellcheck disable=SC2086
+  [ -z "$ROOTS" ] || found=$(find $ROOTS -name "$name" 2>/dev/null | head -1 || true)
+  [ -n "$found" ] || found=$(find / \( -path /proc -o -path /sys -o -path /dev \) -prune -o -name "$name" -print 2>/dev/null | head -1 || true)
   [ -z "$found" ] || case ":$LIB:" in *":$(dirname "$found"):"*) ;; *) LIB=${LIB:+$LIB:}$(dirname "$found") ;; esac
 done
 [ -z "$LIB" ] || export LD_LIBRARY_PATH=$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
