@@ -197,7 +197,9 @@ impl DeviceFuser {
         let output = tensor.output.as_fusable().ok_or_else(|| {
             candle_core::Error::Msg(format!("cannot average into {}", tensor.output))
         })?;
-        let out = DeviceBuffer::alloc(&self.compute, output, n)?;
+        // One element at least: the driver refuses empty allocations; a storage longer
+        // than its tensor's shape is fine for candle.
+        let out = DeviceBuffer::alloc(&self.compute, output, n.max(1))?;
         let row = 4 * self.members * index;
         if row + 4 * self.members > self.sums.len() {
             candle_core::bail!(
