@@ -4,7 +4,10 @@ its weights and scores equal a weighted average computed in PyTorch.
 Run offline with the reference environment (design.md section 9), not in CI:
 
     source /tmp/warm-ref/env/env.sh
-    python3 scripts/check_fuse_with_transformers.py target/release/warm
+    python3 scripts/check_fuse_with_transformers.py target/release/warm [FUSE ARGS...]
+
+Extra arguments go to `warm fuse` (scripts/gpu-check.sh passes `--device cuda`). One table
+row per output type.
 """
 import json
 import subprocess
@@ -16,7 +19,14 @@ import torch
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 
-def main(warm: str) -> int:
+def load(out: Path):
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    except TypeError:  # transformers before `dtype` replaced `torch_dtype`
+        return AutoModelForSequenceClassification.from_pretrained(out, torch_dtype=torch.float32).eval()
+
+
+def main(warm: str, extra: list) -> int:
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="warm-fuse-check-"))
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -40,8 +50,8 @@ def main(warm: str) -> int:
         args = [warm, "fuse", "--output", str(out), "--weights", ",".join(map(str, weights)), "--dtype", dtype]
         for d in dirs:
             args += ["--model", str(d)]
-        subprocess.run(args, check=True)
-        fused = AutoModelForSequenceClassification.from_pretrained(out, torch_dtype=torch.float32).eval()
+        subprocess.run(args + extra, check=True, stderr=subprocess.DEVNULL)
+        fused = load(out)
         total = sum(weights)
         max_w = 0.0
         ref_state = {}
@@ -57,11 +67,13 @@ def main(warm: str) -> int:
             want = ref_model(input_ids=ids).logits.squeeze(-1)
         max_s = (got - want).abs().max().item()
         cfg = json.loads((out / "config.json").read_text())
-        print(f"{dtype}: loaded {type(fused).__name__} (torch_dtype {cfg['torch_dtype']}); "
-              f"max |weight - reference| = {max_w:.2e}; max |score - reference| = {max_s:.2e}")
-        ok &= max_w < tol
+        passed = max_w < tol
+        print(f"| warm fuse {' '.join(extra)} vs PyTorch | 3 Llama members to {dtype} | {'ok' if passed else 'FAIL'} | "
+              f"transformers loads {type(fused).__name__} (torch_dtype {cfg['torch_dtype']}); "
+              f"max weight gap {max_w:.2e} (tolerance {tol:.0e}), max score gap {max_s:.2e} |", flush=True)
+        ok &= passed
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "target/release/warm"))
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "target/release/warm", sys.argv[2:]))

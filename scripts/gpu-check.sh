@@ -3,7 +3,8 @@
 # prints one table (kernels vs CPU references, kernel bandwidth vs a device copy, fusion of
 # a multi-GB set on the device vs reading it and PCIe, device vs CPU fusion, GPU vs CPU
 # scores on the parity fixtures, scoring throughput of the demo WARM set and of a
-# Llama-shaped ~1.3B set, `warm serve` over HTTP on the GPU and without one).
+# Llama-shaped ~1.3B set, `warm fuse --device cuda` against PyTorch, `warm serve` over
+# HTTP on the GPU and without one).
 # With $OUT set (the device tool), the whole log is written to $OUT/gpu-check.log.
 #
 # Here (no GPU):   bash scripts/build-cuda.sh && bash scripts/gpu-check.sh --prepare
@@ -74,6 +75,9 @@ status=0
   echo "warm gpu-check failed; the end of its stderr:"
   tail -n 20 "$WORK/gpu-check.stderr"
 }
+# `warm fuse --device cuda` (the fused tensors streamed back and written) against a
+# weighted average in PyTorch, loaded back by transformers (both are on the machine).
+python3 scripts/check_fuse_with_transformers.py "$BIN" --device cuda || status=1
 # `warm serve` over HTTP: on the GPU, and where no GPU is usable (falls back to the CPU).
 python3 scripts/gpu-serve-check.py "$BIN" || status=1
 [ -z "${OUT:-}" ] || cp "$WORK"/*.log "$WORK/gpu-check.stderr" "$OUT/" 2>/dev/null || true

@@ -113,21 +113,21 @@ def main():
         servers.append(cpu)
         cpu_ready = time.time() - t0
         with open(f"{work}/serve-nogpu.log") as f:
-            fell_back = "serving on the CPU" in f.read()
+            fell_back = "running on the CPU" in f.read()
         row(
             "serve",
             "no usable GPU (CUDA_VISIBLE_DEVICES='')",
             "ok" if fell_back else "FAIL",
-            f"ready in {cpu_ready:.1f} s; log says serving on the CPU: {fell_back}",
+            f"ready in {cpu_ready:.1f} s; log says running on the CPU: {fell_back}",
         )
         ok &= fell_back
         with open(f"{work}/serve-gpu.log") as f:
-            on_the_gpu = "serving on CUDA GPU 0" in f.read()
+            on_the_gpu = "running on CUDA GPU 0" in f.read()
         row(
             "serve",
             "--device auto with a GPU",
             "ok" if on_the_gpu else "FAIL",
-            f"log says serving on CUDA GPU 0: {on_the_gpu}",
+            f"log says running on CUDA GPU 0: {on_the_gpu}",
         )
         ok &= on_the_gpu
         _, on_gpu = request(18080, "/v1/score", {"inputs": INPUTS})

@@ -13,6 +13,8 @@ pub struct FuseConfig {
     /// Output dtype of the float tensors; None keeps the stored one.
     pub dtype: Option<FloatDType>,
     pub max_shard_size: u64,
+    /// Where the averaging runs (the output is written from the host either way).
+    pub device: DeviceChoice,
 }
 
 /// The WARM set: member folders, their weights and how strict the shared-init check is.

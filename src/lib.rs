@@ -8,6 +8,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod demo;
+pub mod device;
 pub mod dtype;
 pub mod engine;
 pub mod eval;

@@ -173,6 +173,9 @@ struct FuseArgs {
     /// Split the weights into shards above this size (bytes or e.g. 5GB, 512MiB).
     #[arg(long, env = "WARM_MAX_SHARD_SIZE", default_value = "5GB", value_parser = parse_size)]
     max_shard_size: u64,
+    /// Where to average: cpu (default), cuda, cuda:N or auto (a GPU when there is one).
+    #[arg(long, env = "WARM_DEVICE", default_value = "cpu")]
+    device: DeviceChoice,
 }
 
 fn main() -> ExitCode {
@@ -272,6 +275,7 @@ fn run_fuse(args: FuseArgs) -> anyhow::Result<ExitCode> {
         output: args.output,
         dtype: args.dtype,
         max_shard_size: args.max_shard_size,
+        device: args.device,
     };
     let report = fuse::fuse_to_directory(&config)?;
     println!(

@@ -294,3 +294,27 @@ fn members_and_weights_come_from_the_environment_too() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_close_to_reference(&dirs, &out, &[3.0, 1.0], None);
 }
+
+#[test]
+fn device_choice_runs_on_the_cpu_or_refuses_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = members(tmp.path(), 2, "BF16", 1);
+    let out = tmp.path().join("auto");
+    let o = fuse(&dirs, &out, &["--device", "auto"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_close_to_reference(&dirs, &out, &[1.0, 1.0], None);
+
+    // This test binary has no CUDA (or no GPU): one clear line, exit 1, nothing written.
+    let out = tmp.path().join("cuda");
+    let o = fuse(&dirs, &out, &["--device", "cuda:1"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("--device cuda:1: "), "{stderr}");
+    assert!(!out.exists(), "{stderr}");
+
+    let o = fuse(&dirs, &out, &["--device", "gpu"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("unknown device 'gpu'"), "{stderr}");
+}

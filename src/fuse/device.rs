@@ -32,7 +32,7 @@ use super::run::{
     copy_integer_tensor, flag_unrelated, member_reports, missing, sums_from_rows, FusionReport,
     RunOptions,
 };
-use super::sink::{CandleSink, TensorSink};
+use super::sink::{CandleSink, FusedData, TensorSink};
 use super::FuseError;
 use crate::checkpoint::Checkpoint;
 use crate::cuda::{DeviceAverager, DeviceMemberSums};
@@ -41,14 +41,24 @@ use crate::dtype::FloatDType;
 /// Bytes per member per staging set (a multiple of 16, so chunks stay 16-byte aligned).
 pub const CHUNK_BYTES: usize = 32 << 20;
 
+/// Where device fusion puts each fused tensor.
+pub enum DeviceOutput<'a> {
+    /// On the device, returned for the model (serving).
+    Keep,
+    /// Copied back to the host and handed to a sink in plan order, one tensor on the device
+    /// at a time (`warm fuse --device cuda`).
+    Sink(&'a mut dyn TensorSink),
+}
+
 /// Fuses the planned tensors on `device`. Integer tensors are checked for equality on the
-/// host and copied once.
+/// host and copied once. With [`DeviceOutput::Sink`] the returned map is empty.
 pub fn execute_on_device(
     members: &[Checkpoint],
     plan: &FusionPlan,
     device: &CudaDevice,
     progress: &mut FuseProgress,
     options: &RunOptions,
+    mut output: DeviceOutput<'_>,
 ) -> Result<(HashMap<String, Tensor>, FusionReport), FuseError> {
     let started = Instant::now();
     let m = members.len();
@@ -77,11 +87,19 @@ pub fn execute_on_device(
                             tensor: tensor.name.clone(),
                             reason: e.to_string(),
                         })?;
-                tensors.insert(tensor.name.clone(), fused);
+                match &mut output {
+                    DeviceOutput::Keep => {
+                        tensors.insert(tensor.name.clone(), fused);
+                    }
+                    DeviceOutput::Sink(sink) => sink.put(tensor, to_host(tensor, &fused)?)?,
+                }
             }
             None => {
                 let data = copy_integer_tensor(members, tensor, &inputs, &mut problems);
-                integers.put(tensor, data)?;
+                match &mut output {
+                    DeviceOutput::Keep => integers.put(tensor, data)?,
+                    DeviceOutput::Sink(sink) => sink.put(tensor, data)?,
+                }
             }
         }
         let read: u64 = inputs.iter().map(|b| b.len() as u64).sum();
@@ -100,6 +118,29 @@ pub fn execute_on_device(
     flag_unrelated(members, &reports, options, &mut problems);
     let report = FusionReport::assemble(plan, reports, bytes_read, started, problems);
     Ok((tensors, report))
+}
+
+/// A fused device tensor as host data for a sink (waits for its kernels).
+fn to_host(tensor: &PlannedTensor, fused: &Tensor) -> Result<FusedData, FuseError> {
+    let flat = |t: &Tensor| t.flatten_all();
+    let data = match fused.dtype() {
+        candle_core::DType::F32 => flat(fused)
+            .and_then(|t| t.to_vec1::<f32>())
+            .map(FusedData::F32),
+        candle_core::DType::F16 => flat(fused)
+            .and_then(|t| t.to_vec1::<f16>())
+            .map(FusedData::F16),
+        candle_core::DType::BF16 => flat(fused)
+            .and_then(|t| t.to_vec1::<bf16>())
+            .map(FusedData::BF16),
+        other => Err(candle_core::Error::Msg(format!(
+            "unexpected fused type {other:?}"
+        ))),
+    };
+    data.map_err(|e| FuseError::Load {
+        tensor: tensor.name.clone(),
+        reason: format!("copying the fused tensor back from the device: {e}"),
+    })
 }
 
 fn setup(e: candle_core::Error) -> FuseError {

@@ -16,6 +16,9 @@ pub enum FuseError {
     },
     #[error("tensor '{tensor}': {reason}")]
     Load { tensor: String, reason: String },
+    /// `--device` names a device this build or machine cannot use.
+    #[error("{0}")]
+    Device(String),
 }
 
 impl FuseError {

@@ -95,6 +95,7 @@ pub fn fuse_to_tensors(
             cuda,
             &mut FuseProgress::for_stderr(total),
             &run_options(config),
+            device::DeviceOutput::Keep,
         )?;
         return Ok((tensors, report.into_result()?));
     }
@@ -115,6 +116,7 @@ pub fn fuse_to_directory(config: &FuseConfig) -> Result<FusionReport, FuseError>
     let members = open_members(&config.members.dirs)?;
     refuse_member_as_output(&members, &config.output)?;
     let plan = checked_plan(&members, &config.members, config.dtype)?;
+    let device = crate::device::select(config.device).map_err(FuseError::Device)?;
     let metadata = provenance(&members, &plan);
     let mut writer = SafetensorsWriter::create(
         &config.output,
@@ -123,7 +125,8 @@ pub fn fuse_to_directory(config: &FuseConfig) -> Result<FusionReport, FuseError>
         &metadata,
     )?;
     let total = plan_input_bytes(&members, &plan);
-    let report = execute(
+    let report = execute_on(
+        &device,
         &members,
         &plan,
         &mut writer,
@@ -134,6 +137,25 @@ pub fn fuse_to_directory(config: &FuseConfig) -> Result<FusionReport, FuseError>
     writer.finish()?;
     write_companion_files(&members[0], &config.output, config.dtype, &report)?;
     Ok(report)
+}
+
+/// The streaming pass on the CPU, or on a CUDA device with each fused tensor copied back
+/// to `sink`.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn execute_on(
+    device: &candle_core::Device,
+    members: &[Checkpoint],
+    plan: &FusionPlan,
+    sink: &mut dyn TensorSink,
+    progress: &mut FuseProgress,
+    options: &RunOptions,
+) -> Result<FusionReport, FuseError> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(cuda) = device {
+        let output = device::DeviceOutput::Sink(sink);
+        return Ok(device::execute_on_device(members, plan, cuda, progress, options, output)?.1);
+    }
+    execute(members, plan, sink, progress, options)
 }
 
 /// A plan, or every problem that stops fusion before any data is read.

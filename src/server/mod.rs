@@ -14,12 +14,11 @@ use std::time::Instant;
 
 use axum::routing::{get, post};
 use axum::Router;
-use candle_core::Device;
 use tokio::sync::Semaphore;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::checkpoint::{ModelConfig, CONFIG_FILE};
-use crate::config::{DeviceChoice, MembersConfig, ServeConfig};
+use crate::config::{MembersConfig, ServeConfig};
 use crate::dtype::FloatDType;
 use crate::engine::{BatchLimits, Engine};
 use crate::scorer::{Combine, Scorer};
@@ -118,45 +117,6 @@ fn model_name(config: &ServeConfig) -> String {
     })
 }
 
-#[cfg(not(feature = "cuda"))]
-fn select_device(choice: DeviceChoice) -> Result<Device, String> {
-    match choice {
-        DeviceChoice::Auto | DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Cuda(n) => Err(format!(
-            "--device cuda:{n}: this build of warm has no CUDA support (build with --features cuda)"
-        )),
-    }
-}
-
-/// `auto` takes GPU 0 when a CUDA driver and device are there, else the CPU: a CUDA build
-/// still starts and serves on a machine without a GPU.
-#[cfg(feature = "cuda")]
-fn select_device(choice: DeviceChoice) -> Result<Device, String> {
-    let present = crate::cuda::driver_present;
-    match choice {
-        DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Auto if !present() => {
-            tracing::info!("no CUDA driver or device found: serving on the CPU");
-            Ok(Device::Cpu)
-        }
-        DeviceChoice::Auto => {
-            let device =
-                Device::new_cuda(0).map_err(|e| format!("--device auto: opening GPU 0: {e}"))?;
-            tracing::info!("serving on CUDA GPU 0");
-            Ok(device)
-        }
-        DeviceChoice::Cuda(n) if !present() => Err(format!(
-            "--device cuda:{n}: no CUDA driver (libcuda.so.1) or no device on this machine"
-        )),
-        DeviceChoice::Cuda(n) => {
-            let device = Device::new_cuda(n)
-                .map_err(|e| format!("--device cuda:{n}: opening the GPU: {e}"))?;
-            tracing::info!("serving on CUDA GPU {n}");
-            Ok(device)
-        }
-    }
-}
-
 /// `--dtype auto`: f32 on the CPU (candle's half-precision CPU kernels are slow); bf16 on a
 /// GPU, except for an architecture that runs in f32 only. A config that cannot be read
 /// here is reported precisely by the load that follows.
@@ -184,7 +144,7 @@ fn auto_dtype(on_gpu: bool, members: &MembersConfig) -> FloatDType {
 fn load(state: &AppState) -> Result<(), String> {
     let started = Instant::now();
     let config = &state.config;
-    let device = select_device(config.device)?;
+    let device = crate::device::select(config.device)?;
     let dtype = config
         .dtype
         .unwrap_or_else(|| auto_dtype(device.is_cuda(), &config.members));
