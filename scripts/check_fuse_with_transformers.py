@@ -50,7 +50,7 @@ def main(warm: str, extra: list) -> int:
         args = [warm, "fuse", "--output", str(out), "--weights", ",".join(map(str, weights)), "--dtype", dtype]
         for d in dirs:
             args += ["--model", str(d)]
-        subprocess.run(args + extra, check=True, stderr=subprocess.DEVNULL)
+        subprocess.run(args + extra, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         fused = load(out)
         total = sum(weights)
         max_w = 0.0
