@@ -50,7 +50,13 @@ def main(warm: str, extra: list) -> int:
         args = [warm, "fuse", "--output", str(out), "--weights", ",".join(map(str, weights)), "--dtype", dtype]
         for d in dirs:
             args += ["--model", str(d)]
-        subprocess.run(args + extra, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run = subprocess.run(args + extra, capture_output=True, text=True)
+        if run.returncode != 0:
+            why = " / ".join(run.stderr.strip().splitlines()[-3:]).replace("|", " ")
+            print(f"| warm fuse {' '.join(extra)} vs PyTorch | 3 Llama members to {dtype} | FAIL | "
+                  f"exit {run.returncode}: {why} |", flush=True)
+            ok = False
+            continue
         fused = load(out)
         total = sum(weights)
         max_w = 0.0
