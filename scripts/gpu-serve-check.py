@@ -130,6 +130,15 @@ def main():
             f"log says running on CUDA GPU 0: {on_the_gpu}",
         )
         ok &= on_the_gpu
+        _, info = request(18080, "/info")
+        named = info.get("device") == "cuda:0" and info.get("dtype") == "bf16"
+        row(
+            "serve",
+            "/info of the GPU server",
+            "ok" if named else "FAIL",
+            f"device {info.get('device')}, dtype {info.get('dtype')} (cuda:0, bf16 expected)",
+        )
+        ok &= named
         _, on_gpu = request(18080, "/v1/score", {"inputs": INPUTS})
         _, on_cpu = request(18081, "/v1/score", {"inputs": INPUTS})
         gaps = [abs(a - b) for a, b in zip(on_gpu["scores"], on_cpu["scores"])]

@@ -1,6 +1,6 @@
 //! `--device`: which candle device a command runs on.
 
-use candle_core::Device;
+use candle_core::{Device, DeviceLocation};
 
 use crate::config::DeviceChoice;
 
@@ -40,6 +40,34 @@ pub fn select(choice: DeviceChoice) -> Result<Device, String> {
                 .map_err(|e| format!("--device cuda:{n}: opening the GPU: {e}"))?;
             tracing::info!("running on CUDA GPU {n}");
             Ok(device)
+        }
+    }
+}
+
+/// How `/info` and the metrics name a device: `cpu`, `cuda:N`.
+pub fn label(device: &Device) -> String {
+    match device.location() {
+        DeviceLocation::Cpu => "cpu".to_string(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_is_chosen_and_named_without_a_gpu() {
+        let device = select(DeviceChoice::Cpu).unwrap();
+        assert_eq!(label(&device), "cpu");
+        // `auto` is the CPU whenever no GPU is usable.
+        #[cfg(feature = "cuda")]
+        let gpu = crate::cuda::driver_present();
+        #[cfg(not(feature = "cuda"))]
+        let gpu = false;
+        if !gpu {
+            assert_eq!(label(&select(DeviceChoice::Auto).unwrap()), "cpu");
         }
     }
 }

@@ -185,7 +185,7 @@ fn load(state: &AppState) -> Result<(), String> {
             combine,
             &report.members.len().to_string(),
             &dtype.to_string(),
-            "cpu",
+            &crate::device::label(&device),
         ])
         .set(1.0);
     let info = serde_json::json!({
@@ -193,7 +193,7 @@ fn load(state: &AppState) -> Result<(), String> {
         "architecture": architecture,
         "combine": combine,
         "dtype": dtype.to_string(),
-        "device": "cpu",
+        "device": crate::device::label(&device),
         "members": report.members.iter().map(|m| serde_json::json!({
             "path": m.dir,
             "weight": m.weight,
