@@ -97,12 +97,5 @@ __device__ __forceinline__ void average(const TIn *const *__restrict__ inputs,
     average<TIN, TOUT>(inputs, weights, m, out, n);                                         \
   }
 
-WARM_AVERAGE(f32, float, f32, float)
-WARM_AVERAGE(f32, float, f16, __half)
-WARM_AVERAGE(f32, float, bf16, __nv_bfloat16)
-WARM_AVERAGE(f16, __half, f32, float)
-WARM_AVERAGE(f16, __half, f16, __half)
-WARM_AVERAGE(f16, __half, bf16, __nv_bfloat16)
-WARM_AVERAGE(bf16, __nv_bfloat16, f32, float)
-WARM_AVERAGE(bf16, __nv_bfloat16, f16, __half)
-WARM_AVERAGE(bf16, __nv_bfloat16, bf16, __nv_bfloat16)
+#include "warm_average_pairs.inc"
+#undef WARM_AVERAGE

@@ -12,18 +12,11 @@
 #include "cuda_fp16.h"
 #include "cuda_shim.h"
 
-#define DECLARE_AVERAGE(IN_NAME, TIN, OUT_NAME, TOUT)                                        \
+#define WARM_AVERAGE(IN_NAME, TIN, OUT_NAME, TOUT)                                           \
   extern "C" void warm_average_##IN_NAME##_##OUT_NAME(const TIN *const *, const float *,    \
                                                       uint32_t, TOUT *, uint64_t);
-DECLARE_AVERAGE(f32, float, f32, float)
-DECLARE_AVERAGE(f32, float, f16, __half)
-DECLARE_AVERAGE(f32, float, bf16, __nv_bfloat16)
-DECLARE_AVERAGE(f16, __half, f32, float)
-DECLARE_AVERAGE(f16, __half, f16, __half)
-DECLARE_AVERAGE(f16, __half, bf16, __nv_bfloat16)
-DECLARE_AVERAGE(bf16, __nv_bfloat16, f32, float)
-DECLARE_AVERAGE(bf16, __nv_bfloat16, f16, __half)
-DECLARE_AVERAGE(bf16, __nv_bfloat16, bf16, __nv_bfloat16)
+#include "../../kernels/warm_average_pairs.inc"
+#undef WARM_AVERAGE
 extern "C" void warm_member_sums_f32(const float *const *, uint32_t, uint64_t, double *);
 extern "C" void warm_member_sums_f16(const __half *const *, uint32_t, uint64_t, double *);
 extern "C" void warm_member_sums_bf16(const __nv_bfloat16 *const *, uint32_t, uint64_t,
@@ -191,15 +184,10 @@ bool sums_type(const char *name, void (*kernel)(const T *const *, uint32_t, uint
 int main() {
   std::printf("| kernel | types | result | detail |\n|---|---|---|---|\n");
   bool ok = true;
-  ok &= average_pair<float, float>("f32 -> f32", warm_average_f32_f32);
-  ok &= average_pair<float, __half>("f32 -> f16", warm_average_f32_f16);
-  ok &= average_pair<float, __nv_bfloat16>("f32 -> bf16", warm_average_f32_bf16);
-  ok &= average_pair<__half, float>("f16 -> f32", warm_average_f16_f32);
-  ok &= average_pair<__half, __half>("f16 -> f16", warm_average_f16_f16);
-  ok &= average_pair<__half, __nv_bfloat16>("f16 -> bf16", warm_average_f16_bf16);
-  ok &= average_pair<__nv_bfloat16, float>("bf16 -> f32", warm_average_bf16_f32);
-  ok &= average_pair<__nv_bfloat16, __half>("bf16 -> f16", warm_average_bf16_f16);
-  ok &= average_pair<__nv_bfloat16, __nv_bfloat16>("bf16 -> bf16", warm_average_bf16_bf16);
+#define WARM_AVERAGE(IN_NAME, TIN, OUT_NAME, TOUT)                                           \
+  ok &= average_pair<TIN, TOUT>(#IN_NAME " -> " #OUT_NAME, warm_average_##IN_NAME##_##OUT_NAME);
+#include "../../kernels/warm_average_pairs.inc"
+#undef WARM_AVERAGE
   ok &= sums_type<float>("f32", warm_member_sums_f32);
   ok &= sums_type<__half>("f16", warm_member_sums_f16);
   ok &= sums_type<__nv_bfloat16>("bf16", warm_member_sums_bf16);
