@@ -62,6 +62,14 @@ pub fn execute_on_device(
 ) -> Result<(HashMap<String, Tensor>, FusionReport), FuseError> {
     let started = Instant::now();
     let m = members.len();
+    let keep = matches!(output, DeviceOutput::Keep);
+    let (free, total) = device
+        .cuda_stream()
+        .context()
+        .mem_get_info()
+        .w()
+        .map_err(setup)?;
+    fits_on_device(plan, m, keep, free as u64, total as u64).map_err(FuseError::Device)?;
     let mut fuser =
         DeviceFuser::new(device, m, &plan.weights, plan.tensors.len()).map_err(setup)?;
     let mut tensors = HashMap::with_capacity(plan.tensors.len());
@@ -118,6 +126,50 @@ pub fn execute_on_device(
     flag_unrelated(members, &reports, options, &mut problems);
     let report = FusionReport::assemble(plan, reports, bytes_read, started, problems);
     Ok((tensors, report))
+}
+
+/// Device bytes fusion takes: the whole fused model when it stays on the device (else its
+/// largest tensor), plus the two staging sets.
+fn device_bytes_needed(plan: &FusionPlan, m: usize, keep: bool) -> (u64, u64) {
+    let sizes = plan
+        .tensors
+        .iter()
+        .map(|t| (t.numel() * t.output.size_in_bytes()) as u64);
+    let tensors = if keep {
+        sizes.sum()
+    } else {
+        sizes.max().unwrap_or(0)
+    };
+    (tensors, (2 * m * CHUNK_BYTES) as u64)
+}
+
+/// Refuses before anything is read when the device has too little free memory, with the
+/// numbers, rather than failing on an allocation halfway through.
+fn fits_on_device(
+    plan: &FusionPlan,
+    m: usize,
+    keep: bool,
+    free: u64,
+    total: u64,
+) -> Result<(), String> {
+    let (tensors, staging) = device_bytes_needed(plan, m, keep);
+    if tensors + staging <= free {
+        return Ok(());
+    }
+    let gb = |b: u64| b as f64 / 1e9;
+    let what = if keep {
+        "the fused model"
+    } else {
+        "the largest fused tensor"
+    };
+    Err(format!(
+        "not enough GPU memory to fuse: {what} takes {:.2} GB and staging for {m} members {:.2} GB, \
+         but {:.2} GB of the device's {:.2} GB are free",
+        gb(tensors),
+        gb(staging),
+        gb(free),
+        gb(total)
+    ))
 }
 
 /// A fused device tensor as host data for a sink (waits for its kernels).
@@ -382,7 +434,41 @@ impl DeviceBuffer {
 
 #[cfg(test)]
 mod tests {
-    use super::copy_in_parallel;
+    use super::{copy_in_parallel, fits_on_device, FusionPlan, PlannedTensor, CHUNK_BYTES};
+    use crate::dtype::DType;
+
+    #[test]
+    fn fusion_is_refused_with_numbers_when_the_device_is_too_small() {
+        let tensor = |name: &str, numel: usize| PlannedTensor {
+            name: name.into(),
+            shape: vec![numel],
+            stored: DType::F32,
+            output: DType::BF16,
+        };
+        let plan = FusionPlan {
+            weights: vec![0.5, 0.5],
+            base: 0,
+            tensors: vec![tensor("a", 1_000_000_000), tensor("b", 500_000_000)],
+            problems: vec![],
+            warnings: vec![],
+        };
+        let staging = (2 * 2 * CHUNK_BYTES) as u64;
+        // Kept on the device: 3 GB of bf16; streamed to a sink: the largest tensor, 2 GB.
+        assert!(fits_on_device(&plan, 2, true, 3_000_000_000 + staging, 80_000_000_000).is_ok());
+        let err = fits_on_device(&plan, 2, true, 3_000_000_000, 80_000_000_000).unwrap_err();
+        assert!(err.contains("the fused model takes 3.00 GB"), "{err}");
+        assert!(err.contains("staging for 2 members 0.13 GB"), "{err}");
+        assert!(
+            err.contains("3.00 GB of the device's 80.00 GB are free"),
+            "{err}"
+        );
+        assert!(fits_on_device(&plan, 2, false, 2_000_000_000 + staging, 80_000_000_000).is_ok());
+        let err = fits_on_device(&plan, 2, false, 2_000_000_000, 80_000_000_000).unwrap_err();
+        assert!(
+            err.contains("the largest fused tensor takes 2.00 GB"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn parallel_copy_moves_every_byte_of_every_member() {
