@@ -70,16 +70,17 @@ DEMO=()
 for d in models/minilm-sentiment-warm/member-*; do DEMO+=(--model "$d"); done
 status=0
 # The table on stdout; fusion progress and logs on stderr, kept apart (tail shown on failure).
-"$BIN" gpu-check --fixtures tests/fixtures "${MEMBERS[@]}" "${DEMO[@]}" 2>"$WORK/gpu-check.stderr" || {
+# Each step has its own time limit, so a hang costs that step, not the whole device call.
+timeout 240 "$BIN" gpu-check --fixtures tests/fixtures "${MEMBERS[@]}" "${DEMO[@]}" 2>"$WORK/gpu-check.stderr" || {
   status=1
   echo "warm gpu-check failed; the end of its stderr:"
   tail -n 20 "$WORK/gpu-check.stderr"
 }
 # `warm fuse --device cuda` (the fused tensors streamed back and written) against a
 # weighted average in PyTorch, loaded back by transformers (both are on the machine).
-python3 scripts/check_fuse_with_transformers.py "$BIN" --device cuda || status=1
+timeout 90 python3 scripts/check_fuse_with_transformers.py "$BIN" --device cuda || status=1
 # `warm serve` over HTTP: on the GPU, and where no GPU is usable (falls back to the CPU).
-python3 scripts/gpu-serve-check.py "$BIN" || status=1
+timeout 120 python3 scripts/gpu-serve-check.py "$BIN" || status=1
 [ -z "${OUT:-}" ] || cp "$WORK"/*.log "$WORK/gpu-check.stderr" "$OUT/" 2>/dev/null || true
 echo "gpu-check: $([ $status = 0 ] && echo all passed || echo FAILURES above)"
 exit $status
