@@ -440,89 +440,73 @@ fn member_block_sums_scalar(x: &[f32], total: &[f32], others: f32) -> [f32; 4] {
     s
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn member_block_sums_avx2(x: &[f32], total: &[f32], others: f32) -> [f32; 4] {
-    use std::arch::x86_64::*;
-    let n = x.len().min(total.len());
-    let body = n / 8 * 8;
-    let o = _mm256_set1_ps(others);
-    let (mut sq, mut xr, mut rr, mut dd) = (
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-    );
-    let mut k = 0;
-    while k < body {
-        // SAFETY: k + 8 <= body <= n, within both slices; loads are unaligned.
-        let (v, t) = unsafe {
-            (
-                _mm256_loadu_ps(x.as_ptr().add(k)),
-                _mm256_loadu_ps(total.as_ptr().add(k)),
-            )
-        };
-        let r = _mm256_sub_ps(t, v);
-        let d = _mm256_sub_ps(_mm256_mul_ps(o, v), r);
-        sq = _mm256_add_ps(sq, _mm256_mul_ps(v, v));
-        xr = _mm256_add_ps(xr, _mm256_mul_ps(v, r));
-        rr = _mm256_add_ps(rr, _mm256_mul_ps(r, r));
-        dd = _mm256_add_ps(dd, _mm256_mul_ps(d, d));
-        k += 8;
-    }
-    let lanes = |v: __m256| {
+/// The vector loop of [`member_block_sums_scalar`] for one instruction set: the two
+/// widths differ only in the intrinsics' names, so one body is written for both.
+macro_rules! member_block_sums_simd {
+    ($name:ident, $feature:literal, $lanes:literal, $set1:ident, $zero:ident, $load:ident,
+     $sub:ident, $mul:ident, $add:ident, $sum:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(x: &[f32], total: &[f32], others: f32) -> [f32; 4] {
+            use std::arch::x86_64::*;
+            let n = x.len().min(total.len());
+            let body = n / $lanes * $lanes;
+            let o = $set1(others);
+            let (mut sq, mut xr, mut rr, mut dd) = ($zero(), $zero(), $zero(), $zero());
+            let mut k = 0;
+            while k < body {
+                // SAFETY: k + lanes <= body <= n, within both slices; loads are unaligned.
+                let (v, t) = unsafe { ($load(x.as_ptr().add(k)), $load(total.as_ptr().add(k))) };
+                let r = $sub(t, v);
+                let d = $sub($mul(o, v), r);
+                sq = $add(sq, $mul(v, v));
+                xr = $add(xr, $mul(v, r));
+                rr = $add(rr, $mul(r, r));
+                dd = $add(dd, $mul(d, d));
+                k += $lanes;
+            }
+            let sum = $sum;
+            let tail = member_block_sums_scalar(&x[body..n], &total[body..n], others);
+            [
+                sum(sq) + tail[0],
+                sum(xr) + tail[1],
+                sum(rr) + tail[2],
+                sum(dd) + tail[3],
+            ]
+        }
+    };
+}
+
+member_block_sums_simd!(
+    member_block_sums_avx2,
+    "avx2",
+    8,
+    _mm256_set1_ps,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_sub_ps,
+    _mm256_mul_ps,
+    _mm256_add_ps,
+    |v: __m256| {
         let mut a = [0f32; 8];
         // SAFETY: `a` holds exactly 8 f32.
         unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
         a.iter().sum::<f32>()
-    };
-    let tail = member_block_sums_scalar(&x[body..n], &total[body..n], others);
-    [
-        lanes(sq) + tail[0],
-        lanes(xr) + tail[1],
-        lanes(rr) + tail[2],
-        lanes(dd) + tail[3],
-    ]
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn member_block_sums_avx512(x: &[f32], total: &[f32], others: f32) -> [f32; 4] {
-    use std::arch::x86_64::*;
-    let n = x.len().min(total.len());
-    let body = n / 16 * 16;
-    let o = _mm512_set1_ps(others);
-    let (mut sq, mut xr, mut rr, mut dd) = (
-        _mm512_setzero_ps(),
-        _mm512_setzero_ps(),
-        _mm512_setzero_ps(),
-        _mm512_setzero_ps(),
-    );
-    let mut k = 0;
-    while k < body {
-        // SAFETY: k + 16 <= body <= n, within both slices; loads are unaligned.
-        let (v, t) = unsafe {
-            (
-                _mm512_loadu_ps(x.as_ptr().add(k)),
-                _mm512_loadu_ps(total.as_ptr().add(k)),
-            )
-        };
-        let r = _mm512_sub_ps(t, v);
-        let d = _mm512_sub_ps(_mm512_mul_ps(o, v), r);
-        sq = _mm512_add_ps(sq, _mm512_mul_ps(v, v));
-        xr = _mm512_add_ps(xr, _mm512_mul_ps(v, r));
-        rr = _mm512_add_ps(rr, _mm512_mul_ps(r, r));
-        dd = _mm512_add_ps(dd, _mm512_mul_ps(d, d));
-        k += 16;
     }
-    let tail = member_block_sums_scalar(&x[body..n], &total[body..n], others);
-    [
-        _mm512_reduce_add_ps(sq) + tail[0],
-        _mm512_reduce_add_ps(xr) + tail[1],
-        _mm512_reduce_add_ps(rr) + tail[2],
-        _mm512_reduce_add_ps(dd) + tail[3],
-    ]
-}
+);
+
+member_block_sums_simd!(
+    member_block_sums_avx512,
+    "avx512f",
+    16,
+    _mm512_set1_ps,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_sub_ps,
+    _mm512_mul_ps,
+    _mm512_add_ps,
+    |v: __m512| _mm512_reduce_add_ps(v)
+);
 
 /// The exact f64 sums for one tensor, used when the fast pass saw a non-finite block sum
 /// that was an overflow rather than a NaN or Inf in the data.
