@@ -38,6 +38,8 @@ def request(port, path, body=None, timeout=30):
 
 
 def start(binary, port, env_extra, log_path):
+    """The server process and the seconds it took to answer /health with 200."""
+    started = time.time()
     env = dict(os.environ, **env_extra)
     log = open(log_path, "w")
     process = subprocess.Popen(
@@ -52,7 +54,7 @@ def start(binary, port, env_extra, log_path):
             raise RuntimeError(f"exited with {process.returncode}: {tail(log_path)}")
         try:
             if request(port, "/health", timeout=2)[0] == 200:
-                return process, time.time()
+                return process, time.time() - started
         except (urllib.error.URLError, ConnectionError, OSError):
             pass
         time.sleep(0.2)
@@ -65,8 +67,16 @@ def tail(path, lines=3):
         return " / ".join(line.strip() for line in f.read().splitlines()[-lines:])
 
 
-def row(check, case, result, detail):
-    print(f"| {check} | {case} | {result} | {detail.replace('|', ' ')} |", flush=True)
+def row(case, passed, detail):
+    """Prints one table row and returns whether it passed."""
+    result = "ok" if passed else "FAIL"
+    print(f"| serve | {case} | {result} | {detail.replace('|', ' ')} |", flush=True)
+    return passed
+
+
+def log_says(path, text):
+    with open(path) as f:
+        return text in f.read()
 
 
 def load(port, requests, clients):
@@ -104,67 +114,45 @@ def main():
     ok = True
     servers = []
     try:
-        t0 = time.time()
-        gpu, _ = start(binary, 18080, {}, f"{work}/serve-gpu.log")
+        gpu, gpu_ready = start(binary, 18080, {}, f"{work}/serve-gpu.log")
         servers.append(gpu)
-        gpu_ready = time.time() - t0
-        t0 = time.time()
-        cpu, _ = start(binary, 18081, {"CUDA_VISIBLE_DEVICES": ""}, f"{work}/serve-nogpu.log")
+        cpu, cpu_ready = start(binary, 18081, {"CUDA_VISIBLE_DEVICES": ""}, f"{work}/serve-nogpu.log")
         servers.append(cpu)
-        cpu_ready = time.time() - t0
-        with open(f"{work}/serve-nogpu.log") as f:
-            fell_back = "running on the CPU" in f.read()
-        row(
-            "serve",
+        fell_back = log_says(f"{work}/serve-nogpu.log", "running on the CPU")
+        ok &= row(
             "no usable GPU (CUDA_VISIBLE_DEVICES='')",
-            "ok" if fell_back else "FAIL",
+            fell_back,
             f"ready in {cpu_ready:.1f} s; log says running on the CPU: {fell_back}",
         )
-        ok &= fell_back
-        with open(f"{work}/serve-gpu.log") as f:
-            on_the_gpu = "running on CUDA GPU 0" in f.read()
-        row(
-            "serve",
-            "--device auto with a GPU",
-            "ok" if on_the_gpu else "FAIL",
-            f"log says running on CUDA GPU 0: {on_the_gpu}",
-        )
-        ok &= on_the_gpu
+        on_the_gpu = log_says(f"{work}/serve-gpu.log", "running on CUDA GPU 0")
+        ok &= row("--device auto with a GPU", on_the_gpu, f"log says running on CUDA GPU 0: {on_the_gpu}")
         _, info = request(18080, "/info")
-        named = info.get("device") == "cuda:0" and info.get("dtype") == "bf16"
-        row(
-            "serve",
+        ok &= row(
             "/info of the GPU server",
-            "ok" if named else "FAIL",
+            info.get("device") == "cuda:0" and info.get("dtype") == "bf16",
             f"device {info.get('device')}, dtype {info.get('dtype')} (cuda:0, bf16 expected)",
         )
-        ok &= named
         _, on_gpu = request(18080, "/v1/score", {"inputs": INPUTS})
         _, on_cpu = request(18081, "/v1/score", {"inputs": INPUTS})
         gaps = [abs(a - b) for a, b in zip(on_gpu["scores"], on_cpu["scores"])]
         scale = max(1.0, max(abs(s) for s in on_cpu["scores"]))
-        close = len(gaps) == len(INPUTS) and max(gaps) <= 0.05 * scale
-        ok &= close
-        row(
-            "serve",
+        ok &= row(
             "demo set on the GPU (bf16) vs the CPU (f32), /v1/score",
-            "ok" if close else "FAIL",
+            len(gaps) == len(INPUTS) and max(gaps) <= 0.05 * scale,
             f"ready in {gpu_ready:.1f} s; GPU {[round(s, 4) for s in on_gpu['scores']]}, "
             f"CPU {[round(s, 4) for s in on_cpu['scores']]}, max gap {max(gaps):.2e}",
         )
         requests, seconds, latencies, errors = load(18080, 2000, 32)
         p50 = latencies[len(latencies) // 2] * 1e3 if latencies else float("nan")
         p99 = latencies[int(len(latencies) * 0.99)] * 1e3 if latencies else float("nan")
-        row(
-            "serve",
+        ok &= row(
             f"load on the GPU: {requests} requests x {len(INPUTS)} inputs, 32 clients",
-            "ok" if not errors else "FAIL",
+            not errors,
             f"{requests / seconds:.0f} req/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
             f"{len(errors)} errors{': ' + errors[0] if errors else ''}",
         )
-        ok &= not errors
     except Exception as e:  # noqa: BLE001 - reported as a row, the run goes on
-        row("serve", "-", "ERROR", str(e))
+        print(f"| serve | - | ERROR | {str(e).replace('|', ' ')} |", flush=True)
         ok = False
     finally:
         for s in servers:
