@@ -14,23 +14,6 @@ fn load(dir: PathBuf) -> Scorer {
     Scorer::load_one(&dir).expect("load the model")
 }
 
-fn sequences(batch: usize, len: usize, vocab_hint: u32) -> Vec<Sequence> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    (0..batch)
-        .map(|_| Sequence {
-            ids: (0..len)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    5 + (state % u64::from(vocab_hint)) as u32
-                })
-                .collect(),
-            type_ids: vec![0; len],
-        })
-        .collect()
-}
-
 fn forward(c: &mut Criterion) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
     let mut models: Vec<(String, PathBuf, u32)> =
@@ -46,7 +29,7 @@ fn forward(c: &mut Criterion) {
     for (name, dir, vocab) in models {
         let scorer = load(dir);
         for &(batch, len) in SHAPES {
-            let seqs = sequences(batch, len, vocab);
+            let seqs = Sequence::synthetic_batch(batch, len, 5..5 + vocab);
             let refs: Vec<&Sequence> = seqs.iter().collect();
             group.throughput(Throughput::Elements((batch * len) as u64));
             group.bench_function(BenchmarkId::new(&name, format!("{batch}x{len}")), |b| {

@@ -21,21 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (batch.parse()?, seq_len.parse()?, iters.parse()?);
     warm::alloc::keep_freed_memory_for_reuse();
     let scorer = Scorer::load_one(&PathBuf::from(dir))?;
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let sequences: Vec<Sequence> = (0..batch)
-        .map(|_| Sequence {
-            ids: (0..seq_len)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    // Ordinary vocabulary ids, clear of the special tokens at the start.
-                    1000 + (state % 20_000) as u32
-                })
-                .collect(),
-            type_ids: vec![0; seq_len],
-        })
-        .collect();
+    // Ordinary vocabulary ids, clear of the special tokens at the start.
+    let sequences = Sequence::synthetic_batch(batch, seq_len, 1000..21_000);
     let refs: Vec<&Sequence> = sequences.iter().collect();
     scorer.score(&refs)?;
     let started = Instant::now();

@@ -55,6 +55,28 @@ pub struct Sequence {
     pub type_ids: Vec<u32>,
 }
 
+impl Sequence {
+    /// `batch` sequences of `len` seeded pseudo-random ids drawn from `ids`, the same for
+    /// every call: inputs for benchmarks and throughput checks.
+    pub fn synthetic_batch(batch: usize, len: usize, ids: std::ops::Range<u32>) -> Vec<Self> {
+        let span = u64::from(ids.end - ids.start).max(1);
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        (0..batch)
+            .map(|_| Self {
+                ids: (0..len)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        ids.start + (state % span) as u32
+                    })
+                    .collect(),
+                type_ids: vec![0; len],
+            })
+            .collect()
+    }
+}
+
 /// A batch padded on the right to its longest sequence.
 pub struct PaddedBatch {
     pub ids: Tensor,
