@@ -28,9 +28,10 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaDevice, DType, Device, Tensor};
 use half::{bf16, f16};
 
-use super::{DeviceAverager, DeviceMemberSums};
+use super::FusionKernels;
 use crate::config::MembersConfig;
 use crate::dtype::FloatDType;
+use crate::fuse::kernel::OutElem;
 use crate::fuse::FusionReport;
 use crate::model::Sequence;
 use crate::scorer::{Combine, Scorer};
@@ -125,25 +126,16 @@ fn seeded(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Element type with its bits, for the bit-exact comparison.
-trait Elem: Copy + DeviceRepr + 'static {
-    const DTYPE: FloatDType;
+/// A device element type: the fusion pass's (type, widening) plus rounding from f32 and a
+/// NaN pattern to poison outputs with.
+trait Elem: OutElem + DeviceRepr {
     fn from_f32(x: f32) -> Self;
-    fn to_f32(self) -> f32;
-    fn bits(self) -> u32;
     fn poison() -> Self;
 }
 
 impl Elem for f32 {
-    const DTYPE: FloatDType = FloatDType::F32;
     fn from_f32(x: f32) -> Self {
         x
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-    fn bits(self) -> u32 {
-        self.to_bits()
     }
     fn poison() -> Self {
         f32::from_bits(0x7fc0_dead)
@@ -151,15 +143,8 @@ impl Elem for f32 {
 }
 
 impl Elem for f16 {
-    const DTYPE: FloatDType = FloatDType::F16;
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
-    }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    fn bits(self) -> u32 {
-        self.to_bits() as u32
     }
     fn poison() -> Self {
         f16::from_bits(0x7e5a)
@@ -167,19 +152,20 @@ impl Elem for f16 {
 }
 
 impl Elem for bf16 {
-    const DTYPE: FloatDType = FloatDType::BF16;
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    fn bits(self) -> u32 {
-        self.to_bits() as u32
     }
     fn poison() -> Self {
         bf16::from_bits(0x7fda)
     }
+}
+
+/// An element's bits, for the bit-exact comparison.
+fn bits<T: Elem>(x: T) -> u32 {
+    let mut word = [0u8; 4];
+    let bytes = bytemuck::bytes_of(&x);
+    word[..bytes.len()].copy_from_slice(bytes);
+    u32::from_le_bytes(word)
 }
 
 /// Every pair of input and output types; one row per pair, over M in {2, 3, 8}, five
@@ -266,7 +252,7 @@ fn kernel_case<I: Elem, O: Elem>(
     let out_address = out.device_ptr(&stream).0 + shift as u64 * out_size;
     // SAFETY: every address has n elements after it (n + shift allocated, shift skipped).
     unsafe {
-        DeviceAverager::new(cuda.clone()).launch(
+        FusionKernels::new(cuda.clone()).average(
             I::DTYPE,
             O::DTYPE,
             &addresses,
@@ -284,12 +270,12 @@ fn kernel_case<I: Elem, O: Elem>(
             acc = w.mul_add(x[j + shift].to_f32(), acc);
         }
         let want = O::from_f32(acc);
-        if got[j + shift].bits() != want.bits() {
+        if bits(got[j + shift]) != bits(want) {
             mismatches += 1;
             first.get_or_insert((j, got[j + shift].to_f32(), want.to_f32()));
         }
     }
-    let untouched = shift == 0 || got[0].bits() == O::poison().bits();
+    let untouched = shift == 0 || bits(got[0]) == bits(O::poison());
     Ok(match first {
         None if untouched => None,
         None => Some("wrote before the output".to_string()),
@@ -331,7 +317,7 @@ fn sums_case<T: Elem>(cuda: &CudaDevice, m: usize, n: usize) -> CheckResult<bool
     let half = n / 2;
     let sums = stream.alloc_zeros::<f64>(4 * m).w()?;
     let sums_address = sums.device_ptr(&stream).0;
-    let summer = DeviceMemberSums::new(cuda.clone());
+    let kernels = FusionKernels::new(cuda.clone());
     for (from, len) in [(0, half), (half, n - half)] {
         let addresses: Vec<u64> = device_inputs
             .iter()
@@ -339,7 +325,7 @@ fn sums_case<T: Elem>(cuda: &CudaDevice, m: usize, n: usize) -> CheckResult<bool
             .collect();
         let addresses = stream.clone_htod(&addresses).w()?;
         // SAFETY: each address has n - from >= len elements after it; sums holds 4m f64.
-        unsafe { summer.launch(T::DTYPE, &addresses, len as u64, sums_address)? };
+        unsafe { kernels.member_sums(T::DTYPE, &addresses, len as u64, sums_address)? };
         stream.synchronize().w()?;
     }
     let got = stream.clone_dtoh(&sums).w()?;
@@ -412,11 +398,11 @@ fn bandwidth_of<T: Elem + candle_core::cuda_backend::cudarc::driver::ValidAsZero
     let weights = stream.clone_htod(&vec![1.0f32 / m as f32; m]).w()?;
     let out = stream.alloc_zeros::<T>(n).w()?;
     let out_address = out.device_ptr(&stream).0;
-    let averager = DeviceAverager::new(cuda.clone());
+    let kernels = FusionKernels::new(cuda.clone());
     let launch = || -> CheckResult<()> {
         // SAFETY: all buffers hold n elements of T.
         unsafe {
-            averager.launch(
+            kernels.average(
                 T::DTYPE,
                 T::DTYPE,
                 &addresses,
@@ -719,20 +705,7 @@ fn throughput(device: &Device, model: &[PathBuf]) -> CheckResult<()> {
     let load_s = started.elapsed().as_secs_f64();
     let (batch, seq_len, iters) = (64usize, 128usize, 20usize);
     let limit = scorer.max_input_length().min(seq_len);
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let sequences: Vec<Sequence> = (0..batch)
-        .map(|_| Sequence {
-            ids: (0..limit)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    1000 + (state % 1500) as u32
-                })
-                .collect(),
-            type_ids: vec![0; limit],
-        })
-        .collect();
+    let sequences = Sequence::synthetic_batch(batch, limit, 1000..2500);
     let refs: Vec<&Sequence> = sequences.iter().collect();
     scorer.score(&refs)?;
     device.synchronize()?;

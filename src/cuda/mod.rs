@@ -5,12 +5,10 @@
 //! [`driver_present`] opens `libcuda.so.1` itself before candle touches CUDA (candle's CUDA
 //! libraries are loaded at run time, see scripts/build-cuda.sh).
 
-mod average;
 pub mod check;
-mod sums;
+mod launch;
 
-pub use average::DeviceAverager;
-pub use sums::DeviceMemberSums;
+pub use launch::FusionKernels;
 
 /// True when the CUDA driver library can be opened and reports at least one device.
 pub fn driver_present() -> bool {

@@ -35,7 +35,7 @@ use super::run::{
 use super::sink::{CandleSink, FusedData, TensorSink};
 use super::FuseError;
 use crate::checkpoint::Checkpoint;
-use crate::cuda::{DeviceAverager, DeviceMemberSums};
+use crate::cuda::FusionKernels;
 use crate::dtype::FloatDType;
 
 /// Bytes per member per staging set (a multiple of 16, so chunks stay 16-byte aligned).
@@ -218,8 +218,7 @@ pub struct DeviceFuser {
     device: CudaDevice,
     compute: Arc<CudaStream>,
     copy: Arc<CudaStream>,
-    averager: DeviceAverager,
-    summer: DeviceMemberSums,
+    kernels: FusionKernels,
     weights: CudaSlice<f32>,
     /// Per tensor, 4 f64 sums per member (zeroed, added to by the sums kernel).
     sums: CudaSlice<f64>,
@@ -264,8 +263,7 @@ impl DeviceFuser {
         let sums = compute.alloc_zeros::<f64>((tensors * 4 * m).max(1)).w()?;
         Ok(Self {
             device: device.clone(),
-            averager: DeviceAverager::new(device.clone()),
-            summer: DeviceMemberSums::new(device.clone()),
+            kernels: FusionKernels::new(device.clone()),
             compute,
             copy,
             weights,
@@ -316,7 +314,7 @@ impl DeviceFuser {
             // elements of `output` left from `out_address` and `row_address` has 4 x M
             // f64 (checked above); all stay alive until the device synchronizes.
             unsafe {
-                self.averager.launch(
+                self.kernels.average(
                     stored,
                     output,
                     &set.addresses,
@@ -324,8 +322,8 @@ impl DeviceFuser {
                     out_address,
                     len as u64,
                 )?;
-                self.summer
-                    .launch(stored, &set.addresses, len as u64, row_address)?;
+                self.kernels
+                    .member_sums(stored, &set.addresses, len as u64, row_address)?;
             }
             set.consumed = Some(self.compute.record_event(None).w()?);
             self.next = 1 - self.next;
