@@ -28,10 +28,7 @@ use half::{bf16, f16};
 
 use super::plan::{FusionPlan, PlannedTensor};
 use super::progress::FuseProgress;
-use super::run::{
-    copy_integer_tensor, flag_unrelated, member_reports, missing, sums_from_rows, FusionReport,
-    RunOptions,
-};
+use super::run::{copy_integer_tensor, missing, sums_from_rows, FusionReport, RunOptions};
 use super::sink::{CandleSink, FusedData, TensorSink};
 use super::FuseError;
 use crate::checkpoint::Checkpoint;
@@ -122,9 +119,7 @@ pub fn execute_on_device(
     progress.finish();
     tensors.extend(integers.into_tensors());
     let sums = sums_from_rows(members, plan, &rows, &mut problems)?;
-    let reports = member_reports(members, plan, &sums);
-    flag_unrelated(members, &reports, options, &mut problems);
-    let report = FusionReport::assemble(plan, reports, bytes_read, started, problems);
+    let report = FusionReport::finish(members, plan, &sums, options, bytes_read, started, problems);
     Ok((tensors, report))
 }
 

@@ -117,16 +117,14 @@ pub fn execute(
         progress.advance(read);
     }
     progress.finish();
-    let reports = member_reports(members, plan, &sums);
-    flag_unrelated(members, &reports, options, &mut problems);
-    Ok(FusionReport::assemble(
-        plan, reports, bytes_read, started, problems,
+    Ok(FusionReport::finish(
+        members, plan, &sums, options, bytes_read, started, problems,
     ))
 }
 
 /// A member whose cosine to the others is under the threshold was not fine-tuned from
 /// their init: a problem, unless the options allow it.
-pub(super) fn flag_unrelated(
+fn flag_unrelated(
     members: &[Checkpoint],
     reports: &[MemberReport],
     options: &RunOptions,
@@ -147,14 +145,19 @@ pub(super) fn flag_unrelated(
 }
 
 impl FusionReport {
-    /// The report of a finished pass over `plan`.
-    pub(super) fn assemble(
+    /// The report of a finished pass over `plan` (on the CPU or a device), given the
+    /// members' summed statistics: the unrelated-member check is applied here.
+    pub(super) fn finish(
+        checkpoints: &[Checkpoint],
         plan: &FusionPlan,
-        members: Vec<MemberReport>,
+        sums: &[MemberSums],
+        options: &RunOptions,
         bytes_read: u64,
         started: Instant,
-        problems: Vec<Problem>,
+        mut problems: Vec<Problem>,
     ) -> Self {
+        let members = member_reports(checkpoints, plan, sums);
+        flag_unrelated(checkpoints, &members, options, &mut problems);
         Self {
             members,
             tensors: plan.tensors.len(),
@@ -340,7 +343,7 @@ pub(super) fn copy_integer_tensor(
     FusedData::Raw(inputs[0].to_vec())
 }
 
-pub(super) fn member_reports(
+fn member_reports(
     members: &[Checkpoint],
     plan: &FusionPlan,
     sums: &[MemberSums],
