@@ -13,8 +13,10 @@ use rayon::prelude::*;
 use super::sink::FusedData;
 use crate::dtype::FloatDType;
 
-/// Elements per inner block: M blocks of f32 stay in the L1/L2 cache.
-const BLOCK: usize = 1024;
+/// Elements per inner block: the M widened blocks, the average and the total (2 KiB each in
+/// f32) stay in the L1 cache. 1024 ran bf16 and f16 members 1.6x slower, 256 no faster
+/// (`cargo bench --bench fusion`, docs/benchmarks.md).
+const BLOCK: usize = 512;
 /// Elements per parallel task.
 const CHUNK: usize = 64 * 1024;
 /// Below this many elements a tensor is done on the calling thread.
@@ -341,35 +343,48 @@ fn average_chunk_portable<O: OutElem>(
     let size = in_dtype.size_in_bytes();
     let others = (m - 1) as f32;
     let mut sums = TensorSums::zero(m);
-    let mut scratch = vec![0f32; m * BLOCK];
-    let mut acc = vec![0f32; BLOCK];
-    let mut total = vec![0f32; BLOCK];
+    // Member rows, the average and the member total, side by side in one buffer.
+    let mut work = vec![0f32; (m + 2) * BLOCK];
+    let (scratch, rest) = work.split_at_mut(m * BLOCK);
+    let (acc, total) = rest.split_at_mut(BLOCK);
+    // Aligned little-endian f32 members are read straight from the map, else widened into
+    // scratch block by block.
+    let mapped: Option<Vec<&[f32]>> = match in_dtype {
+        FloatDType::F32 if cfg!(target_endian = "little") => inputs
+            .iter()
+            .map(|x| bytemuck::try_cast_slice::<u8, f32>(x).ok())
+            .collect(),
+        _ => None,
+    };
     let mut start = 0;
     while start < out.len() {
         let len = BLOCK.min(out.len() - start);
-        // Each member's block as f32: borrowed straight from the map when it is aligned
-        // f32 data, else widened into scratch.
-        let mut views: Vec<&[f32]> = Vec::with_capacity(m);
-        for (input, buf) in inputs.iter().zip(scratch.chunks_exact_mut(BLOCK)) {
-            let bytes = &input[start * size..(start + len) * size];
-            match (in_dtype, bytemuck::try_cast_slice::<u8, f32>(bytes)) {
-                (FloatDType::F32, Ok(v)) if cfg!(target_endian = "little") => views.push(v),
-                _ => {
-                    decode(in_dtype, bytes, &mut buf[..len]);
-                    views.push(&buf[..len]);
-                }
+        if mapped.is_none() {
+            for (input, row) in inputs.iter().zip(scratch.chunks_exact_mut(BLOCK)) {
+                decode(
+                    in_dtype,
+                    &input[start * size..(start + len) * size],
+                    &mut row[..len],
+                );
             }
         }
-        let xb = views[base];
+        let rows: &[f32] = scratch;
+        let view = |i: usize| -> &[f32] {
+            match &mapped {
+                Some(maps) => &maps[i][start..start + len],
+                None => &rows[i * BLOCK..i * BLOCK + len],
+            }
+        };
+        let xb = view(base);
         let acc = &mut acc[..len];
         let total = &mut total[..len];
         let mut first = true;
-        for (i, (&w, xi)) in weights.iter().zip(&views).enumerate() {
+        for (i, &w) in weights.iter().enumerate() {
             if i == base {
                 continue;
             }
             // The first other member initializes the sums, saving two copies of x_b.
-            let pairs = acc.iter_mut().zip(total.iter_mut()).zip(*xi).zip(xb);
+            let pairs = acc.iter_mut().zip(total.iter_mut()).zip(view(i)).zip(xb);
             if first {
                 for (((a, t), &v), &b) in pairs {
                     *a = b + w * (v - b);
@@ -387,8 +402,8 @@ fn average_chunk_portable<O: OutElem>(
             acc.copy_from_slice(xb);
             total.copy_from_slice(xb);
         }
-        for (i, x) in views.iter().enumerate() {
-            let [sq, dot_rest, rest_sq, dev_sq] = member_block_sums(x, total, others);
+        for i in 0..m {
+            let [sq, dot_rest, rest_sq, dev_sq] = member_block_sums(view(i), total, others);
             if !(sq.is_finite()
                 && dot_rest.is_finite()
                 && rest_sq.is_finite()
@@ -725,6 +740,30 @@ mod tests {
         paths::<f16>(FloatDType::F16);
         paths::<bf16>(FloatDType::BF16);
         paths::<bf16>(FloatDType::F32);
+    }
+
+    /// f32 members that are not 4-byte aligned in their files (a safetensors header whose
+    /// length is not a multiple of 4) are widened instead of borrowed: same bits, same sums.
+    #[test]
+    fn misaligned_f32_members_give_the_same_result_as_aligned_ones() {
+        let n = 3 * BLOCK + 21;
+        let (bytes, _) = members(3, n, FloatDType::F32, 5);
+        let shifted: Vec<Vec<u8>> = bytes
+            .iter()
+            .map(|b| std::iter::once(0u8).chain(b.iter().copied()).collect())
+            .collect();
+        let aligned: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let misaligned: Vec<&[u8]> = shifted.iter().map(|b| &b[1..]).collect();
+        assert!(misaligned
+            .iter()
+            .any(|b| bytemuck::try_cast_slice::<u8, f32>(b).is_err()));
+        let w = [0.5f32, 0.25, 0.25];
+        let mut want = vec![0f32; n];
+        let mut got = vec![0f32; n];
+        let want_sums = average(&aligned, FloatDType::F32, &w, 0, &mut want);
+        let got_sums = average(&misaligned, FloatDType::F32, &w, 0, &mut got);
+        assert_eq!(want, got);
+        assert_eq!(want_sums, got_sums);
     }
 
     #[test]
