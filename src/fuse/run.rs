@@ -90,8 +90,7 @@ pub fn execute(
         let inputs: Vec<&[u8]> = sources.iter().map(|(f, t)| f.bytes(t)).collect();
         let data = match tensor.stored.as_fusable() {
             Some(in_dtype) => {
-                let (data, tensor_sums) =
-                    average_tensor(tensor, &sources, in_dtype, plan, sink.spare())?;
+                let (data, tensor_sums) = average_tensor(tensor, &sources, in_dtype, plan, sink)?;
                 if tensor_sums.suspect.iter().any(|&s| s) {
                     // One member's NaN spoils every member's sums through their shared
                     // total: find the culprits, or redo the sums exactly after an overflow.
@@ -106,13 +105,15 @@ pub fn execute(
                 }
                 data
             }
-            None => copy_integer_tensor(members, tensor, &inputs, &mut problems),
+            None => Some(copy_integer_tensor(members, tensor, &inputs, &mut problems)),
         };
         let read: u64 = inputs.iter().map(|b| b.len() as u64).sum();
         for (file, info) in &sources {
             file.release(&info.range);
         }
-        sink.put(tensor, data)?;
+        if let Some(data) = data {
+            sink.put(tensor, data)?;
+        }
         bytes_read += read;
         progress.advance(read);
     }
@@ -180,70 +181,91 @@ pub(super) fn missing(tensor: &PlannedTensor) -> FuseError {
 }
 
 /// Elements averaged between two page releases: keeps the mapped input of a huge tensor
-/// (an embedding matrix) to M slabs instead of M whole tensors.
+/// (an embedding matrix) to M slabs instead of M whole tensors. A sink that takes parts
+/// gets one slab at a time.
 const SLAB: usize = 4 << 20;
+const PART: usize = 1 << 20;
 
+/// Averages one tensor slab by slab. A sink that takes parts has been given every slab
+/// when this returns (no data); otherwise the whole tensor is returned for `put`.
 fn average_tensor(
     tensor: &PlannedTensor,
     sources: &[(&SafetensorsFile, &TensorInfo)],
     in_dtype: FloatDType,
     plan: &FusionPlan,
-    spare: Option<FusedData>,
-) -> Result<(FusedData, kernel::TensorSums), FuseError> {
+    sink: &mut dyn TensorSink,
+) -> Result<(Option<FusedData>, kernel::TensorSums), FuseError> {
     fn run<O: OutElem>(
-        n: usize,
+        tensor: &PlannedTensor,
         sources: &[(&SafetensorsFile, &TensorInfo)],
         in_dtype: FloatDType,
         plan: &FusionPlan,
-        spare: Option<FusedData>,
-    ) -> (FusedData, kernel::TensorSums) {
-        let size = in_dtype.size_in_bytes();
-        let mut out: Vec<O> = match spare.and_then(O::unwrap) {
-            Some(mut v) => {
-                v.clear();
-                v.resize(n, O::default());
-                v
-            }
-            // Zeroed by the allocator (calloc), not by a loop over the elements.
-            None => bytemuck::allocation::zeroed_vec(n),
-        };
+        sink: &mut dyn TensorSink,
+    ) -> Result<(Option<FusedData>, kernel::TensorSums), FuseError> {
+        let n = tensor.numel();
         let mut sums = kernel::TensorSums::zero(sources.len());
-        for (slab, out) in out.chunks_mut(SLAB).enumerate() {
-            let start = slab * SLAB * size;
+        let average_slab = |start: usize, out: &mut [O]| {
+            let size = in_dtype.size_in_bytes();
             let ranges: Vec<std::ops::Range<usize>> = sources
                 .iter()
-                .map(|(_, t)| t.range.start + start..t.range.start + start + out.len() * size)
+                .map(|(_, t)| {
+                    let from = t.range.start + start * size;
+                    from..from + out.len() * size
+                })
                 .collect();
             let inputs: Vec<&[u8]> = sources
                 .iter()
                 .zip(&ranges)
                 .map(|((file, _), range)| file.bytes_at(range.clone()))
                 .collect();
-            sums = sums.merge(kernel::average(
-                &inputs,
-                in_dtype,
-                &plan.weights,
-                plan.base,
-                out,
-            ));
+            let slab_sums = kernel::average(&inputs, in_dtype, &plan.weights, plan.base, out);
             for ((file, _), range) in sources.iter().zip(&ranges) {
                 file.release(range);
             }
+            slab_sums
+        };
+        if sink.takes_parts() {
+            let mut start = 0;
+            loop {
+                let len = PART.min(n - start);
+                let mut out = reused_buffer::<O>(sink.spare(), len);
+                sums = sums.merge(average_slab(start, &mut out));
+                start += len;
+                let last = start == n;
+                sink.put_part(tensor, O::wrap(out), last)?;
+                if last {
+                    return Ok((None, sums));
+                }
+            }
         }
-        (O::wrap(out), sums)
+        let mut out = reused_buffer::<O>(sink.spare(), n);
+        for (slab, out) in out.chunks_mut(SLAB).enumerate() {
+            sums = sums.merge(average_slab(slab * SLAB, out));
+        }
+        Ok((Some(O::wrap(out)), sums))
     }
-    let n = tensor.numel();
-    Ok(match tensor.output {
-        DType::F32 => run::<f32>(n, sources, in_dtype, plan, spare),
-        DType::F16 => run::<f16>(n, sources, in_dtype, plan, spare),
-        DType::BF16 => run::<bf16>(n, sources, in_dtype, plan, spare),
-        other => {
-            return Err(FuseError::Load {
-                tensor: tensor.name.clone(),
-                reason: format!("cannot average into {other}"),
-            })
+    match tensor.output {
+        DType::F32 => run::<f32>(tensor, sources, in_dtype, plan, sink),
+        DType::F16 => run::<f16>(tensor, sources, in_dtype, plan, sink),
+        DType::BF16 => run::<bf16>(tensor, sources, in_dtype, plan, sink),
+        other => Err(FuseError::Load {
+            tensor: tensor.name.clone(),
+            reason: format!("cannot average into {other}"),
+        }),
+    }
+}
+
+/// A buffer of `n` elements: a spare one from the sink when it has the right type, else
+/// fresh zeroed pages (calloc, not a loop over the elements).
+fn reused_buffer<O: OutElem>(spare: Option<FusedData>, n: usize) -> Vec<O> {
+    match spare.and_then(O::unwrap) {
+        Some(mut v) => {
+            v.clear();
+            v.resize(n, O::default());
+            v
         }
-    })
+        None => bytemuck::allocation::zeroed_vec(n),
+    }
 }
 
 /// A non-finite block sum means NaN/Inf in the data, or squares that overflowed f32: report
@@ -396,6 +418,69 @@ mod tests {
             r#"{"architectures": ["LlamaForSequenceClassification"], "model_type": "llama"}"#;
         std::fs::write(dir.join("config.json"), config).unwrap();
         dir
+    }
+
+    /// Keeps whole tensors as bytes, as a sink that does not take parts.
+    #[derive(Default)]
+    struct WholeTensors(Vec<(String, Vec<u8>)>);
+
+    impl TensorSink for WholeTensors {
+        fn put(&mut self, tensor: &PlannedTensor, data: FusedData) -> Result<(), FuseError> {
+            self.0.push((tensor.name.clone(), data.as_bytes().to_vec()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_writer_fed_in_parts_writes_the_bytes_of_the_whole_tensors() {
+        let root = tempfile::tempdir().unwrap();
+        // Two whole parts and a short one, an empty tensor and a one-part tensor.
+        let big = PART * 2 + 123;
+        let values = |phase: f32| -> Vec<f32> {
+            (0..big).map(|i| (i as f32 * 0.37 + phase).sin()).collect()
+        };
+        let dirs: Vec<PathBuf> = [0.0, 0.01, 0.02]
+            .iter()
+            .enumerate()
+            .map(|(i, &phase)| {
+                let tensors = [
+                    ("big", values(phase)),
+                    ("empty", vec![]),
+                    ("small", vec![1.0 + phase, 2.0, 3.0]),
+                ];
+                member(root.path(), &format!("m{i}"), &tensors)
+            })
+            .collect();
+        let members = open_members(&dirs).unwrap();
+        let plan = make_plan(&members, None, None);
+        let options = RunOptions { min_cosine: None };
+        let mut progress = FuseProgress::new(0, false);
+
+        let mut whole = WholeTensors::default();
+        assert!(!whole.takes_parts());
+        execute(&members, &plan, &mut whole, &mut progress, &options).unwrap();
+
+        let out = root.path().join("fused");
+        let mut writer =
+            SafetensorsWriter::create(&out, &plan.tensors, u64::MAX, &Default::default()).unwrap();
+        assert!(writer.takes_parts());
+        execute(&members, &plan, &mut writer, &mut progress, &options).unwrap();
+        writer.finish().unwrap();
+        std::fs::copy(dirs[0].join("config.json"), out.join("config.json")).unwrap();
+
+        let fused = open_members(&[out]).unwrap();
+        assert_eq!(whole.0.len(), 3);
+        for (name, bytes) in &whole.0 {
+            let (file, info) = fused[0].tensor(name).unwrap();
+            assert!(
+                file.bytes(info) == bytes.as_slice(),
+                "tensor {name} differs"
+            );
+        }
+        assert_eq!(
+            whole.0.iter().find(|(n, _)| n == "big").unwrap().1.len(),
+            big * 4
+        );
     }
 
     #[test]

@@ -32,6 +32,26 @@ impl FusedData {
 pub trait TensorSink {
     fn put(&mut self, tensor: &PlannedTensor, data: FusedData) -> Result<(), FuseError>;
 
+    /// Whether the sink takes a tensor in consecutive parts through [`Self::put_part`]: a
+    /// writer can then start on a large tensor (an embedding matrix, a third of a small
+    /// model) before all of it is averaged.
+    fn takes_parts(&self) -> bool {
+        false
+    }
+
+    /// The next part of `tensor`, in order; `last` marks the one that completes it.
+    fn put_part(
+        &mut self,
+        tensor: &PlannedTensor,
+        _data: FusedData,
+        _last: bool,
+    ) -> Result<(), FuseError> {
+        Err(FuseError::Load {
+            tensor: tensor.name.clone(),
+            reason: "this sink takes whole tensors only".into(),
+        })
+    }
+
     /// A buffer the sink is done with, to be filled again instead of allocating fresh
     /// pages for every tensor (sinks that keep their tensors have none).
     fn spare(&mut self) -> Option<FusedData> {

@@ -1,6 +1,6 @@
-//! Writes fused tensors as a Hugging Face safetensors checkpoint, streaming: each tensor is
-//! written as it arrives, on a thread of its own so that writing overlaps the averaging of
-//! the next tensor (at most one tensor waits in between). Above the shard size the weights
+//! Writes fused tensors as a Hugging Face safetensors checkpoint, streaming: each tensor, or
+//! each part of a large one, is written as it arrives, on a thread of its own so that
+//! writing overlaps the averaging of what follows (at most one part waits in between). Above the shard size the weights
 //! are split into `model-0000k-of-0000N.safetensors` with `model.safetensors.index.json`,
 //! as transformers' `save_pretrained` does. Files are written under temporary names and
 //! renamed at the end, so a failed fusion leaves no half-written checkpoint behind.
@@ -26,13 +26,24 @@ struct Shard {
     header: Vec<u8>,
 }
 
+/// Data for the writing thread: a whole tensor, or one part of it (`last` on the part that
+/// completes it).
+struct Part {
+    data: FusedData,
+    last: bool,
+}
+
 pub struct SafetensorsWriter {
     dir: PathBuf,
     shards: Vec<Shard>,
     names: Vec<String>,
+    /// Each tensor's size in the output, in plan order.
+    sizes: Vec<u64>,
     total_bytes: u64,
     next_tensor: usize,
-    sender: Option<SyncSender<FusedData>>,
+    /// Bytes of `next_tensor` already sent in parts.
+    received: u64,
+    sender: Option<SyncSender<Part>>,
     /// Buffers the thread has written, handed back for reuse.
     returned: Receiver<FusedData>,
     thread: Option<JoinHandle<Result<(), FuseError>>>,
@@ -80,8 +91,10 @@ impl SafetensorsWriter {
             dir: dir.to_path_buf(),
             shards,
             names: tensors.iter().map(|t| t.name.clone()).collect(),
+            sizes: tensors.iter().map(PlannedTensor::output_bytes).collect(),
             total_bytes: tensors.iter().map(PlannedTensor::output_bytes).sum(),
             next_tensor: 0,
+            received: 0,
             sender: Some(sender),
             returned,
             thread: Some(thread),
@@ -145,12 +158,12 @@ impl SafetensorsWriter {
     }
 }
 
-/// The writing thread: shard by shard, the header then each tensor's data as it arrives.
+/// The writing thread: shard by shard, the header then each tensor's parts as they arrive.
 /// No fsync, as transformers' save_pretrained: the final rename is what keeps a crashed run
 /// from leaving a half-written file under the real name.
 fn write_shards(
     shards: &[Shard],
-    receiver: &Receiver<FusedData>,
+    receiver: &Receiver<Part>,
     give_back: &SyncSender<FusedData>,
 ) -> Result<(), FuseError> {
     for shard in shards {
@@ -159,13 +172,19 @@ fn write_shards(
         let mut file = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io)?);
         file.write_all(&shard.header).map_err(io)?;
         for _ in shard.tensors.clone() {
-            let Ok(data) = receiver.recv() else {
-                // The producer stopped early: the fusion failed and this output is dropped.
-                return Ok(());
-            };
-            file.write_all(data.as_bytes()).map_err(io)?;
-            // Offer the buffer for reuse; if one is already waiting, this one is freed.
-            let _ = give_back.try_send(data);
+            loop {
+                let Ok(part) = receiver.recv() else {
+                    // The producer stopped early: the fusion failed and this output is
+                    // dropped.
+                    return Ok(());
+                };
+                file.write_all(part.data.as_bytes()).map_err(io)?;
+                // Offer the buffer for reuse; if one is already waiting, this one is freed.
+                let _ = give_back.try_send(part.data);
+                if part.last {
+                    break;
+                }
+            }
         }
         file.flush().map_err(io)?;
     }
@@ -174,13 +193,38 @@ fn write_shards(
 
 impl TensorSink for SafetensorsWriter {
     fn put(&mut self, tensor: &PlannedTensor, data: FusedData) -> Result<(), FuseError> {
-        if self.names.get(self.next_tensor) != Some(&tensor.name) {
-            return Err(FuseError::Load {
-                tensor: tensor.name.clone(),
-                reason: "tensors arrived out of plan order".into(),
-            });
+        if self.received != 0 {
+            return Err(out_of_order(
+                tensor,
+                "a whole tensor arrived after a part of it",
+            ));
         }
-        let sent = self.sender.as_ref().map(|s| s.send(data));
+        self.put_part(tensor, data, true)
+    }
+
+    fn takes_parts(&self) -> bool {
+        true
+    }
+
+    fn put_part(
+        &mut self,
+        tensor: &PlannedTensor,
+        data: FusedData,
+        last: bool,
+    ) -> Result<(), FuseError> {
+        if self.names.get(self.next_tensor) != Some(&tensor.name) {
+            return Err(out_of_order(tensor, "tensors arrived out of plan order"));
+        }
+        // The header promised this many bytes: more or fewer would shift every later tensor.
+        let expected = self.sizes[self.next_tensor];
+        let received = self.received + data.as_bytes().len() as u64;
+        if received > expected || (last && received != expected) {
+            return Err(out_of_order(
+                tensor,
+                &format!("{received} bytes arrived for a tensor of {expected}"),
+            ));
+        }
+        let sent = self.sender.as_ref().map(|s| s.send(Part { data, last }));
         if !matches!(sent, Some(Ok(()))) {
             // The thread stopped: it has the error.
             self.join()?;
@@ -189,7 +233,12 @@ impl TensorSink for SafetensorsWriter {
                 std::io::Error::other("the writing thread stopped"),
             ));
         }
-        self.next_tensor += 1;
+        if last {
+            self.next_tensor += 1;
+            self.received = 0;
+        } else {
+            self.received = received;
+        }
         Ok(())
     }
 
@@ -206,6 +255,13 @@ impl Drop for SafetensorsWriter {
                 let _ = std::fs::remove_file(&shard.temp_path);
             }
         }
+    }
+}
+
+fn out_of_order(tensor: &PlannedTensor, reason: &str) -> FuseError {
+    FuseError::Load {
+        tensor: tensor.name.clone(),
+        reason: reason.into(),
     }
 }
 
@@ -286,6 +342,36 @@ mod tests {
         assert_eq!(group_into_shards(&ts, 80), vec![0..2, 2..3, 3..4]);
         assert_eq!(group_into_shards(&ts, 1000), vec![0..4]);
         assert_eq!(group_into_shards(&ts, 1), vec![0..1, 1..2, 2..3, 3..4]);
+    }
+
+    #[test]
+    fn parts_must_add_up_to_each_tensor_in_plan_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = [t("a", 4), t("b", 2)];
+        let part = |v: &[f32]| FusedData::F32(v.to_vec());
+        let mut w =
+            SafetensorsWriter::create(dir.path(), &tensors, u64::MAX, &BTreeMap::new()).unwrap();
+        let err = w.put_part(&tensors[1], part(&[1.0]), false).unwrap_err();
+        assert!(err.to_string().contains("out of plan order"), "{err}");
+        w.put_part(&tensors[0], part(&[1.0, 2.0]), false).unwrap();
+        let err = w.put(&tensors[0], part(&[3.0, 4.0])).unwrap_err();
+        assert!(err.to_string().contains("after a part"), "{err}");
+        let err = w.put_part(&tensors[0], part(&[3.0]), true).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("12 bytes arrived for a tensor of 16"),
+            "{err}"
+        );
+        let err = w.put_part(&tensors[0], part(&[3.0; 3]), false).unwrap_err();
+        assert!(err.to_string().contains("20 bytes arrived"), "{err}");
+        w.put_part(&tensors[0], part(&[3.0, 4.0]), true).unwrap();
+        assert!(w.put(&tensors[1], part(&[5.0])).is_err());
+        w.put(&tensors[1], part(&[5.0, 6.0])).unwrap();
+        w.finish().unwrap();
+
+        let bytes = std::fs::read(dir.path().join(SINGLE_WEIGHTS_FILE)).unwrap();
+        let data: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes[bytes.len() - 24..]);
+        assert_eq!(data, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
     }
 
     #[test]
