@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::cuda_backend::cudarc::driver::{
@@ -235,18 +236,9 @@ fn kernel_case<I: Elem, O: Elem>(
                 .collect()
         })
         .collect();
-    let device_inputs: Vec<CudaSlice<I>> = inputs
-        .iter()
-        .map(|x| stream.clone_htod(x))
-        .collect::<Result<_, _>>()
-        .w()?;
-    let in_size = std::mem::size_of::<I>() as u64;
+    let device_inputs = upload_members(&stream, &inputs)?;
     let out_size = std::mem::size_of::<O>() as u64;
-    let addresses: Vec<u64> = device_inputs
-        .iter()
-        .map(|x| x.device_ptr(&stream).0 + shift as u64 * in_size)
-        .collect();
-    let addresses = stream.clone_htod(&addresses).w()?;
+    let addresses = member_addresses(&stream, &device_inputs, shift)?;
     let device_weights = stream.clone_htod(&weights).w()?;
     let out: CudaSlice<O> = stream.clone_htod(&vec![O::poison(); n + shift]).w()?;
     let out_address = out.device_ptr(&stream).0 + shift as u64 * out_size;
@@ -283,6 +275,32 @@ fn kernel_case<I: Elem, O: Elem>(
     })
 }
 
+/// Each member's values copied to the device.
+fn upload_members<T: DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    members: &[Vec<T>],
+) -> CheckResult<Vec<CudaSlice<T>>> {
+    Ok(members
+        .iter()
+        .map(|x| stream.clone_htod(x))
+        .collect::<Result<_, _>>()
+        .w()?)
+}
+
+/// The kernels' pointer array: each member's device address `offset` elements in.
+fn member_addresses<T: DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    members: &[CudaSlice<T>],
+    offset: usize,
+) -> CheckResult<CudaSlice<u64>> {
+    let step = (offset * std::mem::size_of::<T>()) as u64;
+    let addresses: Vec<u64> = members
+        .iter()
+        .map(|x| x.device_ptr(stream).0 + step)
+        .collect();
+    Ok(stream.clone_htod(&addresses).w()?)
+}
+
 fn sums_cases(cuda: &CudaDevice) -> CheckResult<bool> {
     let mut ok = true;
     for m in [2usize, 3, 8] {
@@ -308,22 +326,13 @@ fn sums_case<T: Elem>(cuda: &CudaDevice, m: usize, n: usize) -> CheckResult<bool
                 .collect()
         })
         .collect();
-    let device_inputs: Vec<CudaSlice<T>> = inputs
-        .iter()
-        .map(|x| stream.clone_htod(x))
-        .collect::<Result<_, _>>()
-        .w()?;
-    let size = std::mem::size_of::<T>() as u64;
+    let device_inputs = upload_members(&stream, &inputs)?;
     let half = n / 2;
     let sums = stream.alloc_zeros::<f64>(4 * m).w()?;
     let sums_address = sums.device_ptr(&stream).0;
     let kernels = FusionKernels::new(cuda.clone());
     for (from, len) in [(0, half), (half, n - half)] {
-        let addresses: Vec<u64> = device_inputs
-            .iter()
-            .map(|x| x.device_ptr(&stream).0 + from as u64 * size)
-            .collect();
-        let addresses = stream.clone_htod(&addresses).w()?;
+        let addresses = member_addresses(&stream, &device_inputs, from)?;
         // SAFETY: each address has n - from >= len elements after it; sums holds 4m f64.
         unsafe { kernels.member_sums(T::DTYPE, &addresses, len as u64, sums_address)? };
         stream.synchronize().w()?;
