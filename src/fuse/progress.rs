@@ -57,6 +57,11 @@ impl FuseProgress {
         }
     }
 
+    /// Input bytes counted so far.
+    pub fn done(&self) -> u64 {
+        self.done
+    }
+
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();

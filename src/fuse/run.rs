@@ -88,9 +88,11 @@ pub fn execute(
             .map(|c| c.tensor(&tensor.name).ok_or_else(|| missing(tensor)))
             .collect::<Result<_, _>>()?;
         let inputs: Vec<&[u8]> = sources.iter().map(|(f, t)| f.bytes(t)).collect();
+        let read: u64 = inputs.iter().map(|b| b.len() as u64).sum();
         let data = match tensor.stored.as_fusable() {
             Some(in_dtype) => {
-                let (data, tensor_sums) = average_tensor(tensor, &sources, in_dtype, plan, sink)?;
+                let (data, tensor_sums) =
+                    average_tensor(tensor, &sources, in_dtype, plan, sink, progress)?;
                 if tensor_sums.suspect.iter().any(|&s| s) {
                     // One member's NaN spoils every member's sums through their shared
                     // total: find the culprits, or redo the sums exactly after an overflow.
@@ -105,9 +107,11 @@ pub fn execute(
                 }
                 data
             }
-            None => Some(copy_integer_tensor(members, tensor, &inputs, &mut problems)),
+            None => {
+                progress.advance(read);
+                Some(copy_integer_tensor(members, tensor, &inputs, &mut problems))
+            }
         };
-        let read: u64 = inputs.iter().map(|b| b.len() as u64).sum();
         for (file, info) in &sources {
             file.release(&info.range);
         }
@@ -115,7 +119,6 @@ pub fn execute(
             sink.put(tensor, data)?;
         }
         bytes_read += read;
-        progress.advance(read);
     }
     progress.finish();
     Ok(FusionReport::finish(
@@ -186,7 +189,8 @@ pub(super) fn missing(tensor: &PlannedTensor) -> FuseError {
 const SLAB: usize = 4 << 20;
 const PART: usize = 1 << 20;
 
-/// Averages one tensor slab by slab. A sink that takes parts has been given every slab
+/// Averages one tensor slab by slab, counting each slab's input bytes in `progress` (an
+/// embedding matrix can take seconds). A sink that takes parts has been given every slab
 /// when this returns (no data); otherwise the whole tensor is returned for `put`.
 fn average_tensor(
     tensor: &PlannedTensor,
@@ -194,6 +198,7 @@ fn average_tensor(
     in_dtype: FloatDType,
     plan: &FusionPlan,
     sink: &mut dyn TensorSink,
+    progress: &mut FuseProgress,
 ) -> Result<(Option<FusedData>, kernel::TensorSums), FuseError> {
     fn run<O: OutElem>(
         tensor: &PlannedTensor,
@@ -201,11 +206,12 @@ fn average_tensor(
         in_dtype: FloatDType,
         plan: &FusionPlan,
         sink: &mut dyn TensorSink,
+        progress: &mut FuseProgress,
     ) -> Result<(Option<FusedData>, kernel::TensorSums), FuseError> {
         let n = tensor.numel();
+        let size = in_dtype.size_in_bytes();
         let mut sums = kernel::TensorSums::zero(sources.len());
-        let average_slab = |start: usize, out: &mut [O]| {
-            let size = in_dtype.size_in_bytes();
+        let mut average_slab = |start: usize, out: &mut [O]| {
             let ranges: Vec<std::ops::Range<usize>> = sources
                 .iter()
                 .map(|(_, t)| {
@@ -222,6 +228,7 @@ fn average_tensor(
             for ((file, _), range) in sources.iter().zip(&ranges) {
                 file.release(range);
             }
+            progress.advance(ranges.iter().map(|r| r.len() as u64).sum());
             slab_sums
         };
         if sink.takes_parts() {
@@ -245,9 +252,9 @@ fn average_tensor(
         Ok((Some(O::wrap(out)), sums))
     }
     match tensor.output {
-        DType::F32 => run::<f32>(tensor, sources, in_dtype, plan, sink),
-        DType::F16 => run::<f16>(tensor, sources, in_dtype, plan, sink),
-        DType::BF16 => run::<bf16>(tensor, sources, in_dtype, plan, sink),
+        DType::F32 => run::<f32>(tensor, sources, in_dtype, plan, sink, progress),
+        DType::F16 => run::<f16>(tensor, sources, in_dtype, plan, sink, progress),
+        DType::BF16 => run::<bf16>(tensor, sources, in_dtype, plan, sink, progress),
         other => Err(FuseError::Load {
             tensor: tensor.name.clone(),
             reason: format!("cannot average into {other}"),
@@ -459,12 +466,16 @@ mod tests {
         let mut whole = WholeTensors::default();
         assert!(!whole.takes_parts());
         execute(&members, &plan, &mut whole, &mut progress, &options).unwrap();
+        // Every input byte counted once, part by part.
+        let input_bytes = 3 * 4 * (big + 3) as u64;
+        assert_eq!(progress.done(), input_bytes);
 
         let out = root.path().join("fused");
         let mut writer =
             SafetensorsWriter::create(&out, &plan.tensors, u64::MAX, &Default::default()).unwrap();
         assert!(writer.takes_parts());
         execute(&members, &plan, &mut writer, &mut progress, &options).unwrap();
+        assert_eq!(progress.done(), 2 * input_bytes);
         writer.finish().unwrap();
         std::fs::copy(dirs[0].join("config.json"), out.join("config.json")).unwrap();
 
