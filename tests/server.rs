@@ -183,9 +183,19 @@ fn error_statuses() {
         &json!({"inputs": [{"messages": [{"role": "user", "content": "hi"}]}]}),
     );
     check(s, &b, 422, "no chat template");
-    // 404 with the JSON shape.
+    // A body that is neither warm's nor vLLM's is answered in warm's shape.
+    let (s, b) = server.post("/v1/score", &json!({"input": ["a"]}));
+    check(s, &b, 400, "missing field `inputs`");
+    // 404 and 405 with the JSON shape (405 keeps its Allow header).
     let (s, b) = server.post("/v1/nothing", &json!({}));
     check(s, &b, 404, "no such route");
+    assert_eq!(b["error_type"], "not_found", "{b}");
+    let r = client.get(server.url("/v1/score")).send().unwrap();
+    assert_eq!(r.headers()["allow"], "POST");
+    let status = r.status().as_u16();
+    let b: serde_json::Value = r.json().unwrap();
+    check(status, &b, 405, "GET is not served on this route");
+    assert_eq!(b["error_type"], "method_not_allowed", "{b}");
     // The server is unharmed.
     let (s, b) = server.post("/v1/score", &json!({"inputs": ["still fine"]}));
     assert_eq!(s, 200, "{b}");

@@ -50,6 +50,8 @@ impl ApiError {
         match self.status {
             StatusCode::BAD_REQUEST => "validation",
             StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
             StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
             StatusCode::UNPROCESSABLE_ENTITY => "validation",
             StatusCode::TOO_MANY_REQUESTS => "overloaded",

@@ -277,6 +277,7 @@ fn router(state: Arc<AppState>) -> Router {
     let mut app = protected
         .merge(open)
         .fallback(native::not_found)
+        .method_not_allowed_fallback(native::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state);
     if let Some(cors) = cors {

@@ -168,3 +168,10 @@ pub async fn not_found() -> ApiError {
         "no such route: see GET /openapi.json",
     )
 }
+
+pub async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not served on this route: see GET /openapi.json"),
+    )
+}

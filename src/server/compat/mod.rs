@@ -92,10 +92,14 @@ pub async fn v1_score(
 ) -> Response {
     use axum::response::IntoResponse;
     match body {
-        Ok(ApiJson(body)) if has(&body, "inputs") => native::score_value(&state, body)
+        Ok(ApiJson(body)) if vllm::SCORE_FIELDS.iter().any(|k| has(&body, k)) => {
+            vllm::score_body(&state, Ok(body)).await
+        }
+        // Everything else is warm's own body, so a typo (`"input"`) is answered in warm's
+        // shape, naming `inputs`.
+        Ok(ApiJson(body)) => native::score_value(&state, body)
             .await
             .unwrap_or_else(IntoResponse::into_response),
-        Ok(ApiJson(body)) => vllm::score_body(&state, Ok(body)).await,
         // Unreadable JSON: answered in warm's own shape, this being warm's route.
         Err(e) => e.into_response(),
     }

@@ -212,6 +212,17 @@ async fn classify_inner(
     Ok(list_response(state, "classify", &outcome, data))
 }
 
+/// The fields that mark a body as vLLM's /score request (see `ScoreRequest`).
+pub const SCORE_FIELDS: [&str; 7] = [
+    "queries",
+    "text_1",
+    "data_1",
+    "documents",
+    "text_2",
+    "data_2",
+    "items",
+];
+
 #[derive(Deserialize)]
 struct ScoreRequest {
     #[serde(default, alias = "text_1", alias = "data_1")]
