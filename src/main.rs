@@ -265,7 +265,12 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(warm::server::serve(config))?;
+    let served = runtime.block_on(warm::server::serve(config));
+    // Every accepted request has been answered by now. What may still run is the loading
+    // of a model that never became ready (a stop during a minutes-long fusion): dropping
+    // the runtime would wait for it to finish, so leave it to the process exit instead.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 

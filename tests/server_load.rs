@@ -164,3 +164,62 @@ fn sigterm_under_load_loses_no_accepted_request() {
     );
     assert!(lost.is_empty(), "{lost:?}");
 }
+
+/// A member whose weights are one sparse file: `gib` GiB of zeros that cost no disk but
+/// take seconds to read and average, with the llama fixture's config and tokenizer.
+fn sparse_member(dir: &std::path::Path, gib: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(fixture("llama")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let bytes = gib << 30;
+    let rows = bytes / (64 * 4);
+    let mut header = json!({
+        "model.embed_tokens.weight":
+            {"dtype": "F32", "shape": [rows, 64], "data_offsets": [0, bytes]}
+    })
+    .to_string();
+    while !header.len().is_multiple_of(8) {
+        header.push(' ');
+    }
+    let mut file = std::fs::File::create(dir.join("model.safetensors")).unwrap();
+    use std::io::Write;
+    file.write_all(&(header.len() as u64).to_le_bytes())
+        .unwrap();
+    file.write_all(header.as_bytes()).unwrap();
+    file.set_len(8 + header.len() as u64 + bytes).unwrap();
+}
+
+#[test]
+fn sigterm_during_a_long_fusion_exits_without_finishing_it() {
+    // 4 x 4 GiB: many seconds of fusion even in a release build.
+    let root = tempfile::tempdir().unwrap();
+    let mut args = Vec::new();
+    for i in 0..4 {
+        let dir = root.path().join(format!("member{i}"));
+        sparse_member(&dir, 4);
+        args.extend(["--model".to_string(), dir.display().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = Server::start(&args);
+    let (status, _) = server.get("/health");
+    assert_eq!(status, 503, "the set should still be loading");
+    std::thread::sleep(Duration::from_millis(500));
+    let signalled = std::time::Instant::now();
+    let exit = server.terminate();
+    let waited = signalled.elapsed();
+    assert!(exit.success(), "{exit:?}");
+    let log: Vec<String> = server.log.lock().unwrap().try_iter().collect();
+    assert!(
+        log.iter().any(|l| l.contains("loading abandoned")),
+        "the load had finished: the test proved nothing\n{}",
+        log.join("\n")
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "exit took {waited:?} after SIGTERM: it waited for the fusion"
+    );
+}

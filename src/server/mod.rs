@@ -88,6 +88,9 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
     tokio::select! {
         result = server => {
+            if state.ready.get().is_none() {
+                tracing::info!("stopped before the model was loaded: loading abandoned");
+            }
             tracing::info!("stopped accepting; in-flight requests are done");
             result?;
             Ok(())
