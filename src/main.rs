@@ -282,7 +282,14 @@ fn run_fuse(args: FuseArgs) -> anyhow::Result<ExitCode> {
         max_shard_size: args.max_shard_size,
         device: args.device,
     };
-    let report = fuse::fuse_to_directory(&config)?;
+    fuse::stop_on_signals()?;
+    let report = match fuse::fuse_to_directory(&config) {
+        Err(e @ fuse::FuseError::Interrupted) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(130));
+        }
+        other => other?,
+    };
     println!(
         "fused {} members into {}: {} tensors, {} parameters; read {:.2} GB in {:.2} s ({:.2} GB/s), wrote {:.2} GB",
         report.members.len(),

@@ -318,3 +318,56 @@ fn device_choice_runs_on_the_cpu_or_refuses_before_writing() {
     assert_eq!(o.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("unknown device 'gpu'"), "{stderr}");
 }
+
+/// Ctrl-C in the middle of a fusion: exit 130 and nothing left in the output folder, the
+/// writer's hidden temporary file included. The members are sparse files of zeros (no disk
+/// used), large enough that the pass is still running when the signal comes.
+#[test]
+fn an_interrupted_fusion_leaves_no_partial_files() {
+    let root = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let dir = root.path().join(format!("member{i}"));
+            sparse_member(&dir, 4);
+            dir
+        })
+        .collect();
+    let out = root.path().join("fused");
+    let mut child = Command::new(warm_bin())
+        .args(["fuse", "--model", path_str(&dirs[0]), "--model"])
+        .args([path_str(&dirs[1]), "--output", path_str(&out)])
+        .env_remove("WARM_MODEL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let listing = || -> Vec<String> {
+        std::fs::read_dir(&out).map_or_else(
+            |_| Vec::new(),
+            |entries| {
+                entries
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            },
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !listing().iter().any(|name| name.ends_with(".partial")) {
+        assert!(child.try_wait().unwrap().is_none(), "warm fuse ended early");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no .partial file appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(listing().is_empty(), "left behind: {:?}", listing());
+}

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::server::{fixture, Server};
+use common::sparse_member;
 use serde_json::{json, Value};
 
 /// Inputs of very different lengths.
@@ -163,34 +164,6 @@ fn sigterm_under_load_loses_no_accepted_request() {
         "no request was in flight at SIGTERM: the test proved nothing"
     );
     assert!(lost.is_empty(), "{lost:?}");
-}
-
-/// A member whose weights are one sparse file: `gib` GiB of zeros that cost no disk but
-/// take seconds to read and average, with the llama fixture's config and tokenizer.
-fn sparse_member(dir: &std::path::Path, gib: u64) {
-    std::fs::create_dir_all(dir).unwrap();
-    for entry in std::fs::read_dir(fixture("llama")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "json") {
-            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    let bytes = gib << 30;
-    let rows = bytes / (64 * 4);
-    let mut header = json!({
-        "model.embed_tokens.weight":
-            {"dtype": "F32", "shape": [rows, 64], "data_offsets": [0, bytes]}
-    })
-    .to_string();
-    while !header.len().is_multiple_of(8) {
-        header.push(' ');
-    }
-    let mut file = std::fs::File::create(dir.join("model.safetensors")).unwrap();
-    use std::io::Write;
-    file.write_all(&(header.len() as u64).to_le_bytes())
-        .unwrap();
-    file.write_all(header.as_bytes()).unwrap();
-    file.set_len(8 + header.len() as u64 + bytes).unwrap();
 }
 
 #[test]

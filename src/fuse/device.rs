@@ -74,6 +74,7 @@ pub fn execute_on_device(
     let mut problems = plan.problems.clone();
     let mut bytes_read = 0u64;
     for (index, tensor) in plan.tensors.iter().enumerate() {
+        super::interrupt::check()?;
         let _span = tracing::debug_span!("fuse_tensor_on_device", name = %tensor.name).entered();
         let sources = members
             .iter()

@@ -19,6 +19,9 @@ pub enum FuseError {
     /// `--device` names a device this build or machine cannot use.
     #[error("{0}")]
     Device(String),
+    /// SIGINT or SIGTERM during the pass (`warm fuse`, see interrupt.rs).
+    #[error("interrupted: the fusion stopped and its partial output was removed")]
+    Interrupted,
 }
 
 impl FuseError {

@@ -7,6 +7,7 @@
 #[cfg(feature = "cuda")]
 mod device;
 mod error;
+mod interrupt;
 pub mod kernel;
 mod plan;
 mod problem;
@@ -19,6 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 pub use error::FuseError;
+pub use interrupt::stop_on_signals;
 pub use plan::{normalize_weights, plan, FusionPlan, PlannedTensor};
 pub use problem::{describe, MemberRef, Problem};
 pub use progress::FuseProgress;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use half::{bf16, f16};
 
+use super::interrupt;
 use super::kernel::{self, MemberSums, OutElem};
 use super::plan::{member_ref, FusionPlan, PlannedTensor};
 use super::problem::Problem;
@@ -82,6 +83,7 @@ pub fn execute(
     let mut sums = vec![MemberSums::default(); m];
     let mut bytes_read = 0u64;
     for tensor in &plan.tensors {
+        interrupt::check()?;
         let _span = tracing::debug_span!("fuse_tensor", name = %tensor.name).entered();
         let sources: Vec<(&SafetensorsFile, &TensorInfo)> = members
             .iter()
@@ -234,6 +236,7 @@ fn average_tensor(
         if sink.takes_parts() {
             let mut start = 0;
             loop {
+                interrupt::check()?;
                 let len = PART.min(n - start);
                 let mut out = reused_buffer::<O>(sink.spare(), len);
                 sums = sums.merge(average_slab(start, &mut out));

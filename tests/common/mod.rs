@@ -254,3 +254,31 @@ pub fn stored(tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: &str) -> Vec<(S
 pub fn warm_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_warm"))
 }
+
+/// A member whose weights are one sparse file: `gib` GiB of zeros that cost no disk but
+/// take seconds to read and average, with the llama fixture's config and tokenizer.
+pub fn sparse_member(dir: &Path, gib: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(server::fixture("llama")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let bytes = gib << 30;
+    let rows = bytes / (64 * 4);
+    let mut header = serde_json::json!({
+        "model.embed_tokens.weight":
+            {"dtype": "F32", "shape": [rows, 64], "data_offsets": [0, bytes]}
+    })
+    .to_string();
+    while !header.len().is_multiple_of(8) {
+        header.push(' ');
+    }
+    let mut file = std::fs::File::create(dir.join("model.safetensors")).unwrap();
+    use std::io::Write;
+    file.write_all(&(header.len() as u64).to_le_bytes())
+        .unwrap();
+    file.write_all(header.as_bytes()).unwrap();
+    file.set_len(8 + header.len() as u64 + bytes).unwrap();
+}
