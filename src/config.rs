@@ -105,6 +105,8 @@ pub struct ServeConfig {
     pub payload_limit: usize,
     pub api_key: Option<String>,
     pub request_timeout: std::time::Duration,
+    /// How long a client may take to send a request's headers, and then its body.
+    pub read_timeout: std::time::Duration,
     pub cors_allow_origins: Vec<String>,
 }
 

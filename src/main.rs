@@ -140,6 +140,10 @@ struct ServeArgs {
     /// Seconds a request may take before a 504.
     #[arg(long, env = "WARM_REQUEST_TIMEOUT", default_value_t = 300)]
     request_timeout: u64,
+    /// Seconds a client may take to send a request's headers, and then its body: slower
+    /// or stalled clients are cut off (408 for a body) instead of holding a connection.
+    #[arg(long, env = "WARM_READ_TIMEOUT", default_value_t = 75)]
+    read_timeout: u64,
     /// Origins allowed by CORS (comma-separated; CORS is off without it).
     #[arg(long, env = "WARM_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
     cors_allow_origin: Vec<String>,
@@ -260,6 +264,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         payload_limit: usize::try_from(args.payload_limit)?,
         api_key: args.api_key,
         request_timeout: std::time::Duration::from_secs(args.request_timeout),
+        read_timeout: std::time::Duration::from_secs(args.read_timeout.max(1)),
         cors_allow_origins: args.cors_allow_origin,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -414,3 +414,44 @@ fn cors_only_when_configured_and_request_timeout_is_504() {
     assert_eq!(b["error_type"], "timeout");
     assert_eq!(cors.get("/health").0, 200);
 }
+
+/// Sends `raw` on a fresh connection and returns what the server answers before it closes
+/// the connection (empty: closed without a response), or None if it still holds the
+/// connection open after 20 s.
+fn raw_exchange(server: &Server, raw: &[u8]) -> Option<String> {
+    use std::io::{Read, Write};
+    let address = server.base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.write_all(raw).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut answer = Vec::new();
+    match stream.read_to_end(&mut answer) {
+        Ok(_) => Some(String::from_utf8_lossy(&answer).into_owned()),
+        Err(_) => None,
+    }
+}
+
+#[test]
+fn slow_or_stalled_clients_are_cut_off_after_the_read_timeout() {
+    let server = Server::started(&["--model", &model_arg("bert"), "--read-timeout", "1"]);
+    // Half a request head (slowloris): the connection is closed, with nothing to answer.
+    let head = raw_exchange(&server, b"POST /v1/score HTTP/1.1\r\nHost: warm\r\n");
+    assert_eq!(head.as_deref(), Some(""), "the connection was held open");
+    // A body that stops short of its Content-Length: 408 in warm's JSON shape.
+    let body = raw_exchange(
+        &server,
+        b"POST /v1/score HTTP/1.1\r\nHost: warm\r\nContent-Length: 100\r\n\r\n{\"inputs\"",
+    )
+    .expect("the connection was held open");
+    assert!(body.starts_with("HTTP/1.1 408"), "{body}");
+    assert!(
+        body.contains("\"error_type\":\"request_timeout\""),
+        "{body}"
+    );
+    assert!(body.contains("--read-timeout"), "{body}");
+    // Other clients were served all along.
+    let (s, b) = server.post("/v1/score", &json!({"inputs": ["still fine"]}));
+    assert_eq!(s, 200, "{b}");
+}

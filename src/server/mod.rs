@@ -5,6 +5,7 @@ pub mod api;
 mod auth;
 mod compat;
 pub mod error;
+mod listen;
 mod metrics;
 mod native;
 mod pipeline;
@@ -85,14 +86,13 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
             let _ = failed_tx.send(e);
         }
     });
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    let server = listen::serve(listener, app, state.config.read_timeout, shutdown_signal());
     tokio::select! {
-        result = server => {
+        () = server => {
             if state.ready.get().is_none() {
                 tracing::info!("stopped before the model was loaded: loading abandoned");
             }
             tracing::info!("stopped accepting; in-flight requests are done");
-            result?;
             Ok(())
         }
         Ok(message) = &mut failed_rx => Err(ServeError::Load(message)),

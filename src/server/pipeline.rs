@@ -16,22 +16,36 @@ use crate::scorer::Score;
 use crate::text::{Direction, Input, Message};
 
 /// A JSON body read whatever the Content-Type (curl -d sends a form type), with errors in
-/// warm's JSON shape: 413 over the payload limit, 400 for malformed JSON.
+/// warm's JSON shape: 413 over the payload limit, 408 when the whole body has not arrived
+/// within `--read-timeout`, 400 for malformed JSON.
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large(
-                    "the request body is larger than the payload limit (--payload-limit)",
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let deadline = state.config.read_timeout;
+        let read = tokio::time::timeout(deadline, Bytes::from_request(req, state));
+        let bytes = read
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request body did not arrive within {} s (--read-timeout)",
+                        deadline.as_secs()
+                    ),
                 )
-            } else {
-                ApiError::bad_request(format!("cannot read the request body: {e}"))
-            }
-        })?;
+            })?
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::too_large(
+                        "the request body is larger than the payload limit (--payload-limit)",
+                    )
+                } else {
+                    ApiError::bad_request(format!("cannot read the request body: {e}"))
+                }
+            })?;
         serde_json::from_slice(&bytes)
             .map(ApiJson)
             .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
