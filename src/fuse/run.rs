@@ -186,14 +186,17 @@ pub(super) fn missing(tensor: &PlannedTensor) -> FuseError {
 }
 
 /// Elements averaged between two page releases: keeps the mapped input of a huge tensor
-/// (an embedding matrix) to M slabs instead of M whole tensors. A sink that takes parts
-/// gets one slab at a time.
+/// (an embedding matrix) to M slabs instead of M whole tensors.
 const SLAB: usize = 4 << 20;
+/// Elements per part for a sink that takes parts (the writer): each part is averaged, its
+/// pages released and handed over on its own. 4M-element parts were no faster and held
+/// twice the memory (docs/benchmarks.md).
 const PART: usize = 1 << 20;
 
-/// Averages one tensor slab by slab, counting each slab's input bytes in `progress` (an
-/// embedding matrix can take seconds). A sink that takes parts has been given every slab
-/// when this returns (no data); otherwise the whole tensor is returned for `put`.
+/// Averages one tensor slab by slab (part by part for a sink that takes parts), counting
+/// each one's input bytes in `progress` (an embedding matrix can take seconds). A sink that
+/// takes parts has been given all of them when this returns (no data); otherwise the whole
+/// tensor is returned for `put`.
 fn average_tensor(
     tensor: &PlannedTensor,
     sources: &[(&SafetensorsFile, &TensorInfo)],
