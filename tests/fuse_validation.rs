@@ -202,12 +202,28 @@ fn nan_and_inf_are_named_with_member_tensor_and_index() {
     );
     // And fusing refuses with the same message.
     let err = fuse::fuse_to_tensors(
-        &members_config(&[good_member(tmp.path(), "c", 3), b], None),
+        &members_config(&[good_member(tmp.path(), "c", 3), b.clone()], None),
         warm::dtype::FloatDType::F32,
         &candle_core::Device::Cpu,
     )
     .unwrap_err();
     assert!(err.to_string().contains("non-finite"), "{err}");
+    // Found during the pass, after the writer started: no output folder is left.
+    let output = tmp.path().join("fused");
+    let err = fuse::fuse_to_directory(&warm::config::FuseConfig {
+        members: members_config(&[good_member(tmp.path(), "d", 4), b.clone()], None),
+        output: output.clone(),
+        dtype: None,
+        max_shard_size: u64::MAX,
+        device: warm::config::DeviceChoice::Cpu,
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("non-finite"), "{err}");
+    assert!(
+        !output.exists(),
+        "the refused fusion left {}",
+        output.display()
+    );
 }
 
 #[test]

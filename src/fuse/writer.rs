@@ -35,6 +35,8 @@ struct Part {
 
 pub struct SafetensorsWriter {
     dir: PathBuf,
+    /// Whether `create` made the folder: a failed fusion then removes it too (when empty).
+    created_dir: bool,
     shards: Vec<Shard>,
     names: Vec<String>,
     /// Each tensor's size in the output, in plan order.
@@ -60,6 +62,7 @@ impl SafetensorsWriter {
         max_shard_bytes: u64,
         metadata: &BTreeMap<String, String>,
     ) -> Result<Self, FuseError> {
+        let created_dir = !dir.exists();
         std::fs::create_dir_all(dir).map_err(|e| FuseError::output(dir, e))?;
         let groups = group_into_shards(tensors, max_shard_bytes);
         let count = groups.len();
@@ -89,6 +92,7 @@ impl SafetensorsWriter {
             .map_err(|e| FuseError::output(dir, e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            created_dir,
             shards,
             names: tensors.iter().map(|t| t.name.clone()).collect(),
             sizes: tensors.iter().map(PlannedTensor::output_bytes).collect(),
@@ -253,6 +257,10 @@ impl Drop for SafetensorsWriter {
             let _ = self.join();
             for shard in &self.shards {
                 let _ = std::fs::remove_file(&shard.temp_path);
+            }
+            if self.created_dir {
+                // remove_dir only removes an empty folder: nothing else is lost.
+                let _ = std::fs::remove_dir(&self.dir);
             }
         }
     }
