@@ -79,6 +79,38 @@ pub struct ErrorResponse {
     pub error_type: String,
 }
 
+/// The error statuses of the scoring routes, all with an [`ErrorResponse`] body: only its
+/// OpenAPI description is used.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum ScoringErrors {
+    /// Malformed JSON, an empty input list or a malformed input (named by index).
+    #[response(status = 400)]
+    BadRequest(ErrorResponse),
+    /// A missing or wrong API key (`--api-key`).
+    #[response(status = 401)]
+    Unauthorized(ErrorResponse),
+    /// The body did not all arrive within `--read-timeout`.
+    #[response(status = 408)]
+    RequestTimeout(ErrorResponse),
+    /// Over `--payload-limit` or `--max-client-batch-size`.
+    #[response(status = 413)]
+    TooLarge(ErrorResponse),
+    /// An input too long without truncation, empty once tokenized, or rejected by the chat
+    /// template.
+    #[response(status = 422)]
+    Unprocessable(ErrorResponse),
+    /// More than `--max-concurrent-requests` in flight.
+    #[response(status = 429)]
+    Overloaded(ErrorResponse),
+    /// The model is still loading.
+    #[response(status = 503)]
+    NotReady(ErrorResponse),
+    /// Over `--request-timeout`.
+    #[response(status = 504)]
+    Timeout(ErrorResponse),
+}
+
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(

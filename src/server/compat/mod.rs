@@ -63,17 +63,7 @@ pub async fn rerank(
 }
 
 #[utoipa::path(post, path = "/v1/rerank", request_body = crate::server::api::RerankRequest,
-    responses(
-        (status = 200, body = crate::server::api::RerankResponse),
-        (status = 400, body = crate::server::api::ErrorResponse),
-        (status = 401, body = crate::server::api::ErrorResponse),
-        (status = 408, body = crate::server::api::ErrorResponse),
-        (status = 413, body = crate::server::api::ErrorResponse),
-        (status = 422, body = crate::server::api::ErrorResponse),
-        (status = 429, body = crate::server::api::ErrorResponse),
-        (status = 503, body = crate::server::api::ErrorResponse),
-        (status = 504, body = crate::server::api::ErrorResponse)
-    ))]
+    responses((status = 200, body = crate::server::api::RerankResponse), crate::server::api::ScoringErrors))]
 /// `POST /v1/rerank`: warm's `{"prompt", "responses"}` or vLLM's `{"query", "documents"}`.
 pub async fn v1_rerank(
     State(state): State<Arc<AppState>>,
@@ -90,17 +80,7 @@ pub async fn v1_rerank(
 }
 
 #[utoipa::path(post, path = "/v1/score", request_body = crate::server::api::ScoreRequest,
-    responses(
-        (status = 200, body = crate::server::api::ScoreResponse),
-        (status = 400, body = crate::server::api::ErrorResponse),
-        (status = 401, body = crate::server::api::ErrorResponse),
-        (status = 408, body = crate::server::api::ErrorResponse),
-        (status = 413, body = crate::server::api::ErrorResponse),
-        (status = 422, body = crate::server::api::ErrorResponse),
-        (status = 429, body = crate::server::api::ErrorResponse),
-        (status = 503, body = crate::server::api::ErrorResponse),
-        (status = 504, body = crate::server::api::ErrorResponse)
-    ))]
+    responses((status = 200, body = crate::server::api::ScoreResponse), crate::server::api::ScoringErrors))]
 /// `POST /v1/score`: warm's `{"inputs"}` or vLLM's pairs (`queries`/`documents`,
 /// `text_1`/`text_2`, ...).
 pub async fn v1_score(
