@@ -1,9 +1,10 @@
 //! Writes fused tensors as a Hugging Face safetensors checkpoint, streaming: each tensor, or
 //! each part of a large one, is written as it arrives, on a thread of its own so that
-//! writing overlaps the averaging of what follows (at most one part waits in between). Above the shard size the weights
-//! are split into `model-0000k-of-0000N.safetensors` with `model.safetensors.index.json`,
-//! as transformers' `save_pretrained` does. Files are written under temporary names and
-//! renamed at the end, so a failed fusion leaves no half-written checkpoint behind.
+//! writing overlaps the averaging of what follows (at most one part waits in between).
+//! Above the shard size the weights are split into `model-0000k-of-0000N.safetensors` with
+//! `model.safetensors.index.json`, as transformers' `save_pretrained` does. Files are written
+//! under temporary names and renamed at the end, so a failed fusion leaves no half-written
+//! checkpoint behind.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -41,7 +42,6 @@ pub struct SafetensorsWriter {
     names: Vec<String>,
     /// Each tensor's size in the output, in plan order.
     sizes: Vec<u64>,
-    total_bytes: u64,
     next_tensor: usize,
     /// Bytes of `next_tensor` already sent in parts.
     received: u64,
@@ -96,7 +96,6 @@ impl SafetensorsWriter {
             shards,
             names: tensors.iter().map(|t| t.name.clone()).collect(),
             sizes: tensors.iter().map(PlannedTensor::output_bytes).collect(),
-            total_bytes: tensors.iter().map(PlannedTensor::output_bytes).sum(),
             next_tensor: 0,
             received: 0,
             sender: Some(sender),
@@ -148,7 +147,7 @@ impl SafetensorsWriter {
                 }
             }
             let index = serde_json::json!({
-                "metadata": {"total_size": self.total_bytes},
+                "metadata": {"total_size": self.sizes.iter().sum::<u64>()},
                 "weight_map": weight_map,
             });
             write_json(&index_path, &index)?;
@@ -198,10 +197,7 @@ fn write_shards(
 impl TensorSink for SafetensorsWriter {
     fn put(&mut self, tensor: &PlannedTensor, data: FusedData) -> Result<(), FuseError> {
         if self.received != 0 {
-            return Err(out_of_order(
-                tensor,
-                "a whole tensor arrived after a part of it",
-            ));
+            return Err(refused(tensor, "a whole tensor arrived after a part of it"));
         }
         self.put_part(tensor, data, true)
     }
@@ -217,13 +213,13 @@ impl TensorSink for SafetensorsWriter {
         last: bool,
     ) -> Result<(), FuseError> {
         if self.names.get(self.next_tensor) != Some(&tensor.name) {
-            return Err(out_of_order(tensor, "tensors arrived out of plan order"));
+            return Err(refused(tensor, "tensors arrived out of plan order"));
         }
         // The header promised this many bytes: more or fewer would shift every later tensor.
         let expected = self.sizes[self.next_tensor];
         let received = self.received + data.as_bytes().len() as u64;
         if received > expected || (last && received != expected) {
-            return Err(out_of_order(
+            return Err(refused(
                 tensor,
                 &format!("{received} bytes arrived for a tensor of {expected}"),
             ));
@@ -266,7 +262,8 @@ impl Drop for SafetensorsWriter {
     }
 }
 
-fn out_of_order(tensor: &PlannedTensor, reason: &str) -> FuseError {
+/// A part or tensor the writer cannot take where it stands in the output.
+fn refused(tensor: &PlannedTensor, reason: &str) -> FuseError {
     FuseError::Load {
         tensor: tensor.name.clone(),
         reason: reason.into(),
