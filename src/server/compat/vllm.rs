@@ -212,7 +212,8 @@ async fn classify_inner(
     Ok(list_response(state, "classify", &outcome, data))
 }
 
-/// The fields that mark a body as vLLM's /score request (see `ScoreRequest`).
+/// The fields that mark a body as vLLM's /score request: `ScoreRequest`'s fields and aliases
+/// (kept as a list: deserializing to test would copy a native body through the flatten).
 pub const SCORE_FIELDS: [&str; 7] = [
     "queries",
     "text_1",
