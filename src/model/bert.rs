@@ -9,6 +9,7 @@ use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
 use super::dense::Dense;
 
 use super::layers::{embedding, layer_norm, linear, padding_mask, split_heads, Packing};
+use super::packed_attention::{self, KeySpan, Queries, Spec};
 use super::{
     load_err, logits_to_rows, parse_config, ModelError, PaddedBatch, Pooling, RewardModel, Sequence,
 };
@@ -239,8 +240,19 @@ impl BertModel {
             (None, _) => x,
         };
         x = self.embed_norm.forward(&x)?;
+        // On the CPU in f32 attention runs on the packed rows too; elsewhere on the padded
+        // layout rebuilt from them, with a mask hiding the padding.
+        let on_packed_rows = packed_attention::applies(device, x.dtype());
         let mask = padding_mask(&batch.lengths, batch.seq_len, device)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let spec = Spec {
+            heads: self.heads,
+            kv_heads: self.heads,
+            head_dim: self.head_dim,
+            scale: scale as f32,
+            softcap: None,
+            keys: KeySpan::All,
+        };
         let last = self.layers.len().saturating_sub(1);
         let split = |t: &Tensor| split_heads(t, self.heads, self.head_dim);
         for (i, layer) in self.layers.iter().enumerate() {
@@ -253,25 +265,36 @@ impl BertModel {
                 x.clone()
             };
             let q = layer.query.forward(&rows)?;
-            let q = if only_first {
-                q.unsqueeze(1)?
+            let k = layer.key.forward(&x)?;
+            let v = layer.value.forward(&x)?;
+            let attn = if on_packed_rows {
+                let queries = if only_first {
+                    Queries::First
+                } else {
+                    Queries::Every
+                };
+                packed_attention::attend(&spec, &batch.lengths, queries, &q, &k, &v)?.ok_or_else(
+                    || candle_core::Error::Msg("packed attention refused its input".into()),
+                )?
             } else {
-                packing.unpack(&q)?
-            };
-            let k = packing.unpack(&layer.key.forward(&x)?)?;
-            let v = packing.unpack(&layer.value.forward(&x)?)?;
-            let attn = super::layers::attention(
-                &split(&q)?,
-                &split(&k)?,
-                &split(&v)?,
-                &mask,
-                scale,
-                None,
-            )?;
-            let attn = if only_first {
-                attn.squeeze(1)?
-            } else {
-                packing.pack(&attn)?
+                let q = if only_first {
+                    q.unsqueeze(1)?
+                } else {
+                    packing.unpack(&q)?
+                };
+                let attn = super::layers::attention(
+                    &split(&q)?,
+                    &split(&packing.unpack(&k)?)?,
+                    &split(&packing.unpack(&v)?)?,
+                    &mask,
+                    scale,
+                    None,
+                )?;
+                if only_first {
+                    attn.squeeze(1)?
+                } else {
+                    packing.pack(&attn)?
+                }
             };
             let h = layer
                 .attn_norm

@@ -16,6 +16,7 @@ use super::dense::Dense;
 use super::layers::{
     attention, causal_mask, embedding, linear, split_heads, Packing, RmsNorm, Rotary,
 };
+use super::packed_attention::{self, KeySpan, Queries, Spec};
 use super::{
     load_err, logits_to_rows, parse_config, ModelError, PaddedBatch, Pooling, RewardModel, Sequence,
 };
@@ -345,15 +346,27 @@ impl DecoderModel {
     fn forward(&self, sequences: &[&Sequence]) -> Result<Tensor> {
         let device: Device = self.embed.embeddings().device().clone();
         let batch = PaddedBatch::new(sequences, self.pad_id, &device)?;
-        // Dense layers run on the real tokens only (packed rows); attention, rotary and the
-        // per-head norms on the padded layout rebuilt from them. Padding is on the right and
-        // the mask causal, so no real token ever attends to a padded one.
+        // Dense layers run on the real tokens only (packed rows). On the CPU in f32 the
+        // attention runs on them too; elsewhere it runs on the padded layout rebuilt from
+        // them. Padding is on the right and the mask causal, so no real token ever
+        // attends to a padded one.
         let packing = Packing::new(&batch.lengths, batch.seq_len, &device)?;
         let mut x = self.embed.forward(&packing.pack(&batch.ids)?)?;
         if let Some(scale) = self.embed_scale {
             // Gemma2 multiplies by sqrt(hidden) rounded to the compute dtype.
             let s = Tensor::new(scale as f32, &device)?.to_dtype(x.dtype())?;
             x = x.broadcast_mul(&s)?;
+        }
+        if packed_attention::applies(&device, x.dtype()) {
+            let rows = PackedRows::new(&batch.lengths, &packing);
+            let last = self.layers.len().saturating_sub(1);
+            for (i, layer) in self.layers.iter().enumerate() {
+                x = self.packed_layer_forward(layer, &x, &rows, i == last)?;
+            }
+            if self.layers.is_empty() {
+                x = packing.last_rows(&x)?;
+            }
+            return self.score.forward(&self.norm.forward(&x)?);
         }
         let full_mask = causal_mask(batch.seq_len, None, &device)?;
         let window_mask = match self.window {
@@ -373,7 +386,7 @@ impl DecoderModel {
         self.score.forward(&self.norm.forward(&rows)?)
     }
 
-    /// One layer on packed rows `[t, h]`.
+    /// One layer on packed rows `[t, h]`, attention on the padded layout.
     fn layer_forward(
         &self,
         l: &Layer,
@@ -395,10 +408,66 @@ impl DecoderModel {
         let mask = mask.to_dtype(DType::F32)?;
         let attn = attention(&q, &k, &v, &mask, self.scale, self.softcap)?;
         let attn = packing.pack(&attn)?;
+        self.residual_and_mlp(l, x, &attn)
+    }
+
+    /// One layer on packed rows `[t, h]` with attention on them as well (CPU, f32). In the
+    /// last layer only each sequence's last row goes on (the score head reads nothing
+    /// else): its query, attention output and MLP are computed for that row alone, while
+    /// keys and values still come from every row. Returns `[b, h]` then.
+    fn packed_layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        rows: &PackedRows,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let unavailable = || candle_core::Error::Msg("packed attention refused its input".into());
+        let h = l.input_norm.forward(x)?;
+        let (x, q_in, q_positions, queries) = if last_only {
+            let x = rows.packing.last_rows(x)?;
+            let q_in = rows.packing.last_rows(&h)?;
+            (x, q_in, &rows.last_positions, Queries::Last)
+        } else {
+            (x.clone(), h.clone(), &rows.positions, Queries::Every)
+        };
+        let mut q = l.q.forward(&q_in)?;
+        let mut k = l.k.forward(&h)?;
+        let v = l.v.forward(&h)?;
+        if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+            q = per_head(qn, &q, self.head_dim)?;
+            k = per_head(kn, &k, self.head_dim)?;
+        }
+        let q = self
+            .rotary
+            .apply_packed(&q, self.head_dim, q_positions)?
+            .ok_or_else(unavailable)?;
+        let k = self
+            .rotary
+            .apply_packed(&k, self.head_dim, &rows.positions)?
+            .ok_or_else(unavailable)?;
+        let spec = Spec {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            scale: self.scale as f32,
+            softcap: self.softcap.map(|c| c as f32),
+            keys: KeySpan::Causal {
+                window: self.window.filter(|_| l.sliding),
+            },
+        };
+        let attn = packed_attention::attend(&spec, rows.lengths, queries, &q, &k, &v)?
+            .ok_or_else(unavailable)?;
+        self.residual_and_mlp(l, &x, &attn)
+    }
+
+    /// The attention output projection, residual adds and MLP, on rows `x` and their
+    /// attention output `attn`.
+    fn residual_and_mlp(&self, l: &Layer, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
         // Without Gemma2's post-norms the residual add is folded into the projection.
         let x = match &l.post_attn_norm {
-            Some(n) => (x + n.forward(&l.o.forward(&attn)?)?)?,
-            None => l.o.forward_add(&attn, x)?,
+            Some(n) => (x + n.forward(&l.o.forward(attn)?)?)?,
+            None => l.o.forward_add(attn, x)?,
         };
         let h = l.pre_mlp_norm.forward(&x)?;
         let inner = (self.act.forward(&l.gate.forward(&h)?)? * l.up.forward(&h)?)?;
@@ -407,6 +476,35 @@ impl DecoderModel {
             None => l.down.forward_add(&inner, &x),
         }
     }
+}
+
+/// The packed rows' sequences: their lengths (for attention) and each row's position in
+/// its sequence (for rotary embeddings).
+struct PackedRows<'a> {
+    lengths: &'a [usize],
+    packing: &'a Packing,
+    /// Of every row.
+    positions: Vec<usize>,
+    /// Of each sequence's last row.
+    last_positions: Vec<usize>,
+}
+
+impl<'a> PackedRows<'a> {
+    fn new(lengths: &'a [usize], packing: &'a Packing) -> Self {
+        Self {
+            lengths,
+            packing,
+            positions: lengths.iter().flat_map(|&len| 0..len).collect(),
+            last_positions: lengths.iter().map(|&len| len.saturating_sub(1)).collect(),
+        }
+    }
+}
+
+/// A per-head norm (Qwen3's q/k norms) on packed rows `[t, heads * head_dim]`.
+fn per_head(norm: &RmsNorm, x: &Tensor, head_dim: usize) -> Result<Tensor> {
+    let (rows, width) = x.dims2()?;
+    norm.forward(&x.reshape((rows * width / head_dim, head_dim))?)?
+        .reshape((rows, width))
 }
 
 impl RewardModel for DecoderModel {

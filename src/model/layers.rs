@@ -1,8 +1,9 @@
 //! Pieces shared by the architectures: loading helpers, norms, rotary embeddings, masks
 //! and attention.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use rayon::prelude::*;
 
 use super::dense::Dense;
 
@@ -77,6 +78,62 @@ impl Rotary {
         })
     }
 
+    /// Rotates packed rows `x: [rows, heads * head_dim]`, row `r` being at `positions[r]`,
+    /// on the CPU in f32 (one pass, no padded layout). `None` where that does not apply.
+    pub fn apply_packed(
+        &self,
+        x: &Tensor,
+        head_dim: usize,
+        positions: &[usize],
+    ) -> Result<Option<Tensor>> {
+        let (rows, width) = x.dims2()?;
+        let half = self.cos.dim(1)?;
+        let usable = matches!(x.device(), Device::Cpu)
+            && x.dtype() == DType::F32
+            && self.cos.dtype() == DType::F32
+            && half > 0
+            && head_dim == 2 * half
+            && width % head_dim == 0
+            && positions.len() == rows
+            && positions.iter().all(|&p| p < self.cos.dim(0).unwrap_or(0));
+        if !usable {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let (cos, sin) = (self.cos.contiguous()?, self.sin.contiguous()?);
+        let out = {
+            let (xs, _) = x.storage_and_layout();
+            let (cs, _) = cos.storage_and_layout();
+            let (ss, _) = sin.storage_and_layout();
+            let (Some(xs), Some(cs), Some(ss)) =
+                (cpu_f32(&x, &xs), cpu_f32(&cos, &cs), cpu_f32(&sin, &ss))
+            else {
+                return Ok(None);
+            };
+            let mut out = vec![0f32; xs.len()];
+            out.par_chunks_mut(width)
+                .zip(xs.par_chunks(width))
+                .zip(positions.par_iter())
+                .for_each(|((out_row, row), &p)| {
+                    let (cos, sin) = (&cs[p * half..][..half], &ss[p * half..][..half]);
+                    // rotate-half, per head: (a, b) -> (a cos - b sin, b cos + a sin).
+                    for (o, x) in out_row
+                        .chunks_exact_mut(2 * half)
+                        .zip(row.chunks_exact(2 * half))
+                    {
+                        let (a, b) = x.split_at(half);
+                        let (oa, ob) = o.split_at_mut(half);
+                        for j in 0..half {
+                            oa[j] = a[j] * cos[j] - b[j] * sin[j];
+                            ob[j] = b[j] * cos[j] + a[j] * sin[j];
+                        }
+                    }
+                });
+            out
+        };
+        Tensor::from_vec(out, (rows, width), &Device::Cpu).map(Some)
+    }
+
     /// Rotates `x` of shape [batch, heads, seq, head_dim].
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let seq = x.dim(2)?;
@@ -84,6 +141,15 @@ impl Rotary {
         let sin = self.sin.narrow(0, 0, seq)?;
         candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
     }
+}
+
+/// The f32 elements of a contiguous CPU tensor, from its storage.
+pub(super) fn cpu_f32<'a>(t: &Tensor, storage: &'a Storage) -> Option<&'a [f32]> {
+    let Storage::Cpu(CpuStorage::F32(all)) = storage else {
+        return None;
+    };
+    let start = t.layout().start_offset();
+    all.get(start..start + t.elem_count())
 }
 
 /// Additive [seq, seq] mask for causal attention, optionally limited to a sliding window

@@ -7,6 +7,7 @@ mod decoder;
 mod dense;
 mod gelu;
 mod layers;
+mod packed_attention;
 
 use std::collections::HashMap;
 
