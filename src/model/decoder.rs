@@ -13,6 +13,7 @@ use candle_nn::{Activation, Embedding, VarBuilder};
 
 use super::dense::Dense;
 
+use super::gated;
 use super::layers::{
     attention, causal_mask, embedding, linear, split_heads, Packing, RmsNorm, Rotary,
 };
@@ -470,7 +471,15 @@ impl DecoderModel {
             None => l.o.forward_add(attn, x)?,
         };
         let h = l.pre_mlp_norm.forward(&x)?;
-        let inner = (self.act.forward(&l.gate.forward(&h)?)? * l.up.forward(&h)?)?;
+        let (gate, up) = (l.gate.forward(&h)?, l.up.forward(&h)?);
+        let fused = match self.act {
+            Activation::Silu => gated::silu_mul(&gate, &up)?,
+            _ => None,
+        };
+        let inner = match fused {
+            Some(inner) => inner,
+            None => (self.act.forward(&gate)? * up)?,
+        };
         match &l.post_mlp_norm {
             Some(n) => x + n.forward(&l.down.forward(&inner)?)?,
             None => l.down.forward_add(&inner, &x),

@@ -5,9 +5,11 @@ mod bert;
 mod deberta;
 mod decoder;
 mod dense;
+mod gated;
 mod gelu;
 mod layers;
 mod packed_attention;
+mod vexp;
 
 use std::collections::HashMap;
 

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::layers::cpu_f32;
+use super::vexp::exp;
 
 /// Whether attention runs on packed rows for tensors on `device` in `dtype`: on the CPU in
 /// f32. Elsewhere the models take the padded layout.
@@ -176,10 +177,12 @@ fn attend_slices(
         let k_block = &k[start * kv_stride + kv_col..];
         let v_block = &v[start * kv_stride + kv_col..];
         let q_block = &q[row * q_stride + h * d..];
-        let mut scores = vec![0f32; count * len];
+        // Left uninitialized: the first GEMM writes every element.
+        let mut scores: Vec<f32> = Vec::with_capacity(count * len);
         // SAFETY (both calls): every pointer addresses `count`/`len` rows of `d` (or
         // `len`) elements inside its slice or the output, read with the strides given;
-        // gemm writes all count x len (count x d) destination elements.
+        // gemm writes all count x len (count x d) destination elements, so `scores` is
+        // initialized once the first returns.
         unsafe {
             // scores = scale * Q K^T; K^T's element (c, j) is k_block[j * kv_stride + c].
             gemm::gemm(
@@ -203,6 +206,7 @@ fn attend_slices(
                 false,
                 gemm::Parallelism::None,
             );
+            scores.set_len(count * len);
         }
         for (i, row_scores) in scores.chunks_exact_mut(len).enumerate() {
             softmax_span(
@@ -250,17 +254,61 @@ fn softmax_span(row: &mut [f32], span: std::ops::Range<usize>, softcap: Option<f
             *x = (*x / cap).tanh() * cap;
         }
     }
-    let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for x in seen.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    for x in seen.iter_mut() {
-        *x /= sum;
+    #[cfg(target_arch = "x86_64")]
+    let done = if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { softmax_avx2(seen) };
+        true
+    } else {
+        false
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = false;
+    if !done {
+        softmax(seen);
     }
     row[..span.start].fill(0.0);
     row[span.end..].fill(0.0);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn softmax_avx2(xs: &mut [f32]) {
+    softmax(xs);
+}
+
+/// Softmax in place, in loops the compiler vectorizes. Terms below e^-80 of the largest
+/// are 0: as libm's subnormal results they would add nothing, and slow the GEMM after.
+#[inline(always)]
+fn softmax(xs: &mut [f32]) {
+    let max = fold_lanes(xs, f32::NEG_INFINITY, f32::max);
+    for x in xs.iter_mut() {
+        let shifted = *x - max;
+        *x = if shifted < -80.0 { 0.0 } else { exp(shifted) };
+    }
+    let sum = fold_lanes(xs, 0.0, |a, b| a + b);
+    for x in xs.iter_mut() {
+        *x /= sum;
+    }
+}
+
+/// `xs` folded with `f` in eight interleaved lanes (so that the loop vectorizes), then
+/// the lanes and the tail.
+#[inline(always)]
+fn fold_lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = f(*lane, x);
+        }
+    }
+    let mut folded = tail.iter().fold(init, |acc, &x| f(acc, x));
+    for lane in lanes {
+        folded = f(folded, lane);
+    }
+    folded
 }
 
 #[cfg(test)]
@@ -408,6 +456,27 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn softmax_sums_to_one_inside_its_span_and_is_zero_outside() {
+        // 11 keys: past one vector of 8, with a term far below the largest (exactly 0, not
+        // a subnormal) and ties.
+        let mut row = [9.0f32, 1.0, 2.0, 2.0, -95.0, 0.5, 3.0, 1.0, 2.0, 0.0, 7.0];
+        softmax_span(&mut row, 1..10, None);
+        assert_eq!((row[0], row[10]), (0.0, 0.0));
+        assert_eq!(row[4], 0.0);
+        let sum: f32 = row.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-6, "{sum}");
+        let scores = [1.0f64, 2.0, 2.0, 0.5, 3.0, 1.0, 2.0, 0.0];
+        let total: f64 = scores.iter().map(|s| s.exp()).sum();
+        let want: Vec<f64> = scores.iter().map(|s| s.exp() / total).collect();
+        let got = [
+            row[1], row[2], row[3], row[5], row[6], row[7], row[8], row[9],
+        ];
+        for (g, w) in got.iter().zip(&want) {
+            assert!((f64::from(*g) - w).abs() < 1e-7, "{g} vs {w}");
         }
     }
 
