@@ -185,18 +185,7 @@ fn gemm_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn seeded(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::model::testing::{max_diff, seeded};
 
     fn candle_reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
         let y = x.matmul(&w.t().unwrap()).unwrap();
@@ -204,19 +193,6 @@ mod tests {
             Some(b) => y.broadcast_add(b).unwrap(),
             None => y,
         }
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]

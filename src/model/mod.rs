@@ -9,6 +9,8 @@ mod gated;
 mod gelu;
 mod layers;
 mod packed_attention;
+#[cfg(test)]
+mod testing;
 mod vexp;
 
 use std::collections::HashMap;

@@ -315,6 +315,7 @@ fn fold_lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 mod tests {
     use super::*;
     use crate::model::layers::{attention, causal_mask, padding_mask, split_heads, Packing};
+    use crate::model::testing::{max_diff, seeded};
     use crate::model::Sequence;
     use crate::scorer::Scorer;
 
@@ -356,18 +357,6 @@ mod tests {
         }
     }
 
-    fn seeded(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 500.0 - 2.0
-            })
-            .collect()
-    }
-
     /// The general path: padded layout, repeated KV heads, additive masks.
     fn reference(spec: &Spec, lengths: &[usize], q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
         let dev = Device::Cpu;
@@ -388,19 +377,6 @@ mod tests {
         )
         .unwrap();
         packing.pack(&out).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]
