@@ -273,9 +273,8 @@ impl BertModel {
                 } else {
                     Queries::Every
                 };
-                packed_attention::attend(&spec, &batch.lengths, queries, &q, &k, &v)?.ok_or_else(
-                    || candle_core::Error::Msg("packed attention refused its input".into()),
-                )?
+                packed_attention::attend(&spec, &batch.lengths, queries, &q, &k, &v)?
+                    .ok_or_else(packed_attention::refused)?
             } else {
                 let q = if only_first {
                     q.unsqueeze(1)?

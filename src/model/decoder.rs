@@ -423,7 +423,6 @@ impl DecoderModel {
         rows: &PackedRows,
         last_only: bool,
     ) -> Result<Tensor> {
-        let unavailable = || candle_core::Error::Msg("packed attention refused its input".into());
         let h = l.input_norm.forward(x)?;
         let (x, q_in, q_positions, queries) = if last_only {
             let x = rows.packing.last_rows(x)?;
@@ -442,11 +441,11 @@ impl DecoderModel {
         let q = self
             .rotary
             .apply_packed(&q, self.head_dim, q_positions)?
-            .ok_or_else(unavailable)?;
+            .ok_or_else(packed_attention::refused)?;
         let k = self
             .rotary
             .apply_packed(&k, self.head_dim, &rows.positions)?
-            .ok_or_else(unavailable)?;
+            .ok_or_else(packed_attention::refused)?;
         let spec = Spec {
             heads: self.heads,
             kv_heads: self.kv_heads,
@@ -458,7 +457,7 @@ impl DecoderModel {
             },
         };
         let attn = packed_attention::attend(&spec, rows.lengths, queries, &q, &k, &v)?
-            .ok_or_else(unavailable)?;
+            .ok_or_else(packed_attention::refused)?;
         self.residual_and_mlp(l, &x, &attn)
     }
 

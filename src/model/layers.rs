@@ -87,7 +87,7 @@ impl Rotary {
         positions: &[usize],
     ) -> Result<Option<Tensor>> {
         let (rows, width) = x.dims2()?;
-        let half = self.cos.dim(1)?;
+        let (table_rows, half) = self.cos.dims2()?;
         let usable = matches!(x.device(), Device::Cpu)
             && x.dtype() == DType::F32
             && self.cos.dtype() == DType::F32
@@ -95,7 +95,7 @@ impl Rotary {
             && head_dim == 2 * half
             && width % head_dim == 0
             && positions.len() == rows
-            && positions.iter().all(|&p| p < self.cos.dim(0).unwrap_or(0));
+            && positions.iter().all(|&p| p < table_rows);
         if !usable {
             return Ok(None);
         }

@@ -26,6 +26,12 @@ pub fn applies(device: &Device, dtype: DType) -> bool {
     matches!(device, Device::Cpu) && dtype == DType::F32
 }
 
+/// The error for input that [`attend`] or `Rotary::apply_packed` refused where
+/// [`applies`] had said they would take it: a bug, not a user's mistake.
+pub fn refused() -> candle_core::Error {
+    candle_core::Error::Msg("attention on packed rows refused its input".into())
+}
+
 /// Which keys a query at position `p` of a sequence of `len` tokens sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeySpan {
@@ -254,19 +260,7 @@ fn softmax_span(row: &mut [f32], span: std::ops::Range<usize>, softcap: Option<f
             *x = (*x / cap).tanh() * cap;
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    let done = if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        unsafe { softmax_avx2(seen) };
-        true
-    } else {
-        false
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let done = false;
-    if !done {
-        softmax(seen);
-    }
+    softmax_row(seen);
     row[..span.start].fill(0.0);
     row[span.end..].fill(0.0);
 }
@@ -274,6 +268,17 @@ fn softmax_span(row: &mut [f32], span: std::ops::Range<usize>, softcap: Option<f
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn softmax_avx2(xs: &mut [f32]) {
+    softmax(xs);
+}
+
+fn softmax_row(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { softmax_avx2(xs) };
+        }
+    }
     softmax(xs);
 }
 
