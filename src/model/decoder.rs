@@ -471,11 +471,7 @@ impl DecoderModel {
         };
         let h = l.pre_mlp_norm.forward(&x)?;
         let (gate, up) = (l.gate.forward(&h)?, l.up.forward(&h)?);
-        let fused = match self.act {
-            Activation::Silu => gated::silu_mul(&gate, &up)?,
-            _ => None,
-        };
-        let inner = match fused {
+        let inner = match gated::act_mul(self.act, &gate, &up)? {
             Some(inner) => inner,
             None => (self.act.forward(&gate)? * up)?,
         };

@@ -1,44 +1,91 @@
-//! The gated MLP's `silu(gate) * up` (Llama, Mistral, Qwen2, Qwen3) in one vectorized pass
-//! on the CPU in f32. candle runs it as two passes over `[t, intermediate]`, a unary map
-//! whose SiLU calls libm's scalar `expf` per element and a binary map for the product: 7%
-//! of a SmolLM2-135M forward pass.
+//! The gated MLP's `act(gate) * up` in one vectorized pass on the CPU in f32, for SiLU
+//! (Llama, Mistral, Qwen2, Qwen3) and the tanh GELU (Gemma2's `gelu_pytorch_tanh`). candle
+//! runs it as two passes over `[t, intermediate]`, a unary map calling libm's scalar `expf`
+//! or `tanhf` per element and a binary map for the product: 7% of a SmolLM2-135M forward
+//! pass.
 
 use std::mem::MaybeUninit;
 
 use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::Activation;
 use rayon::prelude::*;
 
 use super::layers::cpu_f32;
 use super::vexp::exp;
 
+/// sqrt(2 / pi), the tanh GELU's inner scale.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+/// The activations this pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Silu,
+    /// 0.5 g (1 + tanh(y)), y = sqrt(2/pi) (g + 0.044715 g^3), computed as g * sigmoid(2y),
+    /// the same value without tanh's cancellation near 0 or a second exp.
+    GeluTanh,
+}
+
+impl Gate {
+    fn of(act: Activation) -> Option<Self> {
+        match act {
+            Activation::Silu => Some(Self::Silu),
+            Activation::GeluPytorchTanh | Activation::NewGelu => Some(Self::GeluTanh),
+            _ => None,
+        }
+    }
+}
+
+#[inline(always)]
+fn silu(g: f32) -> f32 {
+    g / (1.0 + exp(-g))
+}
+
+#[inline(always)]
+fn gelu_tanh(g: f32) -> f32 {
+    let y = SQRT_2_OVER_PI * (g + 0.044_715 * g * g * g);
+    g / (1.0 + exp(-2.0 * y))
+}
+
 /// Writes every element of `out` (as long as `gate` and `up`).
 #[inline(always)]
-fn silu_mul_slice(gate: &[f32], up: &[f32], out: &mut [MaybeUninit<f32>]) {
+fn gated_slice(gate: Gate, g: &[f32], up: &[f32], out: &mut [MaybeUninit<f32>]) {
+    // One loop per activation, so each is a straight loop the compiler vectorizes.
+    match gate {
+        Gate::Silu => mul_slice(silu, g, up, out),
+        Gate::GeluTanh => mul_slice(gelu_tanh, g, up, out),
+    }
+}
+
+#[inline(always)]
+fn mul_slice(act: impl Fn(f32) -> f32, gate: &[f32], up: &[f32], out: &mut [MaybeUninit<f32>]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        o.write(g / (1.0 + exp(-g)) * u);
+        o.write(act(g) * u);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn silu_mul_slice_avx2(gate: &[f32], up: &[f32], out: &mut [MaybeUninit<f32>]) {
-    silu_mul_slice(gate, up, out);
+unsafe fn gated_slice_avx2(gate: Gate, g: &[f32], up: &[f32], out: &mut [MaybeUninit<f32>]) {
+    gated_slice(gate, g, up, out);
 }
 
-fn silu_mul_chunk(gate: &[f32], up: &[f32], out: &mut [MaybeUninit<f32>]) {
+fn gated_chunk(gate: Gate, g: &[f32], up: &[f32], out: &mut [MaybeUninit<f32>]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { silu_mul_slice_avx2(gate, up, out) };
+            return unsafe { gated_slice_avx2(gate, g, up, out) };
         }
     }
-    silu_mul_slice(gate, up, out);
+    gated_slice(gate, g, up, out);
 }
 
-/// `silu(gate) * up` for same-shaped f32 tensors on the CPU; `None` elsewhere (the caller
-/// then takes candle's ops).
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+/// `act(gate) * up` for same-shaped f32 tensors on the CPU; `None` for other activations,
+/// dtypes or devices (the caller then takes candle's ops).
+pub fn act_mul(act: Activation, gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    let Some(kind) = Gate::of(act) else {
+        return Ok(None);
+    };
     let usable = gate.dims() == up.dims()
         && [gate, up]
             .iter()
@@ -59,7 +106,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
         out.spare_capacity_mut()[..gs.len()]
             .par_chunks_mut(CHUNK)
             .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| silu_mul_chunk(g, u, o));
+            .for_each(|(o, (g, u))| gated_chunk(kind, g, u, o));
         // SAFETY: the chunks above cover the first gs.len() elements, and each chunk's
         // slices are equally long (gate and up have the same shape), so all are written.
         unsafe { out.set_len(gs.len()) };
@@ -71,28 +118,53 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Module;
 
-    #[test]
-    fn matches_candle_silu_times_up() {
-        let dev = Device::Cpu;
-        // Odd length (no multiple of any vector width), large and small values.
-        let gate = Tensor::arange(-2003i64, 2000, &dev)
+    /// Odd length (no multiple of any vector width), large and small values of both signs.
+    fn gate_and_up() -> (Tensor, Tensor) {
+        let gate = Tensor::arange(-2003i64, 2000, &Device::Cpu)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap()
             .affine(0.05, 0.0)
             .unwrap();
         let up = gate.cos().unwrap();
-        let ours: Vec<f32> = silu_mul(&gate, &up)
-            .unwrap()
-            .expect("f32 CPU takes this path")
-            .to_vec1()
-            .unwrap();
-        let candle: Vec<f32> = (gate.silu().unwrap() * &up).unwrap().to_vec1().unwrap();
-        for (a, b) in ours.iter().zip(&candle) {
-            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+        (gate, up)
+    }
+
+    #[test]
+    fn matches_candle_activation_times_up() {
+        let (gate, up) = gate_and_up();
+        for act in [
+            Activation::Silu,
+            Activation::GeluPytorchTanh,
+            Activation::NewGelu,
+        ] {
+            let ours: Vec<f32> = act_mul(act, &gate, &up)
+                .unwrap()
+                .expect("f32 CPU takes this path")
+                .to_vec1()
+                .unwrap();
+            let candle: Vec<f32> = (act.forward(&gate).unwrap() * &up)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (a, b) in ours.iter().zip(&candle) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                    "{act:?}: {a} vs {b}"
+                );
+            }
         }
+    }
+
+    #[test]
+    fn other_activations_dtypes_and_shapes_are_left_to_candle() {
+        let (gate, up) = gate_and_up();
+        assert!(act_mul(Activation::Gelu, &gate, &up).unwrap().is_none());
         let half = gate.to_dtype(DType::BF16).unwrap();
-        assert!(silu_mul(&half, &half).unwrap().is_none());
+        assert!(act_mul(Activation::Silu, &half, &half).unwrap().is_none());
+        let short = gate.narrow(0, 0, 10).unwrap();
+        assert!(act_mul(Activation::Silu, &short, &up).unwrap().is_none());
     }
 }

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::layers::cpu_f32;
-use super::vexp::exp;
+use super::vexp::{exp, tanh};
 
 /// Whether attention runs on packed rows for tensors on `device` in `dtype`: on the CPU in
 /// f32. Elsewhere the models take the padded layout.
@@ -254,38 +254,38 @@ fn attend_slices(
 
 /// Softmax of `row[span]` in place (after Gemma2's capping), zero elsewhere.
 fn softmax_span(row: &mut [f32], span: std::ops::Range<usize>, softcap: Option<f32>) {
-    let seen = &mut row[span.clone()];
-    if let Some(cap) = softcap {
-        for x in seen.iter_mut() {
-            *x = (*x / cap).tanh() * cap;
-        }
-    }
-    softmax_row(seen);
+    softmax_row(&mut row[span.clone()], softcap);
     row[..span.start].fill(0.0);
     row[span.end..].fill(0.0);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn softmax_avx2(xs: &mut [f32]) {
-    softmax(xs);
+unsafe fn softmax_avx2(xs: &mut [f32], softcap: Option<f32>) {
+    softmax(xs, softcap);
 }
 
-fn softmax_row(xs: &mut [f32]) {
+fn softmax_row(xs: &mut [f32], softcap: Option<f32>) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { softmax_avx2(xs) };
+            return unsafe { softmax_avx2(xs, softcap) };
         }
     }
-    softmax(xs);
+    softmax(xs, softcap);
 }
 
-/// Softmax in place, in loops the compiler vectorizes. Terms below e^-80 of the largest
-/// are 0: as libm's subnormal results they would add nothing, and slow the GEMM after.
+/// Softmax in place (after Gemma2's capping), in loops the compiler vectorizes. Terms
+/// below e^-80 of the largest are 0: as libm's subnormal results they would add nothing,
+/// and slow the GEMM after.
 #[inline(always)]
-fn softmax(xs: &mut [f32]) {
+fn softmax(xs: &mut [f32], softcap: Option<f32>) {
+    if let Some(cap) = softcap {
+        for x in xs.iter_mut() {
+            *x = tanh(*x / cap) * cap;
+        }
+    }
     let max = fold_lanes(xs, f32::NEG_INFINITY, f32::max);
     for x in xs.iter_mut() {
         let shifted = *x - max;
