@@ -1,6 +1,8 @@
 //! A load harness for a running warm server: a fixed, seeded workload of prompt/response
 //! pairs sent over HTTP at set concurrency levels; prints requests/s, inputs/s, tokens/s
-//! and latency percentiles per level.
+//! and latency percentiles per level, and the p50 of each request's latency outside the
+//! forward pass (the client's latency less the server's `x-inference-time` for the same
+//! request: HTTP, JSON, tokenization and queueing, free of the forward pass's own noise).
 //!
 //!   cargo run --release --example load -- URL [CONCURRENCY,...] [REQUESTS] [PAIRS_PER_REQUEST] [SEED]
 //!
@@ -102,13 +104,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seed: u64 = args.get(4).map_or(Ok(7), |s| s.parse())?;
     let bodies = workload(requests, pairs, seed);
     let endpoint = format!("{}/v1/score", url.trim_end_matches('/'));
-    println!("| concurrency | requests | requests/s | inputs/s | tokens/s | p50 ms | p95 ms | p99 ms | errors |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| concurrency | requests | requests/s | inputs/s | tokens/s | p50 ms | p95 ms | p99 ms | errors | p50 outside forward ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for &c in &levels {
         let next = AtomicUsize::new(0);
         let tokens = AtomicUsize::new(0);
         let errors = AtomicUsize::new(0);
         let latencies = Mutex::new(Vec::with_capacity(requests));
+        let outside = Mutex::new(Vec::with_capacity(requests));
         let started = Instant::now();
         std::thread::scope(|s| {
             for _ in 0..c {
@@ -125,8 +128,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             .and_then(|r| r.error_for_status())
                         {
                             Ok(r) => {
+                                let inference = r
+                                    .headers()
+                                    .get("x-inference-time")
+                                    .and_then(|h| h.to_str().ok())
+                                    .and_then(|h| h.parse::<f64>().ok());
                                 let v: Value = r.json().unwrap_or_default();
                                 let elapsed = t.elapsed();
+                                if let Some(ms) = inference {
+                                    let ms = Duration::from_secs_f64(ms.max(0.0) / 1000.0);
+                                    outside
+                                        .lock()
+                                        .map(|mut o| o.push(elapsed.saturating_sub(ms)))
+                                        .ok();
+                                }
                                 tokens.fetch_add(
                                     v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
                                     Ordering::Relaxed,
@@ -144,16 +159,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let secs = started.elapsed().as_secs_f64();
         let mut lat = latencies.into_inner().unwrap_or_default();
         lat.sort();
+        let mut outside = outside.into_inner().unwrap_or_default();
+        outside.sort();
         let done = lat.len();
         println!(
-            "| {c} | {done} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {} |",
+            "| {c} | {done} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.2} |",
             done as f64 / secs,
             (done * pairs) as f64 / secs,
             tokens.load(Ordering::Relaxed) as f64 / secs,
             percentile(&lat, 50.0),
             percentile(&lat, 95.0),
             percentile(&lat, 99.0),
-            errors.load(Ordering::Relaxed)
+            errors.load(Ordering::Relaxed),
+            percentile(&outside, 50.0)
         );
     }
     Ok(())
