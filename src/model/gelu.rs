@@ -8,6 +8,9 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use candle_nn::Activation;
 use rayon::prelude::*;
 
+use super::vexp::horner;
+
+/// erf's numerator and denominator in t = x^2, lowest power first.
 const P: [f32; 7] = [
     std::f32::consts::FRAC_2_SQRT_PI,
     0.184_677_66,
@@ -30,15 +33,7 @@ const Q: [f32; 6] = [
 fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let t = x * x;
-    let mut p = P[6];
-    for &c in P[..6].iter().rev() {
-        p = p * t + c;
-    }
-    let mut q = Q[5];
-    for &c in Q[..5].iter().rev() {
-        q = q * t + c;
-    }
-    (x * p / q).clamp(-1.0, 1.0)
+    (x * horner(t, P.iter().rev()) / horner(t, Q.iter().rev())).clamp(-1.0, 1.0)
 }
 
 #[inline(always)]
