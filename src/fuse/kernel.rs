@@ -10,6 +10,7 @@
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
+use super::gram::{self, average_block, Bf16Bytes, Gram};
 use super::sink::FusedData;
 use crate::dtype::FloatDType;
 
@@ -287,12 +288,19 @@ fn average_chunk<O: OutElem>(
             // SAFETY: the CPU supports AVX-512 F/BW/VL, checked just above.
             return unsafe { average_chunk_avx512(inputs, in_dtype, weights, base, out) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
             return unsafe { average_chunk_avx2(inputs, in_dtype, weights, base, out) };
         }
     }
-    average_chunk_portable(inputs, in_dtype, weights, base, out)
+    average_chunk_portable::<O, 4>(inputs, in_dtype, weights, base, out)
+}
+
+/// AVX2 with FMA: the FMAs are written out in the statistics only (Rust never contracts
+/// the averages' multiplies and adds into FMAs, so their bits do not change).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -314,13 +322,14 @@ unsafe fn average_chunk_avx512<O: OutElem>(
     base: usize,
     out: &mut [O],
 ) -> TensorSums {
-    average_chunk_portable(inputs, in_dtype, weights, base, out)
+    average_chunk_portable::<O, 16>(inputs, in_dtype, weights, base, out)
 }
 
-/// The same code compiled for AVX2: 8-lane vectors for the sums and conversions. No FMA,
-/// so the results are the same on every x86_64 CPU.
+/// The same code compiled for AVX2: 8-lane vectors for the sums and conversions. FMAs only
+/// where the statistics write them out, never in the averages, so those are the same bits
+/// on every x86_64 CPU.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn average_chunk_avx2<O: OutElem>(
     inputs: &[&[u8]],
     in_dtype: FloatDType,
@@ -328,11 +337,106 @@ unsafe fn average_chunk_avx2<O: OutElem>(
     base: usize,
     out: &mut [O],
 ) -> TensorSums {
-    average_chunk_portable(inputs, in_dtype, weights, base, out)
+    average_chunk_portable::<O, 8>(inputs, in_dtype, weights, base, out)
 }
 
+/// The pass compiled into each instruction set's function, `L` lanes per step: up to four
+/// members in one pass with the statistics from their Gram matrix (gram.rs), more in
+/// groups with per-member statistics.
 #[inline(always)]
-fn average_chunk_portable<O: OutElem>(
+fn average_chunk_portable<O: OutElem, const L: usize>(
+    inputs: &[&[u8]],
+    in_dtype: FloatDType,
+    weights: &[f32],
+    base: usize,
+    out: &mut [O],
+) -> TensorSums {
+    match inputs.len() {
+        1 => average_chunk_gram::<O, 0, L>(inputs, in_dtype, weights, base, out),
+        2 => average_chunk_gram::<O, 1, L>(inputs, in_dtype, weights, base, out),
+        3 => average_chunk_gram::<O, 2, L>(inputs, in_dtype, weights, base, out),
+        4 => average_chunk_gram::<O, 3, L>(inputs, in_dtype, weights, base, out),
+        _ => average_chunk_grouped(inputs, in_dtype, weights, base, out),
+    }
+}
+
+/// Aligned little-endian f32 members as f32 slices, borrowed from the map.
+fn mapped_f32<'a>(inputs: &[&'a [u8]], in_dtype: FloatDType) -> Option<Vec<&'a [f32]>> {
+    match in_dtype {
+        FloatDType::F32 if cfg!(target_endian = "little") => inputs
+            .iter()
+            .map(|x| bytemuck::try_cast_slice::<u8, f32>(x).ok())
+            .collect(),
+        _ => None,
+    }
+}
+
+/// K + 1 members in one pass (gram.rs): bf16 and aligned f32 members read straight from
+/// the map, f16 (and misaligned f32) widened into rows block by block first.
+#[inline(always)]
+fn average_chunk_gram<O: OutElem, const K: usize, const L: usize>(
+    inputs: &[&[u8]],
+    in_dtype: FloatDType,
+    weights: &[f32],
+    base: usize,
+    out: &mut [O],
+) -> TensorSums {
+    let m = K + 1;
+    let mut order = (0..m).filter(|&i| i != base);
+    let others: [usize; K] = std::array::from_fn(|_| order.next().unwrap_or(base));
+    let ws = others.map(|i| weights[i]);
+    let mut gram = Gram::<L>::default();
+    let mut acc = [0f32; BLOCK];
+    let n = out.len();
+    let mut blocks = |pass: &mut dyn FnMut(usize, &mut [f32], &mut Gram<L>)| {
+        for start in (0..n).step_by(BLOCK) {
+            let len = BLOCK.min(n - start);
+            pass(start, &mut acc[..len], &mut gram);
+            O::encode(&acc[..len], &mut out[start..start + len]);
+        }
+    };
+    if in_dtype == FloatDType::BF16 {
+        let row = |i: usize| Bf16Bytes(inputs[i]);
+        blocks(&mut |start, acc, gram| {
+            average_block::<_, K, L>(row(base), others.map(row), ws, start, acc, gram)
+        });
+    } else if let Some(maps) = mapped_f32(inputs, in_dtype) {
+        let row = |i: usize| maps[i];
+        blocks(&mut |start, acc, gram| {
+            average_block::<_, K, L>(row(base), others.map(row), ws, start, acc, gram)
+        });
+    } else {
+        let size = in_dtype.size_in_bytes();
+        let mut scratch = [[0f32; BLOCK]; gram::MAX_MEMBERS];
+        blocks(&mut |start, acc, gram| {
+            let len = acc.len();
+            for (input, row) in inputs.iter().zip(scratch.iter_mut()) {
+                decode(
+                    in_dtype,
+                    &input[start * size..(start + len) * size],
+                    &mut row[..len],
+                );
+            }
+            let row = |i: usize| &scratch[i][..len];
+            average_block::<_, K, L>(row(base), others.map(row), ws, 0, acc, gram)
+        });
+    }
+    let members = gram.member_sums(m, base);
+    let suspect = members
+        .iter()
+        .map(|s| {
+            ![s.sq, s.dot_rest, s.rest_sq, s.dev_sq]
+                .iter()
+                .all(|v| v.is_finite())
+        })
+        .collect();
+    TensorSums { members, suspect }
+}
+
+/// Any number of members: widened into rows block by block (f32 borrowed from the map),
+/// added to the average in groups, and each member's statistics in a pass of its own.
+#[inline(always)]
+fn average_chunk_grouped<O: OutElem>(
     inputs: &[&[u8]],
     in_dtype: FloatDType,
     weights: &[f32],
@@ -349,13 +453,7 @@ fn average_chunk_portable<O: OutElem>(
     let (acc, total) = rest.split_at_mut(BLOCK);
     // Aligned little-endian f32 members are read straight from the map, else widened into
     // scratch block by block.
-    let mapped: Option<Vec<&[f32]>> = match in_dtype {
-        FloatDType::F32 if cfg!(target_endian = "little") => inputs
-            .iter()
-            .map(|x| bytemuck::try_cast_slice::<u8, f32>(x).ok())
-            .collect(),
-        _ => None,
-    };
+    let mapped = mapped_f32(inputs, in_dtype);
     let others_in_order: Vec<usize> = (0..m).filter(|&i| i != base).collect();
     let mut start = 0;
     while start < out.len() {
@@ -473,8 +571,8 @@ fn member_block_sums(x: &[f32], total: &[f32], others: f32) -> [f32; 4] {
             // SAFETY: the CPU supports AVX-512 F, checked just above.
             return unsafe { member_block_sums_avx512(x, total, others) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
             return unsafe { member_block_sums_avx2(x, total, others) };
         }
     }
@@ -495,51 +593,59 @@ fn member_block_sums_scalar(x: &[f32], total: &[f32], others: f32) -> [f32; 4] {
 }
 
 /// The vector loop of [`member_block_sums_scalar`] for one instruction set: the two
-/// widths differ only in the intrinsics' names, so one body is written for both.
+/// widths differ only in the intrinsics' names, so one body is written for both. Two
+/// vectors per step into two sets of accumulators, with FMAs: a single set left every
+/// step waiting on the latency of the previous step's adds (the statistics are sums, so
+/// their order may differ from the scalar path's; the averages are not touched here).
 macro_rules! member_block_sums_simd {
     ($name:ident, $feature:literal, $lanes:literal, $set1:ident, $zero:ident, $load:ident,
-     $sub:ident, $mul:ident, $add:ident, $sum:expr) => {
+     $sub:ident, $fmadd:ident, $fmsub:ident, $add:ident, $sum:expr) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feature)]
         unsafe fn $name(x: &[f32], total: &[f32], others: f32) -> [f32; 4] {
             use std::arch::x86_64::*;
             let n = x.len().min(total.len());
-            let body = n / $lanes * $lanes;
+            let body = n / (2 * $lanes) * (2 * $lanes);
             let o = $set1(others);
-            let (mut sq, mut xr, mut rr, mut dd) = ($zero(), $zero(), $zero(), $zero());
+            let mut acc = [[$zero(); 4]; 2];
             let mut k = 0;
             while k < body {
-                // SAFETY: k + lanes <= body <= n, within both slices; loads are unaligned.
-                let (v, t) = unsafe { ($load(x.as_ptr().add(k)), $load(total.as_ptr().add(k))) };
-                let r = $sub(t, v);
-                let d = $sub($mul(o, v), r);
-                sq = $add(sq, $mul(v, v));
-                xr = $add(xr, $mul(v, r));
-                rr = $add(rr, $mul(r, r));
-                dd = $add(dd, $mul(d, d));
-                k += $lanes;
+                for (half, a) in acc.iter_mut().enumerate() {
+                    let at = k + half * $lanes;
+                    // SAFETY: at + lanes <= body <= n, within both slices; loads are
+                    // unaligned.
+                    let (v, t) =
+                        unsafe { ($load(x.as_ptr().add(at)), $load(total.as_ptr().add(at))) };
+                    let r = $sub(t, v);
+                    let d = $fmsub(o, v, r);
+                    a[0] = $fmadd(v, v, a[0]);
+                    a[1] = $fmadd(v, r, a[1]);
+                    a[2] = $fmadd(r, r, a[2]);
+                    a[3] = $fmadd(d, d, a[3]);
+                }
+                k += 2 * $lanes;
             }
             let sum = $sum;
             let tail = member_block_sums_scalar(&x[body..n], &total[body..n], others);
-            [
-                sum(sq) + tail[0],
-                sum(xr) + tail[1],
-                sum(rr) + tail[2],
-                sum(dd) + tail[3],
-            ]
+            let mut out = [0f32; 4];
+            for (q, o) in out.iter_mut().enumerate() {
+                *o = sum($add(acc[0][q], acc[1][q])) + tail[q];
+            }
+            out
         }
     };
 }
 
 member_block_sums_simd!(
     member_block_sums_avx2,
-    "avx2",
+    "avx2,fma",
     8,
     _mm256_set1_ps,
     _mm256_setzero_ps,
     _mm256_loadu_ps,
     _mm256_sub_ps,
-    _mm256_mul_ps,
+    _mm256_fmadd_ps,
+    _mm256_fmsub_ps,
     _mm256_add_ps,
     |v: __m256| {
         let mut a = [0f32; 8];
@@ -557,7 +663,8 @@ member_block_sums_simd!(
     _mm512_setzero_ps,
     _mm512_loadu_ps,
     _mm512_sub_ps,
-    _mm512_mul_ps,
+    _mm512_fmadd_ps,
+    _mm512_fmsub_ps,
     _mm512_add_ps,
     |v: __m512| _mm512_reduce_add_ps(v)
 );
@@ -748,11 +855,11 @@ mod tests {
             let inputs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
             let w = [0.1, 0.2, 0.3, 0.4];
             let mut portable = vec![O::default(); n];
-            let want = average_chunk_portable(&inputs, dtype, &w, 3, &mut portable);
+            let want = average_chunk_portable::<O, 4>(&inputs, dtype, &w, 3, &mut portable);
             let mut runs = Vec::new();
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if has_avx2_fma() {
                 let mut out = vec![O::default(); n];
-                // SAFETY: AVX2 checked just above.
+                // SAFETY: AVX2 and FMA checked just above.
                 let sums = unsafe { average_chunk_avx2(&inputs, dtype, &w, 3, &mut out) };
                 runs.push(("avx2", out, sums));
             }
@@ -782,6 +889,78 @@ mod tests {
         paths::<f16>(FloatDType::F16);
         paths::<bf16>(FloatDType::BF16);
         paths::<bf16>(FloatDType::F32);
+    }
+
+    /// The one-pass path for up to four members (statistics from the Gram matrix) and the
+    /// general path give the same averages bit for bit and the same statistics up to
+    /// rounding, for every input type, base and member count, on lengths that end in a
+    /// partial step and a partial block.
+    #[test]
+    fn the_gram_pass_matches_the_general_pass() {
+        fn compare<O: OutElem>(dtype: FloatDType) {
+            let n = 2 * BLOCK + 13;
+            for m in 1..=gram::MAX_MEMBERS {
+                let (bytes, _) = members(m, n, dtype, 40 + m as u64);
+                let inputs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+                let w = normalized(&(1..=m).map(|i| i as f64).collect::<Vec<_>>());
+                let w: Vec<f32> = w.iter().map(|&x| x as f32).collect();
+                for base in 0..m {
+                    let mut general = vec![O::default(); n];
+                    let want = average_chunk_grouped(&inputs, dtype, &w, base, &mut general);
+                    let mut fast = vec![O::default(); n];
+                    let got = average_chunk_portable::<O, 4>(&inputs, dtype, &w, base, &mut fast);
+                    let label = format!("{dtype}->{:?} m={m} base={base}", O::DTYPE);
+                    assert!(
+                        bytemuck::cast_slice::<O, u8>(&fast)
+                            == bytemuck::cast_slice::<O, u8>(&general),
+                        "{label}: averages differ"
+                    );
+                    assert_eq!(got.suspect, vec![false; m], "{label}");
+                    for (a, b) in got.members.iter().zip(&want.members) {
+                        for (x, y) in [
+                            (a.sq, b.sq),
+                            (a.dot_rest, b.dot_rest),
+                            (a.rest_sq, b.rest_sq),
+                            (a.dev_sq, b.dev_sq),
+                        ] {
+                            assert!((x - y).abs() <= 1e-5 * y.abs(), "{label}: {x} vs {y}");
+                        }
+                    }
+                }
+            }
+        }
+        compare::<f32>(FloatDType::F32);
+        compare::<bf16>(FloatDType::F32);
+        compare::<f16>(FloatDType::F16);
+        compare::<bf16>(FloatDType::BF16);
+        compare::<f32>(FloatDType::BF16);
+    }
+
+    /// The deviation of a member from the others is formed from the members' differences
+    /// to the base, so it keeps its precision when they are far closer than their size
+    /// (the general pass, which forms it from the members' total, is off by 3e-4 here).
+    #[test]
+    fn deviations_of_close_members_are_accurate() {
+        let n = 3 * BLOCK + 5;
+        let mut rng = Rng(77);
+        let init: Vec<f32> = (0..n).map(|_| rng.next_f32()).collect();
+        let raw: Vec<Vec<f32>> = (0..4)
+            .map(|_| init.iter().map(|x| x + 1e-5 * rng.next_f32()).collect())
+            .collect();
+        let bytes = encode_members(FloatDType::F32, &raw);
+        let inputs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        let mut out = vec![0f32; n];
+        let fast = average(&inputs, FloatDType::F32, &[0.25; 4], 2, &mut out);
+        let exact = exact_sums(&inputs, FloatDType::F32);
+        for (f, e) in fast.members.iter().zip(&exact) {
+            assert!(e.dev_sq > 0.0 && e.dev_sq < 1e-8 * e.sq);
+            assert!(
+                (f.dev_sq - e.dev_sq).abs() <= 1e-4 * e.dev_sq,
+                "{} vs {}",
+                f.dev_sq,
+                e.dev_sq
+            );
+        }
     }
 
     /// f32 members that are not 4-byte aligned in their files (a safetensors header whose

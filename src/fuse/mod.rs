@@ -7,6 +7,7 @@
 #[cfg(feature = "cuda")]
 mod device;
 mod error;
+mod gram;
 mod interrupt;
 pub mod kernel;
 mod plan;
