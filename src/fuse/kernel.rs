@@ -963,6 +963,45 @@ mod tests {
         }
     }
 
+    /// Finite values whose squares overflow f32 make the statistics non-finite, in the
+    /// one-pass and in the general pass alike, so that the caller sums them again in f64.
+    #[test]
+    fn squares_that_overflow_f32_make_members_suspect() {
+        for m in [3usize, 5] {
+            let n = BLOCK + 7;
+            let raw: Vec<Vec<f32>> = (0..m)
+                .map(|i| {
+                    (0..n)
+                        .map(|k| {
+                            if k == 100 {
+                                3e19
+                            } else {
+                                0.01 * (k + i) as f32
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            let bytes = encode_members(FloatDType::F32, &raw);
+            let inputs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+            let mut out = vec![0f32; n];
+            let sums = average(
+                &inputs,
+                FloatDType::F32,
+                &vec![1.0 / m as f32; m],
+                0,
+                &mut out,
+            );
+            assert!(sums.suspect.iter().all(|&s| s), "m={m}: {:?}", sums.suspect);
+            assert!(out.iter().all(|v| v.is_finite()), "m={m}");
+            let exact = exact_sums(&inputs, FloatDType::F32);
+            assert!(
+                exact.iter().all(|s| s.sq.is_finite() && s.sq > 8e38),
+                "m={m}"
+            );
+        }
+    }
+
     /// f32 members that are not 4-byte aligned in their files (a safetensors header whose
     /// length is not a multiple of 4) are widened instead of borrowed: same bits, same sums.
     #[test]
