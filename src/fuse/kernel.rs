@@ -758,6 +758,18 @@ mod tests {
         (bytes, stored)
     }
 
+    /// Each of the four sums within `rel` of the wanted one, relatively.
+    fn assert_sums_close(got: &MemberSums, want: &MemberSums, rel: f64, label: &str) {
+        for (x, y) in [
+            (got.sq, want.sq),
+            (got.dot_rest, want.dot_rest),
+            (got.rest_sq, want.rest_sq),
+            (got.dev_sq, want.dev_sq),
+        ] {
+            assert!((x - y).abs() <= rel * y.abs(), "{label}: {x} vs {y}");
+        }
+    }
+
     fn normalized(w: &[f64]) -> Vec<f64> {
         let s: f64 = w.iter().sum();
         w.iter().map(|x| x / s).collect()
@@ -917,14 +929,7 @@ mod tests {
                     );
                     assert_eq!(got.suspect, vec![false; m], "{label}");
                     for (a, b) in got.members.iter().zip(&want.members) {
-                        for (x, y) in [
-                            (a.sq, b.sq),
-                            (a.dot_rest, b.dot_rest),
-                            (a.rest_sq, b.rest_sq),
-                            (a.dev_sq, b.dev_sq),
-                        ] {
-                            assert!((x - y).abs() <= 1e-5 * y.abs(), "{label}: {x} vs {y}");
-                        }
+                        assert_sums_close(a, b, 1e-5, &label);
                     }
                 }
             }
@@ -1065,14 +1070,7 @@ mod tests {
         let fast = average(&inputs, FloatDType::F32, &[1.0 / 3.0; 3], 0, &mut out);
         let exact = exact_sums(&inputs, FloatDType::F32);
         for (f, e) in fast.members.iter().zip(&exact) {
-            for (a, b) in [
-                (f.sq, e.sq),
-                (f.dot_rest, e.dot_rest),
-                (f.rest_sq, e.rest_sq),
-                (f.dev_sq, e.dev_sq),
-            ] {
-                assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
-            }
+            assert_sums_close(f, e, 1e-5, "fast vs exact");
         }
     }
 
