@@ -45,7 +45,7 @@ impl Row for Bf16Bytes<'_> {
 /// The Gram matrix of (b, y_1..y_K) over the elements seen so far, upper triangle, in f64
 /// per lane (summed over the lanes at the end: adding a block's lanes into one value was 3%
 /// of `warm fuse`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Gram<const L: usize>([[[f64; L]; MAX_MEMBERS]; MAX_MEMBERS]);
 
 impl<const L: usize> Default for Gram<L> {

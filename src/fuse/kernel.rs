@@ -34,6 +34,16 @@ pub struct MemberSums {
     pub dev_sq: f64,
 }
 
+impl MemberSums {
+    /// Whether all four sums are finite: NaN or Inf in a member's data, or squares that
+    /// overflowed, make them not.
+    pub fn is_finite(&self) -> bool {
+        [self.sq, self.dot_rest, self.rest_sq, self.dev_sq]
+            .iter()
+            .all(|v| v.is_finite())
+    }
+}
+
 impl std::ops::AddAssign for MemberSums {
     fn add_assign(&mut self, o: Self) {
         self.sq += o.sq;
@@ -422,14 +432,7 @@ fn average_chunk_gram<O: OutElem, const K: usize, const L: usize>(
         });
     }
     let members = gram.member_sums(m, base);
-    let suspect = members
-        .iter()
-        .map(|s| {
-            ![s.sq, s.dot_rest, s.rest_sq, s.dev_sq]
-                .iter()
-                .all(|v| v.is_finite())
-        })
-        .collect();
+    let suspect = members.iter().map(|s| !s.is_finite()).collect();
     TensorSums { members, suspect }
 }
 

@@ -337,11 +337,7 @@ pub(super) fn sums_from_rows(
                 dev_sq: q[3],
             })
             .collect();
-        let finite = row.iter().all(|s| {
-            [s.sq, s.dot_rest, s.rest_sq, s.dev_sq]
-                .iter()
-                .all(|v| v.is_finite())
-        });
+        let finite = row.iter().all(MemberSums::is_finite);
         let row = if finite {
             row
         } else {
