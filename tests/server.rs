@@ -94,6 +94,27 @@ fn score_rerank_and_the_informational_routes() {
     ] {
         assert!(text.contains(name), "missing {name} in\n{text}");
     }
+    // The process's memory, read at each scrape (glibc's heap figures on Linux/glibc).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    for name in [
+        "warm_resident_memory_bytes",
+        "warm_heap_in_use_bytes",
+        "warm_heap_free_bytes",
+    ] {
+        let value: f64 = text
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("missing {name} in\n{text}"))
+            .parse()
+            .unwrap();
+        assert!(value >= 0.0, "{name} {value}");
+        if name != "warm_heap_free_bytes" {
+            assert!(
+                value > 1e6,
+                "{name} {value}: a loaded model holds more than 1 MB"
+            );
+        }
+    }
     let (status, text) = server.get("/openapi.json");
     assert_eq!(status, 200);
     let doc: Value = serde_json::from_str(&text).unwrap();

@@ -5,6 +5,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use super::memory;
 use crate::engine::EngineObserver;
 
 pub struct Metrics {
@@ -21,6 +22,9 @@ pub struct Metrics {
     pub fusion_seconds: Gauge,
     pub fusion_bytes: Gauge,
     pub model_info: GaugeVec,
+    resident_bytes: IntGauge,
+    heap_in_use_bytes: IntGauge,
+    heap_free_bytes: IntGauge,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -97,6 +101,18 @@ impl Metrics {
                     "device",
                 ],
             )?,
+            resident_bytes: IntGauge::new(
+                "warm_resident_memory_bytes",
+                "Resident size of the process, read at each scrape",
+            )?,
+            heap_in_use_bytes: IntGauge::new(
+                "warm_heap_in_use_bytes",
+                "Heap bytes allocated and not freed (glibc), read at each scrape",
+            )?,
+            heap_free_bytes: IntGauge::new(
+                "warm_heap_free_bytes",
+                "Freed heap bytes kept for reuse by the next batches (glibc)",
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.requests.clone()))?;
@@ -111,10 +127,31 @@ impl Metrics {
         m.registry.register(Box::new(m.fusion_seconds.clone()))?;
         m.registry.register(Box::new(m.fusion_bytes.clone()))?;
         m.registry.register(Box::new(m.model_info.clone()))?;
+        // Absent figures (another platform or allocator) are left out rather than shown as 0.
+        let reading = memory::read();
+        for (gauge, value) in [
+            (&m.resident_bytes, reading.resident_bytes),
+            (&m.heap_in_use_bytes, reading.heap_in_use_bytes),
+            (&m.heap_free_bytes, reading.heap_free_bytes),
+        ] {
+            if value.is_some() {
+                m.registry.register(Box::new(gauge.clone()))?;
+            }
+        }
         Ok(m)
     }
 
     pub fn render(&self) -> String {
+        let reading = memory::read();
+        for (gauge, value) in [
+            (&self.resident_bytes, reading.resident_bytes),
+            (&self.heap_in_use_bytes, reading.heap_in_use_bytes),
+            (&self.heap_free_bytes, reading.heap_free_bytes),
+        ] {
+            if let Some(bytes) = value {
+                gauge.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
+        }
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()

@@ -6,6 +6,7 @@ mod auth;
 mod compat;
 pub mod error;
 mod listen;
+mod memory;
 mod metrics;
 mod native;
 mod pipeline;
