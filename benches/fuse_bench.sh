@@ -6,12 +6,13 @@
 #   bash benches/fuse_bench.sh [WORK_DIR] [DTYPE]      (default /tmp/warm-fuse-bench f32)
 #
 # Members: 4 x Llama-shaped, hidden 768, 12 layers, vocab 52000 (125M parameters: about
-# 500 MB each in f32, 250 MB in bf16). WARM_BIN=path times that warm binary instead.
+# 500 MB each in f32, 250 MB in bf16). WARM_BIN=path times that warm binary instead;
+# WARM_FUSE_MEMBERS=M fuses M members (give each count a WORK_DIR of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/warm-fuse-bench}
 DTYPE=${2:-f32}
-M=4
+M=${WARM_FUSE_MEMBERS:-4}
 cargo build --release --quiet --bin warm --example synthetic_members
 WARM=${WARM_BIN:-target/release/warm}
 SET="$WORK/$DTYPE"

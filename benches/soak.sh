@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A bounded soak of `warm serve` on loopback with wrk: one prompt/response pair per request
 # at a fixed concurrency; prints requests/s, latency percentiles, errors and the server's
-# RSS at start and end.
+# RSS at start, every RSS_EVERY seconds during the run (default 30), with the heap's bytes
+# in use and freed bytes kept for reuse from /metrics (a leak shows as bytes in use that
+# keep rising; the allocator's cache as free bytes), and at the end.
 #
 #   bash benches/soak.sh MODEL_DIR [SECONDS=180] [CONNECTIONS=16] [PORT=18080]
 set -euo pipefail
@@ -33,8 +35,24 @@ done = function(summary, latency, requests)
 end
 LUA
 echo "RSS at start: $(rss)"
-# Warm-up, then the measured run.
+# Warm-up, then the measured run, its RSS sampled alongside.
 wrk -t 2 -c "$CONNS" -d 5s -s "$LUA" "http://127.0.0.1:$PORT/v1/score" >/dev/null
+EVERY=${RSS_EVERY:-30}
+RSS_LOG=$(mktemp)
+(
+  elapsed=0
+  while sleep "$EVERY"; do
+    elapsed=$((elapsed + EVERY))
+    [ "$elapsed" -lt "$SECONDS_TOTAL" ] || break
+    heap=$(curl -s "http://127.0.0.1:$PORT/metrics" |
+      awk '/^warm_heap_(in_use|free)_bytes / {printf " %s %d kB", $1, $2 / 1024}')
+    echo "RSS at ${elapsed}s: $(rss);$heap" >>"$RSS_LOG"
+  done
+) &
+SAMPLER=$!
+trap 'kill $PID $SAMPLER 2>/dev/null || true; rm -f "$LUA" "$RSS_LOG"' EXIT
 wrk -t 2 -c "$CONNS" -d "${SECONDS_TOTAL}s" --timeout 30s -s "$LUA" "http://127.0.0.1:$PORT/v1/score"
+kill "$SAMPLER" 2>/dev/null || true
+cat "$RSS_LOG"
 echo "RSS at end: $(rss)"
 curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^warm_requests_total|^warm_batch_size_(sum|count)'
