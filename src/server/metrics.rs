@@ -128,12 +128,7 @@ impl Metrics {
         m.registry.register(Box::new(m.fusion_bytes.clone()))?;
         m.registry.register(Box::new(m.model_info.clone()))?;
         // Absent figures (another platform or allocator) are left out rather than shown as 0.
-        let reading = memory::read();
-        for (gauge, value) in [
-            (&m.resident_bytes, reading.resident_bytes),
-            (&m.heap_in_use_bytes, reading.heap_in_use_bytes),
-            (&m.heap_free_bytes, reading.heap_free_bytes),
-        ] {
+        for (gauge, value) in m.memory_gauges(memory::read()) {
             if value.is_some() {
                 m.registry.register(Box::new(gauge.clone()))?;
             }
@@ -141,13 +136,17 @@ impl Metrics {
         Ok(m)
     }
 
-    pub fn render(&self) -> String {
-        let reading = memory::read();
-        for (gauge, value) in [
+    /// Each memory gauge with its figure in `reading`.
+    fn memory_gauges(&self, reading: memory::MemoryReading) -> [(&IntGauge, Option<u64>); 3] {
+        [
             (&self.resident_bytes, reading.resident_bytes),
             (&self.heap_in_use_bytes, reading.heap_in_use_bytes),
             (&self.heap_free_bytes, reading.heap_free_bytes),
-        ] {
+        ]
+    }
+
+    pub fn render(&self) -> String {
+        for (gauge, value) in self.memory_gauges(memory::read()) {
             if let Some(bytes) = value {
                 gauge.set(i64::try_from(bytes).unwrap_or(i64::MAX));
             }
