@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::config::MembersConfig;
 use crate::dtype::FloatDType;
-use crate::engine::{plan_batches, BatchLimits};
+use crate::engine::{plan_batches, BatchLimits, Item};
 use crate::model::Sequence;
 use crate::scorer::{weighted_mean_std, Combine, LoadError, Scorer};
 use crate::text::{Input, Message};
@@ -136,14 +136,19 @@ fn score_all(
                 })
         })
         .collect::<Result<_, _>>()?;
-    let items: Vec<(usize, usize, usize)> = sequences
+    let items: Vec<Item> = sequences
         .iter()
         .enumerate()
-        .map(|(i, s)| (0, i, s.ids.len()))
+        .map(|(index, s)| Item {
+            job: 0,
+            index,
+            ids: &s.ids,
+        })
         .collect();
     let limits = BatchLimits {
         max_batch_tokens: batch_tokens,
         max_batch_requests: 256,
+        layout: scorer.batch_layout(),
     };
     let mut scores = vec![f64::NAN; sequences.len()];
     for batch in plan_batches(&items, &limits) {

@@ -110,7 +110,8 @@ struct ServeArgs {
     /// The model name in responses (default: the member folder names).
     #[arg(long, env = "WARM_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
-    /// Padded tokens per forward pass.
+    /// Tokens per forward pass: sequences x longest when padded, the real tokens on packed
+    /// rows (decoders and encoders on the CPU in f32).
     #[arg(long, env = "WARM_MAX_BATCH_TOKENS", default_value_t = 16384)]
     max_batch_tokens: usize,
     /// Sequences per forward pass.
@@ -128,6 +129,10 @@ struct ServeArgs {
     /// Truncate long inputs instead of refusing them (422).
     #[arg(long, env = "WARM_AUTO_TRUNCATE")]
     auto_truncate: bool,
+    /// Inputs of one batch that begin with at least this many equal tokens (one prompt,
+    /// several responses) compute them once: decoder models on the CPU in f32. 0: never.
+    #[arg(long, env = "WARM_MIN_SHARED_PREFIX", default_value_t = warm::model::DEFAULT_MIN_SHARED_PREFIX)]
+    min_shared_prefix: usize,
     /// Requests tokenized in parallel (default: the number of CPUs).
     #[arg(long, env = "WARM_TOKENIZATION_WORKERS")]
     tokenization_workers: Option<usize>,
@@ -159,7 +164,8 @@ struct EvalArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-    /// Padded tokens per forward pass.
+    /// Tokens per forward pass: sequences x longest when padded, the real tokens on packed
+    /// rows (decoders and encoders on the CPU in f32).
     #[arg(long, env = "WARM_MAX_BATCH_TOKENS", default_value_t = 16384)]
     max_batch_tokens: usize,
 }
@@ -260,6 +266,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_concurrent_requests: args.max_concurrent_requests,
         max_input_length: args.max_input_length,
         auto_truncate: args.auto_truncate,
+        min_shared_prefix: args.min_shared_prefix,
         tokenization_workers: workers,
         payload_limit: usize::try_from(args.payload_limit)?,
         api_key: args.api_key,

@@ -211,6 +211,24 @@ impl Scorer {
         })
     }
 
+    /// Inputs of one batch that begin with at least `tokens` equal tokens compute them
+    /// once, where the model can (0: never).
+    pub fn share_prefixes_from(&mut self, tokens: usize) {
+        for model in &mut self.models {
+            model.share_prefixes_from(tokens);
+        }
+    }
+
+    /// How the model lays out a batch (the members are alike).
+    pub fn batch_layout(&self) -> crate::model::BatchLayout {
+        self.models[0].batch_layout()
+    }
+
+    /// Tokens a forward pass of `sequences` computes (per member with ENS).
+    pub fn batch_tokens(&self, sequences: &[&Sequence]) -> usize {
+        self.models[0].batch_tokens(sequences)
+    }
+
     /// The reward (first logit) of each sequence, combined across members with ENS.
     pub fn score(&self, sequences: &[&Sequence]) -> Result<Vec<Score>, ModelError> {
         if self.models.len() == 1 {

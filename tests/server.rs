@@ -123,6 +123,61 @@ fn score_rerank_and_the_informational_routes() {
 }
 
 #[test]
+fn a_prompt_shared_by_best_of_n_responses_is_computed_once_and_changes_no_score() {
+    let llama = model_arg("llama");
+    let server = Server::started(&["--model", &llama, "--min-shared-prefix", "8"]);
+    let prompt = format!(
+        "Read this and answer. {}Which animal jumps?",
+        "The quick brown fox jumps over the lazy dog. ".repeat(4)
+    );
+    let responses = [
+        "The fox.",
+        "The quick brown fox jumps; the dog does not.",
+        "no",
+        "The fox",
+    ];
+    let (status, body) = server.post(
+        "/v1/rerank",
+        &json!({"prompt": prompt, "responses": responses}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), responses.len());
+    let (_, text) = server.get("/metrics");
+    let saved: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("warm_shared_prefix_tokens_total "))
+        .unwrap_or_else(|| panic!("no shared-prefix counter in\n{text}"))
+        .parse()
+        .unwrap();
+    // Each response after the first reuses the rendered prompt (well over 40 tokens).
+    assert!(saved >= 3.0 * 40.0, "{saved} tokens shared");
+    // Each pair alone (a batch of one shares nothing) scores the same.
+    for (i, response) in responses.iter().enumerate() {
+        let (status, alone) = server.post(
+            "/v1/score",
+            &json!({"inputs": [{"prompt": prompt, "response": response}]}),
+        );
+        assert_eq!(status, 200, "{alone}");
+        let alone = alone["scores"][0].as_f64().unwrap();
+        let together = results
+            .iter()
+            .find(|r| r["index"] == i)
+            .and_then(|r| r["score"].as_f64())
+            .unwrap();
+        assert!(
+            (alone - together).abs() < 1e-5,
+            "response {i}: {together} with the others, {alone} alone"
+        );
+    }
+    let (_, text) = server.get("/metrics");
+    assert!(
+        text.contains(&format!("warm_shared_prefix_tokens_total {saved}")),
+        "single inputs shared nothing more"
+    );
+}
+
+#[test]
 fn timing_headers_are_sent() {
     let server = Server::started(&["--model", &model_arg("bert")]);
     let r = reqwest::blocking::Client::new()

@@ -1,33 +1,65 @@
-//! Forming batches: sequences sorted by length (so that a batch pads little), cut where the
-//! padded size would pass the token budget or the batch would hold too many sequences.
+//! Forming batches under a token budget. On the padded layout a batch costs sequences x
+//! longest, so sequences go in order of length (a batch pads little). On packed rows it
+//! costs the real tokens, and where the model computes a shared start once the sequences
+//! go in order of their tokens, so that inputs beginning alike (one prompt's responses,
+//! from one request or many) meet in one batch.
+
+use crate::model::BatchLayout;
 
 /// Limits of one forward pass.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
-    /// Padded tokens per batch (sequences x longest sequence).
+    /// Tokens per batch, as the layout counts them.
     pub max_batch_tokens: usize,
     pub max_batch_requests: usize,
+    pub layout: BatchLayout,
 }
 
-/// `items` are (job, index in job, length). Returns batches of items, shortest first. A
-/// sequence longer than the budget gets a batch of its own.
-pub fn plan_batches(
-    items: &[(usize, usize, usize)],
-    limits: &BatchLimits,
-) -> Vec<Vec<(usize, usize, usize)>> {
+/// One sequence waiting for a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Item<'a> {
+    pub job: usize,
+    /// Its index in the job.
+    pub index: usize,
+    pub ids: &'a [u32],
+}
+
+/// Returns batches of (job, index in job, length). A sequence over the budget alone gets
+/// a batch of its own.
+pub fn plan_batches(items: &[Item], limits: &BatchLimits) -> Vec<Vec<(usize, usize, usize)>> {
     let mut sorted = items.to_vec();
-    sorted.sort_by_key(|&(j, i, len)| (len, j, i));
+    match limits.layout {
+        BatchLayout::PackedSharing => {
+            sorted.sort_by(|a, b| {
+                a.ids
+                    .cmp(b.ids)
+                    .then((a.job, a.index).cmp(&(b.job, b.index)))
+            });
+        }
+        BatchLayout::Padded | BatchLayout::Packed => {
+            sorted.sort_by_key(|it| (it.ids.len(), it.job, it.index));
+        }
+    }
+    let padded = limits.layout == BatchLayout::Padded;
     let mut batches = Vec::new();
     let mut current: Vec<(usize, usize, usize)> = Vec::new();
+    let (mut longest, mut tokens) = (0, 0);
     for item in sorted {
-        let longest = item.2;
-        let would_be = (current.len() + 1) * longest;
+        let len = item.ids.len();
+        let would_be = if padded {
+            (current.len() + 1) * longest.max(len)
+        } else {
+            tokens + len
+        };
         if !current.is_empty()
             && (would_be > limits.max_batch_tokens || current.len() + 1 > limits.max_batch_requests)
         {
             batches.push(std::mem::take(&mut current));
+            (longest, tokens) = (0, 0);
         }
-        current.push(item);
+        current.push((item.job, item.index, len));
+        longest = longest.max(len);
+        tokens += len;
     }
     if !current.is_empty() {
         batches.push(current);
@@ -39,14 +71,32 @@ pub fn plan_batches(
 mod tests {
     use super::*;
 
+    fn items(ids: &[Vec<u32>], jobs: &[(usize, usize)]) -> Vec<Item<'static>> {
+        let leaked: &'static [Vec<u32>] = Box::leak(ids.to_vec().into_boxed_slice());
+        leaked
+            .iter()
+            .zip(jobs)
+            .map(|(ids, &(job, index))| Item { job, index, ids })
+            .collect()
+    }
+
+    fn limits(
+        max_batch_tokens: usize,
+        max_batch_requests: usize,
+        layout: BatchLayout,
+    ) -> BatchLimits {
+        BatchLimits {
+            max_batch_tokens,
+            max_batch_requests,
+            layout,
+        }
+    }
+
     #[test]
-    fn groups_by_length_under_the_budget() {
-        let items = vec![(0, 0, 100), (1, 0, 5), (1, 1, 6), (2, 0, 50), (2, 1, 7)];
-        let limits = BatchLimits {
-            max_batch_tokens: 120,
-            max_batch_requests: 8,
-        };
-        let batches = plan_batches(&items, &limits);
+    fn groups_by_length_under_the_padded_budget() {
+        let ids: Vec<Vec<u32>> = [100, 5, 6, 50, 7].iter().map(|&n| vec![1; n]).collect();
+        let items = items(&ids, &[(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)]);
+        let batches = plan_batches(&items, &limits(120, 8, BatchLayout::Padded));
         let lens: Vec<Vec<usize>> = batches
             .iter()
             .map(|b| b.iter().map(|x| x.2).collect())
@@ -60,13 +110,67 @@ mod tests {
 
     #[test]
     fn request_limit_and_oversized_sequences() {
-        let items: Vec<(usize, usize, usize)> =
-            (0..5).map(|i| (0, i, 3)).chain([(1, 0, 999)]).collect();
-        let limits = BatchLimits {
-            max_batch_tokens: 100,
-            max_batch_requests: 2,
+        let ids: Vec<Vec<u32>> = (0..5).map(|_| vec![1; 3]).chain([vec![1; 999]]).collect();
+        let jobs: Vec<(usize, usize)> = (0..5).map(|i| (0, i)).chain([(1, 0)]).collect();
+        let items = items(&ids, &jobs);
+        for layout in [
+            BatchLayout::Padded,
+            BatchLayout::Packed,
+            BatchLayout::PackedSharing,
+        ] {
+            let sizes: Vec<usize> = plan_batches(&items, &limits(100, 2, layout))
+                .iter()
+                .map(Vec::len)
+                .collect();
+            assert_eq!(sizes, vec![2, 2, 1, 1], "{layout:?}");
+        }
+    }
+
+    #[test]
+    fn packed_rows_count_real_tokens_not_padding() {
+        // 10 + 90 real tokens fit 100; padded they would be 2 x 90.
+        let ids = vec![vec![1; 10], vec![1; 90]];
+        let items = items(&ids, &[(0, 0), (0, 1)]);
+        assert_eq!(
+            plan_batches(&items, &limits(100, 8, BatchLayout::Packed)).len(),
+            1
+        );
+        assert_eq!(
+            plan_batches(&items, &limits(100, 8, BatchLayout::Padded)).len(),
+            2
+        );
+    }
+
+    #[test]
+    fn inputs_beginning_alike_meet_in_one_batch_when_starts_are_shared() {
+        // Two prompts' responses from four requests, lengths interleaved: by length they
+        // would alternate between prompts; by tokens each prompt's are together.
+        let prompt_a = vec![7u32; 20];
+        let prompt_b = vec![3u32; 20];
+        let with = |p: &Vec<u32>, extra: usize| -> Vec<u32> {
+            p.iter()
+                .copied()
+                .chain(std::iter::repeat_n(9, extra))
+                .collect()
         };
-        let sizes: Vec<usize> = plan_batches(&items, &limits).iter().map(Vec::len).collect();
-        assert_eq!(sizes, vec![2, 2, 1, 1]);
+        let ids = vec![
+            with(&prompt_a, 1),
+            with(&prompt_b, 2),
+            with(&prompt_a, 3),
+            with(&prompt_b, 4),
+        ];
+        let items = items(&ids, &[(0, 0), (1, 0), (2, 0), (3, 0)]);
+        let batches = plan_batches(&items, &limits(50, 8, BatchLayout::PackedSharing));
+        let jobs: Vec<Vec<usize>> = batches
+            .iter()
+            .map(|b| b.iter().map(|x| x.0).collect())
+            .collect();
+        assert_eq!(jobs, vec![vec![1, 3], vec![0, 2]]);
+        let by_length = plan_batches(&items, &limits(50, 8, BatchLayout::Packed));
+        let jobs: Vec<Vec<usize>> = by_length
+            .iter()
+            .map(|b| b.iter().map(|x| x.0).collect())
+            .collect();
+        assert_eq!(jobs, vec![vec![0, 1], vec![2, 3]]);
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-pub use batcher::{plan_batches, BatchLimits};
+pub use batcher::{plan_batches, BatchLimits, Item};
 
 use crate::model::Sequence;
 use crate::scorer::{Score, Scorer};
@@ -37,7 +37,9 @@ pub struct Scored {
 
 /// Per-batch observations for the metrics.
 pub trait EngineObserver: Send + Sync {
-    fn batch(&self, inputs: usize, padded_tokens: usize, seconds: f64);
+    /// A forward pass of `inputs` sequences that computed `tokens` (padding included,
+    /// shared prompts once), `shared` fewer than its inputs hold thanks to shared prompts.
+    fn batch(&self, inputs: usize, tokens: usize, shared: usize, seconds: f64);
     fn queue_depth(&self, inputs: usize);
 }
 
@@ -138,20 +140,25 @@ impl Worker {
                 job,
             })
             .collect();
-        let items: Vec<(usize, usize, usize)> = pending
+        let items: Vec<Item> = pending
             .iter()
             .enumerate()
-            .flat_map(|(j, p)| {
+            .flat_map(|(job, p)| {
                 p.job
                     .sequences
                     .iter()
                     .enumerate()
-                    .map(move |(i, s)| (j, i, s.ids.len()))
+                    .map(move |(index, s)| Item {
+                        job,
+                        index,
+                        ids: &s.ids,
+                    })
             })
             .collect();
+        let batches = plan_batches(&items, &self.limits);
         self.observer
             .queue_depth(self.queued_inputs.load(Ordering::Relaxed));
-        for batch in plan_batches(&items, &self.limits) {
+        for batch in batches {
             // Requests whose client has gone (or that failed) are not computed.
             let batch: Vec<(usize, usize, usize)> = batch
                 .into_iter()
@@ -165,11 +172,16 @@ impl Worker {
                 .iter()
                 .map(|&(j, i, _)| &pending[j].job.sequences[i])
                 .collect();
-            let padded = sequences.len() * sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+            let tokens = self.scorer.batch_tokens(&sequences);
+            let input_tokens: usize = sequences.iter().map(|s| s.ids.len()).sum();
             let result = self.scorer.score(&sequences);
             let elapsed = started.elapsed();
-            self.observer
-                .batch(sequences.len(), padded, elapsed.as_secs_f64());
+            self.observer.batch(
+                sequences.len(),
+                tokens,
+                input_tokens.saturating_sub(tokens),
+                elapsed.as_secs_f64(),
+            );
             self.queued_inputs.fetch_sub(batch.len(), Ordering::Relaxed);
             let mut touched: Vec<usize> = batch.iter().map(|&(j, _, _)| j).collect();
             touched.sort_unstable();

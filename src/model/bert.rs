@@ -10,8 +10,10 @@ use super::dense::Dense;
 
 use super::layers::{embedding, layer_norm, linear, padding_mask, split_heads, Packing};
 use super::packed_attention::{self, KeySpan, Queries, Spec};
+use super::segments::Segments;
 use super::{
-    load_err, logits_to_rows, parse_config, ModelError, PaddedBatch, Pooling, RewardModel, Sequence,
+    load_err, logits_to_rows, parse_config, BatchLayout, ModelError, PaddedBatch, Pooling,
+    RewardModel, Sequence,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +245,8 @@ impl BertModel {
         // On the CPU in f32 attention runs on the packed rows too; elsewhere on the padded
         // layout rebuilt from them, with a mask hiding the padding.
         let on_packed_rows = packed_attention::applies(device, x.dtype());
+        // Encoders attend both ways: nothing is shared between inputs.
+        let segments = Segments::plain(&batch.lengths);
         let mask = padding_mask(&batch.lengths, batch.seq_len, device)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let spec = Spec {
@@ -273,7 +277,7 @@ impl BertModel {
                 } else {
                     Queries::Every
                 };
-                packed_attention::attend(&spec, &batch.lengths, queries, &q, &k, &v)?
+                packed_attention::attend(&spec, &segments, queries, &q, &k, &v)?
                     .ok_or_else(packed_attention::refused)?
             } else {
                 let q = if only_first {
@@ -332,5 +336,14 @@ impl RewardModel for BertModel {
 
     fn num_labels(&self) -> usize {
         self.num_labels
+    }
+
+    fn batch_layout(&self) -> BatchLayout {
+        let weights = self.words.embeddings();
+        if packed_attention::applies(weights.device(), weights.dtype()) {
+            BatchLayout::Packed
+        } else {
+            BatchLayout::Padded
+        }
     }
 }

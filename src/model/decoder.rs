@@ -18,8 +18,10 @@ use super::layers::{
     attention, causal_mask, embedding, linear, split_heads, Packing, RmsNorm, Rotary,
 };
 use super::packed_attention::{self, KeySpan, Queries, Spec};
+use super::segments::Segments;
 use super::{
-    load_err, logits_to_rows, parse_config, ModelError, PaddedBatch, Pooling, RewardModel, Sequence,
+    load_err, logits_to_rows, parse_config, BatchLayout, ModelError, PaddedBatch, Pooling,
+    RewardModel, Sequence,
 };
 
 #[derive(serde::Deserialize)]
@@ -170,6 +172,9 @@ pub struct DecoderModel {
     pad_id: u32,
     max_positions: usize,
     num_labels: usize,
+    /// Inputs of a batch sharing at least this many first tokens compute them once (0:
+    /// never); on the packed path only.
+    min_shared_prefix: usize,
 }
 
 pub fn load(
@@ -341,34 +346,21 @@ impl DecoderModel {
             pad_id: cfg.pad_token_id.unwrap_or(0),
             max_positions: cfg.max_position_embeddings,
             num_labels,
+            min_shared_prefix: super::DEFAULT_MIN_SHARED_PREFIX,
         })
     }
 
     fn forward(&self, sequences: &[&Sequence]) -> Result<Tensor> {
         let device: Device = self.embed.embeddings().device().clone();
+        if packed_attention::applies(&device, self.embed.embeddings().dtype()) {
+            return self.forward_packed(sequences, &device);
+        }
         let batch = PaddedBatch::new(sequences, self.pad_id, &device)?;
-        // Dense layers run on the real tokens only (packed rows). On the CPU in f32 the
-        // attention runs on them too; elsewhere it runs on the padded layout rebuilt from
-        // them. Padding is on the right and the mask causal, so no real token ever
-        // attends to a padded one.
+        // Dense layers run on the real tokens only (packed rows), attention on the padded
+        // layout rebuilt from them. Padding is on the right and the mask causal, so no
+        // real token ever attends to a padded one.
         let packing = Packing::new(&batch.lengths, batch.seq_len, &device)?;
-        let mut x = self.embed.forward(&packing.pack(&batch.ids)?)?;
-        if let Some(scale) = self.embed_scale {
-            // Gemma2 multiplies by sqrt(hidden) rounded to the compute dtype.
-            let s = Tensor::new(scale as f32, &device)?.to_dtype(x.dtype())?;
-            x = x.broadcast_mul(&s)?;
-        }
-        if packed_attention::applies(&device, x.dtype()) {
-            let rows = PackedRows::new(&batch.lengths, &packing);
-            let last = self.layers.len().saturating_sub(1);
-            for (i, layer) in self.layers.iter().enumerate() {
-                x = self.packed_layer_forward(layer, &x, &rows, i == last)?;
-            }
-            if self.layers.is_empty() {
-                x = packing.last_rows(&x)?;
-            }
-            return self.score.forward(&self.norm.forward(&x)?);
-        }
+        let mut x = self.embed_rows(&packing.pack(&batch.ids)?)?;
         let full_mask = causal_mask(batch.seq_len, None, &device)?;
         let window_mask = match self.window {
             Some(w) if self.layers.iter().any(|l| l.sliding) => {
@@ -385,6 +377,44 @@ impl DecoderModel {
         }
         let rows = packing.last_rows(&x)?;
         self.score.forward(&self.norm.forward(&rows)?)
+    }
+
+    /// On the CPU in f32 everything, attention included, runs on the packed rows, and a
+    /// start that inputs share is packed (and computed) once.
+    fn forward_packed(&self, sequences: &[&Sequence], device: &Device) -> Result<Tensor> {
+        let (segments, ids) = Segments::share_prefixes(sequences, self.min_shared_prefix);
+        let saved = segments.rows_saved(sequences);
+        if saved > 0 {
+            tracing::debug!(
+                saved,
+                rows = segments.total_rows(),
+                "shared prefixes computed once"
+            );
+        }
+        let rows = PackedRows::new(segments, device)?;
+        let total = ids.len();
+        let mut x = self.embed_rows(&Tensor::from_vec(ids, total, device)?)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.packed_layer_forward(layer, &x, &rows, i == last)?;
+        }
+        if self.layers.is_empty() {
+            x = x.index_select(&rows.last_rows, 0)?;
+        }
+        self.score.forward(&self.norm.forward(&x)?)
+    }
+
+    /// Token embeddings of packed ids `[t]` -> `[t, h]`.
+    fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = self.embed.forward(ids)?;
+        match self.embed_scale {
+            Some(scale) => {
+                // Gemma2 multiplies by sqrt(hidden) rounded to the compute dtype.
+                let s = Tensor::new(scale as f32, x.device())?.to_dtype(x.dtype())?;
+                x.broadcast_mul(&s)
+            }
+            None => Ok(x),
+        }
     }
 
     /// One layer on packed rows `[t, h]`, attention on the padded layout.
@@ -425,8 +455,8 @@ impl DecoderModel {
     ) -> Result<Tensor> {
         let h = l.input_norm.forward(x)?;
         let (x, q_in, q_positions, queries) = if last_only {
-            let x = rows.packing.last_rows(x)?;
-            let q_in = rows.packing.last_rows(&h)?;
+            let x = x.index_select(&rows.last_rows, 0)?;
+            let q_in = h.index_select(&rows.last_rows, 0)?;
             (x, q_in, &rows.last_positions, Queries::Last)
         } else {
             (x.clone(), h.clone(), &rows.positions, Queries::Every)
@@ -456,7 +486,7 @@ impl DecoderModel {
                 window: self.window.filter(|_| l.sliding),
             },
         };
-        let attn = packed_attention::attend(&spec, rows.lengths, queries, &q, &k, &v)?
+        let attn = packed_attention::attend(&spec, &rows.segments, queries, &q, &k, &v)?
             .ok_or_else(packed_attention::refused)?;
         self.residual_and_mlp(l, &x, &attn)
     }
@@ -482,25 +512,28 @@ impl DecoderModel {
     }
 }
 
-/// The packed rows' sequences: their lengths (for attention) and each row's position in
-/// its sequence (for rotary embeddings).
-struct PackedRows<'a> {
-    lengths: &'a [usize],
-    packing: &'a Packing,
+/// The packed rows' segments (for attention), each row's position in its input (for
+/// rotary embeddings), and each input's last row (all the score head reads).
+struct PackedRows {
+    segments: Segments,
     /// Of every row.
     positions: Vec<usize>,
-    /// Of each sequence's last row.
+    /// Of each input's last row, in input order.
     last_positions: Vec<usize>,
+    /// Each input's last row, in input order.
+    last_rows: Tensor,
 }
 
-impl<'a> PackedRows<'a> {
-    fn new(lengths: &'a [usize], packing: &'a Packing) -> Self {
-        Self {
-            lengths,
-            packing,
-            positions: lengths.iter().flat_map(|&len| 0..len).collect(),
-            last_positions: lengths.iter().map(|&len| len.saturating_sub(1)).collect(),
-        }
+impl PackedRows {
+    fn new(segments: Segments, device: &Device) -> Result<Self> {
+        let last_rows = segments.last_rows();
+        let inputs = last_rows.len();
+        Ok(Self {
+            positions: segments.positions(),
+            last_positions: segments.last_positions(),
+            last_rows: Tensor::from_vec(last_rows, inputs, device)?,
+            segments,
+        })
     }
 }
 
@@ -526,5 +559,32 @@ impl RewardModel for DecoderModel {
 
     fn num_labels(&self) -> usize {
         self.num_labels
+    }
+
+    fn share_prefixes_from(&mut self, tokens: usize) {
+        self.min_shared_prefix = tokens;
+    }
+
+    fn batch_tokens(&self, sequences: &[&Sequence]) -> usize {
+        match self.batch_layout() {
+            BatchLayout::PackedSharing => {
+                Segments::share_prefixes(sequences, self.min_shared_prefix)
+                    .0
+                    .total_rows()
+            }
+            BatchLayout::Padded => {
+                sequences.len() * sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0)
+            }
+            BatchLayout::Packed => sequences.iter().map(|s| s.ids.len()).sum(),
+        }
+    }
+
+    fn batch_layout(&self) -> BatchLayout {
+        let weights = self.embed.embeddings();
+        match packed_attention::applies(weights.device(), weights.dtype()) {
+            false => BatchLayout::Padded,
+            true if self.min_shared_prefix == 0 => BatchLayout::Packed,
+            true => BatchLayout::PackedSharing,
+        }
     }
 }

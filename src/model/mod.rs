@@ -9,6 +9,7 @@ mod gated;
 mod gelu;
 mod layers;
 mod packed_attention;
+mod segments;
 #[cfg(test)]
 mod testing;
 mod vexp;
@@ -117,6 +118,18 @@ impl PaddedBatch {
     }
 }
 
+/// How a model lays out a batch: what a forward pass costs, and which inputs are best
+/// computed together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchLayout {
+    /// Padded on the right to the longest sequence: costs sequences x longest.
+    Padded,
+    /// Real tokens only (packed rows): costs their sum.
+    Packed,
+    /// Packed rows, and inputs that begin alike compute their shared start once.
+    PackedSharing,
+}
+
 /// A sequence-classification model whose first logit is the reward.
 pub trait RewardModel: Send + Sync {
     /// Logits [batch][num_labels] for a batch of sequences (padded internally).
@@ -127,7 +140,26 @@ pub trait RewardModel: Send + Sync {
     /// response is kept), the end for encoders.
     fn pooling(&self) -> Pooling;
     fn num_labels(&self) -> usize;
+    /// Inputs of one batch that begin with at least `tokens` equal tokens compute those
+    /// once (0: never). Only causal models can, where they run on packed rows; the others
+    /// ignore it.
+    fn share_prefixes_from(&mut self, _tokens: usize) {}
+    fn batch_layout(&self) -> BatchLayout {
+        BatchLayout::Padded
+    }
+    /// Tokens a forward pass of `sequences` computes: sequences x longest when padded,
+    /// the real tokens on packed rows, a shared start once where starts are shared.
+    fn batch_tokens(&self, sequences: &[&Sequence]) -> usize {
+        let lengths = sequences.iter().map(|s| s.ids.len());
+        match self.batch_layout() {
+            BatchLayout::Padded => sequences.len() * lengths.max().unwrap_or(0),
+            BatchLayout::Packed | BatchLayout::PackedSharing => lengths.sum(),
+        }
+    }
 }
+
+/// Shared starts shorter than this are not worth a segment of their own.
+pub const DEFAULT_MIN_SHARED_PREFIX: usize = 16;
 
 /// Architectures that run in f32 only: candle-transformers' DeBERTa-v2 builds some of its
 /// tensors in f32 whatever the model's dtype.

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::layers::cpu_f32;
+use super::segments::Segments;
 use super::vexp::{exp, tanh};
 
 /// Whether attention runs on packed rows for tensors on `device` in `dtype`: on the CPU in
@@ -77,13 +78,13 @@ pub struct Spec {
     pub keys: KeySpan,
 }
 
-/// Attention of `q` over `k`, `v` (`[t, kv_heads * d]`, packed rows of sequences of
-/// `lengths`), returning one row `[heads * d]` per query row. `None` where this path does
-/// not apply (not CPU, not f32, or a shape it does not handle); the caller then takes the
-/// general path.
+/// Attention of `q` over `k`, `v` (`[t, kv_heads * d]`, the packed rows of `segments`),
+/// returning one row `[heads * d]` per query row. A segment with a shared prefix sees the
+/// prefix's rows before its own. `None` where this path does not apply (not CPU, not f32,
+/// or a shape it does not handle); the caller then takes the general path.
 pub fn attend(
     spec: &Spec,
-    lengths: &[usize],
+    segments: &Segments,
     queries: Queries,
     q: &Tensor,
     k: &Tensor,
@@ -93,10 +94,10 @@ pub fn attend(
     if kv_heads == 0 || heads % kv_heads != 0 || d == 0 {
         return Ok(None);
     }
-    let total: usize = lengths.iter().sum();
+    let total = segments.total_rows();
     let q_rows = match queries {
         Queries::Every => total,
-        Queries::First | Queries::Last => lengths.len(),
+        Queries::First | Queries::Last => segments.inputs(),
     };
     let shapes_fit = q.dims() == [q_rows, heads * d]
         && k.dims() == [total, kv_heads * d]
@@ -116,7 +117,7 @@ pub fn attend(
         else {
             return Ok(None);
         };
-        attend_slices(spec, lengths, queries, qs, ks, vs)
+        attend_slices(spec, segments, queries, qs, ks, vs)
     };
     Tensor::from_vec(out, (q_rows, heads * d), &Device::Cpu).map(Some)
 }
@@ -137,67 +138,106 @@ impl Shared {
     }
 }
 
-/// `attend` on checked slices: `q` holds the query rows, `k` and `v` `total` rows each.
+/// `attend` on checked slices: `q` holds the query rows, `k` and `v` the segments' rows.
 fn attend_slices(
     spec: &Spec,
-    lengths: &[usize],
+    segments: &Segments,
     queries: Queries,
     q: &[f32],
     k: &[f32],
     v: &[f32],
 ) -> Vec<f32> {
-    let (heads, kv_heads, d) = (spec.heads, spec.kv_heads, spec.head_dim);
-    let group = heads / kv_heads;
-    let (q_stride, kv_stride) = (heads * d, kv_heads * d);
-    let starts: Vec<usize> = lengths
-        .iter()
-        .scan(0, |start, &len| {
-            let here = *start;
-            *start += len;
-            Some(here)
-        })
-        .collect();
+    let heads = spec.heads;
+    let q_stride = heads * spec.head_dim;
     let q_rows = q.len() / q_stride;
+    // One task per (segment, head) for every row, per (input, head) for one row each.
+    let owners = match queries {
+        Queries::Every => segments.count(),
+        Queries::First | Queries::Last => segments.inputs(),
+    };
     let mut out: Vec<f32> = Vec::with_capacity(q_rows * q_stride);
     let dst = Shared(out.as_mut_ptr());
-    (0..lengths.len() * heads).into_par_iter().for_each(|task| {
-        let (b, h) = (task / heads, task % heads);
-        let (len, start) = (lengths[b], starts[b]);
-        // The first query row, its position in the sequence, and how many there are.
+    (0..owners * heads).into_par_iter().for_each(|task| {
+        let (owner, h) = (task / heads, task % heads);
+        let segment = match queries {
+            Queries::Every => owner,
+            Queries::First | Queries::Last => segments.end_of(owner),
+        };
+        let (start, len) = segments.rows(segment);
+        let (prefix_start, prefix_len) = segments.prefix_rows(segment);
+        // Keys in input order: the prefix's rows, then the segment's own.
+        let keys = prefix_len + len;
+        // The first query row, its position among the keys, and how many there are.
         let (row, first_pos, count) = match queries {
-            Queries::Every => (start, 0, len),
-            Queries::First => (b, 0, 1),
-            Queries::Last => (b, len.saturating_sub(1), 1),
+            Queries::Every => (start, prefix_len, len),
+            Queries::First => (owner, 0, 1),
+            Queries::Last => (owner, keys.saturating_sub(1), 1),
         };
         // SAFETY: this task alone writes columns h*d..(h+1)*d of rows row..row+count.
-        let out_block = unsafe { dst.at(row * q_stride + h * d) };
-        if len == 0 {
-            // No keys (encoding refuses empty inputs; kept defined all the same).
-            for r in 0..count {
-                // SAFETY: as above.
-                unsafe { std::ptr::write_bytes(out_block.add(r * q_stride), 0, d) };
-            }
-            return;
+        let out_block = unsafe { dst.at(row * q_stride + h * spec.head_dim) };
+        let parts = KeyParts {
+            prefix: (prefix_start, prefix_len),
+            own: (start, len),
+        };
+        head_attention(spec, h, &parts, (row, first_pos, count), q, k, v, out_block);
+    });
+    // SAFETY: the tasks wrote every element: each (query row, head) block belongs to
+    // exactly one task (its segment's or input's), which fills it by gemm or with zeros.
+    unsafe { out.set_len(q_rows * q_stride) };
+    out
+}
+
+/// The key rows of one task: a shared prefix's (maybe none) and the segment's own, each
+/// as first row and count.
+struct KeyParts {
+    prefix: (usize, usize),
+    own: (usize, usize),
+}
+
+/// One head's attention for `count` query rows from `row` (at key position `first_pos`
+/// on), written into `out_block` (row stride `heads * d`).
+#[allow(clippy::too_many_arguments)]
+fn head_attention(
+    spec: &Spec,
+    h: usize,
+    parts: &KeyParts,
+    (row, first_pos, count): (usize, usize, usize),
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out_block: *mut f32,
+) {
+    let (heads, d) = (spec.heads, spec.head_dim);
+    let (q_stride, kv_stride) = (heads * d, spec.kv_heads * d);
+    let keys = parts.prefix.1 + parts.own.1;
+    if keys == 0 {
+        // No keys (encoding refuses empty inputs; kept defined all the same).
+        for r in 0..count {
+            // SAFETY: the caller's block, `count` rows of `d` elements at stride q_stride.
+            unsafe { std::ptr::write_bytes(out_block.add(r * q_stride), 0, d) };
         }
-        let kv_col = (h / group) * d;
-        let k_block = &k[start * kv_stride + kv_col..];
-        let v_block = &v[start * kv_stride + kv_col..];
-        let q_block = &q[row * q_stride + h * d..];
-        // Left uninitialized: the first GEMM writes every element.
-        let mut scores: Vec<f32> = Vec::with_capacity(count * len);
-        // SAFETY (both calls): every pointer addresses `count`/`len` rows of `d` (or
-        // `len`) elements inside its slice or the output, read with the strides given;
-        // gemm writes all count x len (count x d) destination elements, so `scores` is
-        // initialized once the first returns.
+        return;
+    }
+    let kv_col = (h / (heads / spec.kv_heads)) * d;
+    let q_block = &q[row * q_stride + h * d..];
+    // Left uninitialized: the score GEMMs write every element (columns 0..prefix from the
+    // prefix's keys, the rest from the segment's own).
+    let mut scores: Vec<f32> = Vec::with_capacity(count * keys);
+    let mut column = 0;
+    for &(first, n) in [parts.prefix, parts.own].iter().filter(|p| p.1 > 0) {
+        let k_block = &k[first * kv_stride + kv_col..];
+        // SAFETY: q_block holds `count` rows of `d` at stride q_stride, k_block `n` rows
+        // of `d` at stride kv_stride, and the destination columns column..column+n of
+        // `count` rows of `keys` lie inside `scores`' capacity.
         unsafe {
             // scores = scale * Q K^T; K^T's element (c, j) is k_block[j * kv_stride + c].
             gemm::gemm(
                 count,
-                len,
+                n,
                 d,
-                scores.as_mut_ptr(),
+                scores.as_mut_ptr().add(column),
                 1,
-                len as isize,
+                keys as isize,
                 false,
                 q_block.as_ptr(),
                 1,
@@ -212,32 +252,39 @@ fn attend_slices(
                 false,
                 gemm::Parallelism::None,
             );
-            scores.set_len(count * len);
         }
-        for (i, row_scores) in scores.chunks_exact_mut(len).enumerate() {
-            softmax_span(
-                row_scores,
-                spec.keys.range(first_pos + i, len),
-                spec.softcap,
-            );
-        }
+        column += n;
+    }
+    // SAFETY: the GEMMs above wrote all count x keys elements.
+    unsafe { scores.set_len(count * keys) };
+    for (i, row_scores) in scores.chunks_exact_mut(keys).enumerate() {
+        softmax_span(
+            row_scores,
+            spec.keys.range(first_pos + i, keys),
+            spec.softcap,
+        );
+    }
+    let mut column = 0;
+    for &(first, n) in [parts.prefix, parts.own].iter().filter(|p| p.1 > 0) {
+        let v_block = &v[first * kv_stride + kv_col..];
+        // out (+)= P[:, column..column+n] V_part, straight into this head's columns.
+        // SAFETY: as above; the first part writes the block, a second one adds to it.
         unsafe {
-            // out = P V, straight into this head's columns of the output rows.
             gemm::gemm(
                 count,
                 d,
-                len,
+                n,
                 out_block,
                 1,
                 q_stride as isize,
-                false,
-                scores.as_ptr(),
+                column > 0,
+                scores.as_ptr().add(column),
                 1,
-                len as isize,
+                keys as isize,
                 v_block.as_ptr(),
                 1,
                 kv_stride as isize,
-                0.0,
+                1.0,
                 1.0,
                 false,
                 false,
@@ -245,11 +292,8 @@ fn attend_slices(
                 gemm::Parallelism::None,
             );
         }
-    });
-    // SAFETY: the tasks wrote every element: each (query row, head) block belongs to
-    // exactly one task (its sequence's), which fills it by gemm or with zeros.
-    unsafe { out.set_len(q_rows * q_stride) };
-    out
+        column += n;
+    }
 }
 
 /// Softmax of `row[span]` in place (after Gemma2's capping), zero elsewhere.
@@ -362,6 +406,189 @@ mod tests {
         }
     }
 
+    #[test]
+    fn decoder_fixtures_score_alike_with_and_without_shared_prefixes() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+        // Three prompts (one past the sliding window of 16 on its own), several responses
+        // each, one response a prefix of another, and an input that shares nothing.
+        let prompts: Vec<Vec<u32>> = [30usize, 12, 20]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                (0..len)
+                    .map(|p| 5 + ((p * 11 + i * 3) % 90) as u32)
+                    .collect()
+            })
+            .collect();
+        let responses: [(usize, &[u32]); 7] = [
+            (0, &[40, 41, 42]),
+            (1, &[7]),
+            (
+                0,
+                &[
+                    40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
+                ],
+            ),
+            (2, &[60, 61]),
+            (0, &[70]),
+            (1, &[8, 9, 10, 11]),
+            (2, &[60, 61, 62, 63]),
+        ];
+        let mut sequences: Vec<Sequence> = responses
+            .iter()
+            .map(|&(p, r)| {
+                let ids: Vec<u32> = prompts[p].iter().chain(r).copied().collect();
+                Sequence {
+                    type_ids: vec![0; ids.len()],
+                    ids,
+                }
+            })
+            .collect();
+        sequences.push(Sequence {
+            ids: vec![90, 91, 92],
+            type_ids: vec![0; 3],
+        });
+        let refs: Vec<&Sequence> = sequences.iter().collect();
+        let (segments, _) = Segments::share_prefixes(&refs, 8);
+        assert!(
+            segments.rows_saved(&refs) >= 2 * 30 + 12 + 20,
+            "{segments:?}"
+        );
+        for name in ["llama", "mistral", "qwen2", "qwen3", "gemma2"] {
+            let mut scorer = Scorer::load_one(&root.join(name)).expect("load the fixture");
+            scorer.share_prefixes_from(8);
+            let shared = scorer.score(&refs).expect("score with shared prefixes");
+            scorer.share_prefixes_from(0);
+            let apart = scorer.score(&refs).expect("score without");
+            let alone: Vec<f32> = refs
+                .iter()
+                .map(|s| scorer.score(&[s]).expect("score alone")[0].value)
+                .collect();
+            for (i, ((a, b), c)) in shared.iter().zip(&apart).zip(&alone).enumerate() {
+                assert!(
+                    (a.value - b.value).abs() < 1e-5 && (a.value - c).abs() < 1e-5,
+                    "{name} input {i}: {} shared, {} apart, {c} alone",
+                    a.value,
+                    b.value
+                );
+            }
+        }
+    }
+
+    /// Rows of `width` that depend only on a token and its position, as a shared prefix's
+    /// rows are the same in every input that holds it.
+    fn rows_for(ids: &[u32], positions: &[usize], width: usize) -> Tensor {
+        let data: Vec<f32> = ids
+            .iter()
+            .zip(positions)
+            .flat_map(|(&id, &p)| seeded(width, id * 1000 + p as u32))
+            .collect();
+        Tensor::from_vec(data, (ids.len(), width), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn a_shared_prefix_attends_as_if_each_input_held_it() {
+        let prompt: Vec<u32> = (1..=6).collect();
+        let inputs: Vec<Sequence> = [&[20u32, 21, 22][..], &[30], &[20, 21, 23, 24, 25]]
+            .iter()
+            .map(|r| {
+                let ids: Vec<u32> = prompt.iter().chain(r.iter()).copied().collect();
+                Sequence {
+                    type_ids: vec![0; ids.len()],
+                    ids,
+                }
+            })
+            .chain([Sequence {
+                ids: vec![9, 8, 7],
+                type_ids: vec![0; 3],
+            }])
+            .collect();
+        let refs: Vec<&Sequence> = inputs.iter().collect();
+        let lengths: Vec<usize> = inputs.iter().map(|s| s.ids.len()).collect();
+        let plain = Segments::plain(&lengths);
+        let plain_ids: Vec<u32> = inputs.iter().flat_map(|s| s.ids.clone()).collect();
+        let (shared, shared_ids) = Segments::share_prefixes(&refs, 4);
+        assert_eq!(shared.rows_saved(&refs), 2 * 6, "{shared:?}");
+        // Causal spans only: a prefix's rows do not see what follows them, so sharing is
+        // for causal models alone.
+        let spans = [
+            KeySpan::Causal { window: None },
+            KeySpan::Causal { window: Some(3) },
+        ];
+        for (heads, kv_heads) in [(4, 4), (6, 2)] {
+            for keys in spans {
+                for softcap in [None, Some(2.5f32)] {
+                    let d = 5;
+                    let spec = Spec {
+                        heads,
+                        kv_heads,
+                        head_dim: d,
+                        scale: 0.37,
+                        softcap,
+                        keys,
+                    };
+                    let what = format!("{heads}/{kv_heads} heads, {keys:?}, softcap {softcap:?}");
+                    let run = |segments: &Segments, ids: &[u32], queries: Queries| {
+                        let positions = segments.positions();
+                        let q = rows_for(ids, &positions, heads * d);
+                        let q = match queries {
+                            Queries::Every => q,
+                            _ => {
+                                let rows: Vec<u32> = match queries {
+                                    Queries::Last => segments.last_rows(),
+                                    _ => (0..segments.inputs())
+                                        .map(|i| {
+                                            let s = segments.end_of(i);
+                                            let (p, n) = segments.prefix_rows(s);
+                                            (if n > 0 { p } else { segments.rows(s).0 }) as u32
+                                        })
+                                        .collect(),
+                                };
+                                let n = rows.len();
+                                q.index_select(&Tensor::from_vec(rows, n, &Device::Cpu).unwrap(), 0)
+                                    .unwrap()
+                            }
+                        };
+                        let k = rows_for(ids, &positions, kv_heads * d);
+                        let v = rows_for(
+                            ids,
+                            &positions.iter().map(|p| p + 50).collect::<Vec<_>>(),
+                            kv_heads * d,
+                        );
+                        attend(&spec, segments, queries, &q, &k, &v)
+                            .unwrap()
+                            .expect("f32 CPU takes this path")
+                    };
+                    for queries in [Queries::Last, Queries::First] {
+                        let want = run(&plain, &plain_ids, queries);
+                        let got = run(&shared, &shared_ids, queries);
+                        assert!(max_diff(&got, &want) < 1e-5, "{queries:?}: {what}");
+                    }
+                    // Every row: input i's row at position p, found in either layout.
+                    let want = run(&plain, &plain_ids, Queries::Every);
+                    let got = run(&shared, &shared_ids, Queries::Every);
+                    for (i, input) in inputs.iter().enumerate() {
+                        let s = shared.end_of(i);
+                        let (prefix_start, prefix_len) = shared.prefix_rows(s);
+                        for p in 0..input.ids.len() {
+                            let row = if p < prefix_len {
+                                prefix_start + p
+                            } else {
+                                shared.rows(s).0 + p - prefix_len
+                            };
+                            let plain_row = plain.rows(i).0 + p;
+                            let diff = max_diff(
+                                &got.narrow(0, row, 1).unwrap(),
+                                &want.narrow(0, plain_row, 1).unwrap(),
+                            );
+                            assert!(diff < 1e-5, "input {i} position {p}: {what}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The general path: padded layout, repeated KV heads, additive masks.
     fn reference(spec: &Spec, lengths: &[usize], q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
         let dev = Device::Cpu;
@@ -389,6 +616,7 @@ mod tests {
         let dev = Device::Cpu;
         // Ragged lengths (one of them 1), odd head size, grouped and plain KV heads.
         let lengths = [7usize, 1, 12, 5];
+        let segments = Segments::plain(&lengths);
         let total: usize = lengths.iter().sum();
         let spans = [
             KeySpan::All,
@@ -415,7 +643,7 @@ mod tests {
                     let v = Tensor::from_vec(seeded(total * kv_heads * d, 3), kv, &dev).unwrap();
                     let want = reference(&spec, &lengths, &q, &k, &v);
                     let what = format!("{heads}/{kv_heads} heads, {keys:?}, softcap {softcap:?}");
-                    let got = attend(&spec, &lengths, Queries::Every, &q, &k, &v)
+                    let got = attend(&spec, &segments, Queries::Every, &q, &k, &v)
                         .unwrap()
                         .expect("f32 CPU takes this path");
                     // Padded rows of the reference are packed away; compare real rows.
@@ -430,7 +658,7 @@ mod tests {
                             Queries::First => packing.first_rows(&q).unwrap(),
                             _ => packing.last_rows(&q).unwrap(),
                         };
-                        let got = attend(&spec, &lengths, queries, &rows, &k, &v)
+                        let got = attend(&spec, &segments, queries, &rows, &k, &v)
                             .unwrap()
                             .expect("f32 CPU takes this path");
                         assert!(max_diff(&got, &pick) < 1e-5, "{queries:?}: {what}");
@@ -475,12 +703,21 @@ mod tests {
         let q = Tensor::zeros((3, 8), DType::F32, &dev).unwrap();
         let kv = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
         let half = q.to_dtype(DType::BF16).unwrap();
-        assert!(attend(&spec, &[3], Queries::Every, &half, &kv, &kv)
-            .unwrap()
-            .is_none());
+        assert!(attend(
+            &spec,
+            &Segments::plain(&[3]),
+            Queries::Every,
+            &half,
+            &kv,
+            &kv
+        )
+        .unwrap()
+        .is_none());
         // Lengths that do not add up to the rows given.
-        assert!(attend(&spec, &[2], Queries::Every, &q, &kv, &kv)
-            .unwrap()
-            .is_none());
+        assert!(
+            attend(&spec, &Segments::plain(&[2]), Queries::Every, &q, &kv, &kv)
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -1,8 +1,8 @@
 //! Prometheus metrics, all prefixed `warm_`.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
 
 use super::memory;
@@ -17,6 +17,7 @@ pub struct Metrics {
     pub inference: Histogram,
     pub batch_size: Histogram,
     pub batch_tokens: Histogram,
+    pub shared_prefix_tokens: IntCounter,
     pub queue_depth: IntGauge,
     pub inputs: IntCounterVec,
     pub fusion_seconds: Gauge,
@@ -72,10 +73,14 @@ impl Metrics {
             )?,
             batch_tokens: hist(
                 "warm_batch_tokens",
-                "Padded tokens per forward pass",
+                "Tokens computed per forward pass (padding included, shared prompts once)",
                 vec![
                     64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0,
                 ],
+            )?,
+            shared_prefix_tokens: IntCounter::new(
+                "warm_shared_prefix_tokens_total",
+                "Input tokens not computed because inputs of a batch shared their start",
             )?,
             queue_depth: IntGauge::new("warm_queue_depth", "Sequences waiting for a forward pass")?,
             inputs: IntCounterVec::new(
@@ -122,6 +127,8 @@ impl Metrics {
         m.registry.register(Box::new(m.inference.clone()))?;
         m.registry.register(Box::new(m.batch_size.clone()))?;
         m.registry.register(Box::new(m.batch_tokens.clone()))?;
+        m.registry
+            .register(Box::new(m.shared_prefix_tokens.clone()))?;
         m.registry.register(Box::new(m.queue_depth.clone()))?;
         m.registry.register(Box::new(m.inputs.clone()))?;
         m.registry.register(Box::new(m.fusion_seconds.clone()))?;
@@ -158,9 +165,10 @@ impl Metrics {
 }
 
 impl EngineObserver for Metrics {
-    fn batch(&self, inputs: usize, padded_tokens: usize, _seconds: f64) {
+    fn batch(&self, inputs: usize, tokens: usize, shared: usize, _seconds: f64) {
         self.batch_size.observe(inputs as f64);
-        self.batch_tokens.observe(padded_tokens as f64);
+        self.batch_tokens.observe(tokens as f64);
+        self.shared_prefix_tokens.inc_by(shared as u64);
     }
 
     fn queue_depth(&self, inputs: usize) {

@@ -153,7 +153,7 @@ fn load(state: &AppState) -> Result<(), String> {
         .dtype
         .unwrap_or_else(|| auto_dtype(device.is_cuda(), &config.members));
     tracing::info!(members = config.members.dirs.len(), combine = ?config.combine, %dtype, "loading");
-    let scorer = Scorer::load(
+    let mut scorer = Scorer::load(
         &config.members,
         config.combine,
         dtype,
@@ -161,6 +161,7 @@ fn load(state: &AppState) -> Result<(), String> {
         config.max_input_length,
     )
     .map_err(|e| e.to_string())?;
+    scorer.share_prefixes_from(config.min_shared_prefix);
     let report = scorer.report().clone();
     let warmup = scorer
         .encode(
@@ -215,6 +216,7 @@ fn load(state: &AppState) -> Result<(), String> {
             "max_concurrent_requests": config.max_concurrent_requests,
             "payload_limit": config.payload_limit,
             "auto_truncate": config.auto_truncate,
+            "min_shared_prefix": config.min_shared_prefix,
         },
         "fusion": {"seconds": report.seconds, "bytes_read": report.bytes_read},
         "load_seconds": seconds,
@@ -224,6 +226,7 @@ fn load(state: &AppState) -> Result<(), String> {
     let limits = BatchLimits {
         max_batch_tokens: config.max_batch_tokens,
         max_batch_requests: config.max_batch_requests,
+        layout: scorer.batch_layout(),
     };
     let engine = Engine::start(scorer.clone(), limits, state.metrics.clone());
     let _ = state.ready.set(Ready {

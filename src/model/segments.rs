@@ -1,0 +1,279 @@
+//! How the packed rows of a batch divide into segments, and shared prompt prefixes.
+//!
+//! Best-of-N and GRPO-style scoring send one prompt with many responses: the inputs of a
+//! batch begin with the same tokens. In a causal model (only there) those tokens' hidden states do not
+//! depend on what follows them, so they can be computed once. A group of inputs sharing a
+//! start becomes one prefix segment (the shared tokens, once) and one segment per input
+//! (the rest); an input's segment attends to its prefix's rows as if they came before it,
+//! at positions that continue from the prefix's length. Inputs sharing nothing are one
+//! segment each, in input order, exactly as without sharing.
+
+use super::Sequence;
+
+/// The segments of the packed rows, in row order, and which segment ends each input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segments {
+    lengths: Vec<usize>,
+    starts: Vec<usize>,
+    /// Per segment: the segment whose rows come before its own as a shared prefix.
+    prefix: Vec<Option<usize>>,
+    /// Per input, in input order: its last segment (the one holding its last token).
+    ends: Vec<usize>,
+}
+
+impl Segments {
+    /// One segment per input, in input order, nothing shared.
+    pub fn plain(lengths: &[usize]) -> Self {
+        Self::from_parts(
+            lengths.to_vec(),
+            vec![None; lengths.len()],
+            (0..lengths.len()).collect(),
+        )
+    }
+
+    fn from_parts(lengths: Vec<usize>, prefix: Vec<Option<usize>>, ends: Vec<usize>) -> Self {
+        let starts = lengths
+            .iter()
+            .scan(0, |start, &len| {
+                let here = *start;
+                *start += len;
+                Some(here)
+            })
+            .collect();
+        Self {
+            lengths,
+            starts,
+            prefix,
+            ends,
+        }
+    }
+
+    /// Segments for `sequences` where groups of them begin with at least `min_shared`
+    /// common tokens (0: never), with the token ids of the packed rows. Every input keeps
+    /// at least its last token in a segment of its own (the score head reads it).
+    pub fn share_prefixes(sequences: &[&Sequence], min_shared: usize) -> (Self, Vec<u32>) {
+        let groups = if min_shared == 0 {
+            Vec::new()
+        } else {
+            prefix_groups(sequences, min_shared)
+        };
+        if groups.iter().all(|g| g.shared == 0) {
+            let lengths: Vec<usize> = sequences.iter().map(|s| s.ids.len()).collect();
+            let ids = sequences
+                .iter()
+                .flat_map(|s| s.ids.iter().copied())
+                .collect();
+            return (Self::plain(&lengths), ids);
+        }
+        let mut lengths = Vec::new();
+        let mut prefix = Vec::new();
+        let mut ends = vec![0; sequences.len()];
+        let mut ids = Vec::with_capacity(sequences.iter().map(|s| s.ids.len()).sum());
+        for group in &groups {
+            let parent = (group.shared > 0).then(|| {
+                let first = &sequences[group.members[0]].ids;
+                ids.extend_from_slice(&first[..group.shared]);
+                lengths.push(group.shared);
+                prefix.push(None);
+                lengths.len() - 1
+            });
+            for &input in &group.members {
+                let own = &sequences[input].ids[group.shared..];
+                ids.extend_from_slice(own);
+                ends[input] = lengths.len();
+                lengths.push(own.len());
+                prefix.push(parent);
+            }
+        }
+        (Self::from_parts(lengths, prefix, ends), ids)
+    }
+
+    pub fn count(&self) -> usize {
+        self.lengths.len()
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn total_rows(&self) -> usize {
+        self.lengths.iter().sum()
+    }
+
+    /// Rows of segment `s`: its first row and how many.
+    pub fn rows(&self, s: usize) -> (usize, usize) {
+        (self.starts[s], self.lengths[s])
+    }
+
+    /// The rows of the prefix segment `s` attends to before its own: first row and count
+    /// (count 0 without one).
+    pub fn prefix_rows(&self, s: usize) -> (usize, usize) {
+        self.prefix[s].map_or((0, 0), |p| self.rows(p))
+    }
+
+    /// The last segment of input `i`.
+    pub fn end_of(&self, input: usize) -> usize {
+        self.ends[input]
+    }
+
+    /// Each row's position in its input (a segment's rows continue after its prefix).
+    pub fn positions(&self) -> Vec<usize> {
+        (0..self.count())
+            .flat_map(|s| {
+                let offset = self.prefix_rows(s).1;
+                offset..offset + self.lengths[s]
+            })
+            .collect()
+    }
+
+    /// Row of each input's last token, in input order.
+    pub fn last_rows(&self) -> Vec<u32> {
+        self.ends
+            .iter()
+            .map(|&s| (self.starts[s] + self.lengths[s]).saturating_sub(1) as u32)
+            .collect()
+    }
+
+    /// Position of each input's last token, in input order.
+    pub fn last_positions(&self) -> Vec<usize> {
+        self.ends
+            .iter()
+            .map(|&s| (self.prefix_rows(s).1 + self.lengths[s]).saturating_sub(1))
+            .collect()
+    }
+
+    /// Rows saved by sharing: the inputs' tokens less the packed rows.
+    pub fn rows_saved(&self, sequences: &[&Sequence]) -> usize {
+        let tokens: usize = sequences.iter().map(|s| s.ids.len()).sum();
+        tokens.saturating_sub(self.total_rows())
+    }
+}
+
+/// Inputs computed together: with `shared` > 0, their first `shared` tokens are equal.
+#[derive(Debug, PartialEq, Eq)]
+struct Group {
+    members: Vec<usize>,
+    shared: usize,
+}
+
+/// Groups of inputs that share a start worth computing once. Sorted by token ids, inputs
+/// with a common start are neighbours and a run's common start is the least of its
+/// neighbours' common starts. A run grows while the rows it saves do not shrink, so one
+/// long shared prompt is not cut down to a short one that more inputs have in common.
+fn prefix_groups(sequences: &[&Sequence], min_shared: usize) -> Vec<Group> {
+    let mut order: Vec<usize> = (0..sequences.len()).collect();
+    order.sort_by(|&a, &b| sequences[a].ids.cmp(&sequences[b].ids));
+    let mut groups = Vec::new();
+    let mut i = 0;
+    while i < order.len() {
+        let mut members = vec![order[i]];
+        // At most the shortest member's length less one: its last token stays its own.
+        let mut shared = sequences[order[i]].ids.len().saturating_sub(1);
+        while let Some(&next) = order.get(i + members.len()) {
+            let previous = sequences[order[i + members.len() - 1]];
+            let common = common_start(&previous.ids, &sequences[next].ids);
+            let candidate = shared
+                .min(common)
+                .min(sequences[next].ids.len().saturating_sub(1));
+            let saved_now = (members.len() - 1) * shared;
+            if candidate < min_shared || members.len() * candidate < saved_now {
+                break;
+            }
+            shared = candidate;
+            members.push(next);
+        }
+        i += members.len();
+        if members.len() == 1 {
+            shared = 0;
+        }
+        groups.push(Group { members, shared });
+    }
+    groups
+}
+
+fn common_start(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(ids: &[u32]) -> Sequence {
+        Sequence {
+            ids: ids.to_vec(),
+            type_ids: vec![0; ids.len()],
+        }
+    }
+
+    #[test]
+    fn inputs_sharing_nothing_stay_one_segment_each_in_input_order() {
+        let a = seq(&[1, 2, 3]);
+        let b = seq(&[4, 5]);
+        let (segments, ids) = Segments::share_prefixes(&[&a, &b], 2);
+        assert_eq!(segments, Segments::plain(&[3, 2]));
+        assert_eq!(ids, vec![1, 2, 3, 4, 5]);
+        assert_eq!(segments.positions(), vec![0, 1, 2, 0, 1]);
+        assert_eq!(segments.last_rows(), vec![2, 4]);
+    }
+
+    #[test]
+    fn a_shared_prompt_is_packed_once_and_positions_continue_after_it() {
+        let a = seq(&[7, 7, 7, 1, 2]);
+        let b = seq(&[9]);
+        let c = seq(&[7, 7, 7, 3]);
+        let (segments, ids) = Segments::share_prefixes(&[&a, &b, &c], 3);
+        // Sorted by ids: a's group ([7,7,7] then [1,2], [3]) before b.
+        assert_eq!(ids, vec![7, 7, 7, 1, 2, 3, 9]);
+        assert_eq!(segments.count(), 4);
+        assert_eq!(segments.prefix_rows(1), (0, 3));
+        assert_eq!(segments.prefix_rows(2), (0, 3));
+        assert_eq!(segments.prefix_rows(3), (0, 0));
+        assert_eq!(segments.positions(), vec![0, 1, 2, 3, 4, 3, 0]);
+        assert_eq!(segments.last_rows(), vec![4, 6, 5]);
+        assert_eq!(segments.last_positions(), vec![4, 0, 3]);
+        assert_eq!(segments.rows_saved(&[&a, &b, &c]), 3);
+        // Under the threshold nothing is shared.
+        let (plain, _) = Segments::share_prefixes(&[&a, &b, &c], 4);
+        assert_eq!(plain, Segments::plain(&[5, 1, 4]));
+        assert_eq!(Segments::share_prefixes(&[&a, &b, &c], 0).0, plain);
+    }
+
+    #[test]
+    fn every_input_keeps_its_last_token_even_when_one_is_a_prefix_of_another() {
+        let short = seq(&[5, 5, 5, 5]);
+        let long = seq(&[5, 5, 5, 5, 6, 6]);
+        let same = seq(&[5, 5, 5, 5]);
+        let (segments, ids) = Segments::share_prefixes(&[&long, &short, &same], 2);
+        assert_eq!(ids.len(), 3 + 1 + 1 + 3);
+        for input in 0..3 {
+            let (_, own) = segments.rows(segments.end_of(input));
+            assert!(own >= 1);
+        }
+        assert_eq!(segments.last_positions(), vec![5, 3, 3]);
+    }
+
+    #[test]
+    fn a_long_shared_prompt_is_not_given_up_for_a_short_one_shared_more_widely() {
+        // Two inputs share 40 tokens; a third shares only 10 with them.
+        let head: Vec<u32> = (0..10).collect();
+        let long_a: Vec<u32> = head.iter().copied().chain(100..130).chain([1]).collect();
+        let long_b: Vec<u32> = head.iter().copied().chain(100..130).chain([2]).collect();
+        let other: Vec<u32> = head.iter().copied().chain([500, 501]).collect();
+        let (a, b, c) = (seq(&long_a), seq(&long_b), seq(&other));
+        let groups = prefix_groups(&[&a, &b, &c], 8);
+        assert_eq!(
+            groups,
+            vec![
+                Group {
+                    members: vec![0, 1],
+                    shared: 40
+                },
+                Group {
+                    members: vec![2],
+                    shared: 0
+                }
+            ]
+        );
+    }
+}
