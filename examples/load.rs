@@ -4,10 +4,12 @@
 //! forward pass (the client's latency less the server's `x-inference-time` for the same
 //! request: HTTP, JSON, tokenization and queueing, free of the forward pass's own noise).
 //!
-//!   cargo run --release --example load -- URL [CONCURRENCY,...] [REQUESTS] [PAIRS_PER_REQUEST] [SEED]
+//!   cargo run --release --example load -- URL [CONCURRENCY,...] [REQUESTS] [PAIRS_PER_REQUEST] [SEED] [PROMPT_WORDS]
 //!
 //! e.g. `http://127.0.0.1:8080 1,4,16 400 1 7`. Tokens/s uses the server's
-//! `usage.prompt_tokens`.
+//! `usage.prompt_tokens`. With PROMPT_WORDS > 0 each request is best-of-N instead: one
+//! `/v1/rerank` of a prompt of that many words (and a short question) with PAIRS
+//! responses.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -56,6 +58,34 @@ const WORDS: &[&str] = &[
     "therefore",
 ];
 
+/// `count` seeded words.
+fn words(rng: &mut Rng, count: usize) -> String {
+    let body: Vec<&str> = (0..count)
+        .map(|_| WORDS[rng.below(WORDS.len() as u64) as usize])
+        .collect();
+    body.join(" ")
+}
+
+/// The seeded best-of-N workload: per request, a context of `prompt_words` words and a
+/// question, and `responses` answers of varied lengths.
+fn best_of_n(requests: usize, responses: usize, prompt_words: usize, seed: u64) -> Vec<Value> {
+    let mut rng = Rng(seed.max(1));
+    (0..requests)
+        .map(|_| {
+            let subject = SUBJECTS[rng.below(SUBJECTS.len() as u64) as usize];
+            let context = words(&mut rng, prompt_words);
+            let prompt = format!("{context}\n\nGiven the above, what is the capital of {subject}?");
+            let answers: Vec<String> = (0..responses)
+                .map(|_| {
+                    let count = 5 + rng.below(40) as usize;
+                    words(&mut rng, count)
+                })
+                .collect();
+            json!({"prompt": prompt, "responses": answers})
+        })
+        .collect()
+}
+
 /// The seeded workload: one request body per index, a few pairs of varied lengths each.
 fn workload(requests: usize, pairs: usize, seed: u64) -> Vec<Value> {
     let mut rng = Rng(seed.max(1));
@@ -68,11 +98,9 @@ fn workload(requests: usize, pairs: usize, seed: u64) -> Vec<Value> {
                     let subject = SUBJECTS[rng.below(SUBJECTS.len() as u64) as usize];
                     let prompt =
                         format!("What is {a} + {b}, and what is the capital of {subject}?");
-                    let words = 5 + rng.below(60) as usize;
-                    let body: Vec<&str> = (0..words)
-                        .map(|_| WORDS[rng.below(WORDS.len() as u64) as usize])
-                        .collect();
-                    json!({"prompt": prompt, "response": format!("{} {}", a + b, body.join(" "))})
+                    let count = 5 + rng.below(60) as usize;
+                    let body = words(&mut rng, count);
+                    json!({"prompt": prompt, "response": format!("{} {body}", a + b)})
                 })
                 .collect();
             json!({"inputs": inputs})
@@ -92,7 +120,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let url = args
         .first()
-        .ok_or("usage: load URL [CONCURRENCY,...] [REQUESTS] [PAIRS] [SEED]")?;
+        .ok_or("usage: load URL [CONCURRENCY,...] [REQUESTS] [PAIRS] [SEED] [PROMPT_WORDS]")?;
     let levels: Vec<usize> = args
         .get(1)
         .map_or("1,4,16", String::as_str)
@@ -102,8 +130,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let requests: usize = args.get(2).map_or(Ok(200), |s| s.parse())?;
     let pairs: usize = args.get(3).map_or(Ok(1), |s| s.parse())?;
     let seed: u64 = args.get(4).map_or(Ok(7), |s| s.parse())?;
-    let bodies = workload(requests, pairs, seed);
-    let endpoint = format!("{}/v1/score", url.trim_end_matches('/'));
+    let prompt_words: usize = args.get(5).map_or(Ok(0), |s| s.parse())?;
+    let (bodies, route) = if prompt_words > 0 {
+        (best_of_n(requests, pairs, prompt_words, seed), "v1/rerank")
+    } else {
+        (workload(requests, pairs, seed), "v1/score")
+    };
+    let endpoint = format!("{}/{route}", url.trim_end_matches('/'));
     println!("| concurrency | requests | requests/s | inputs/s | tokens/s | p50 ms | p95 ms | p99 ms | errors | p50 outside forward ms |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for &c in &levels {
