@@ -572,10 +572,7 @@ impl RewardModel for DecoderModel {
                     .0
                     .total_rows()
             }
-            BatchLayout::Padded => {
-                sequences.len() * sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0)
-            }
-            BatchLayout::Packed => sequences.iter().map(|s| s.ids.len()).sum(),
+            layout => super::unshared_tokens(layout, sequences),
         }
     }
 

@@ -150,11 +150,17 @@ pub trait RewardModel: Send + Sync {
     /// Tokens a forward pass of `sequences` computes: sequences x longest when padded,
     /// the real tokens on packed rows, a shared start once where starts are shared.
     fn batch_tokens(&self, sequences: &[&Sequence]) -> usize {
-        let lengths = sequences.iter().map(|s| s.ids.len());
-        match self.batch_layout() {
-            BatchLayout::Padded => sequences.len() * lengths.max().unwrap_or(0),
-            BatchLayout::Packed | BatchLayout::PackedSharing => lengths.sum(),
-        }
+        unshared_tokens(self.batch_layout(), sequences)
+    }
+}
+
+/// Tokens of `sequences` on `layout` with nothing shared: sequences x longest when
+/// padded, else their sum.
+pub fn unshared_tokens(layout: BatchLayout, sequences: &[&Sequence]) -> usize {
+    let lengths = sequences.iter().map(|s| s.ids.len());
+    match layout {
+        BatchLayout::Padded => sequences.len() * lengths.max().unwrap_or(0),
+        BatchLayout::Packed | BatchLayout::PackedSharing => lengths.sum(),
     }
 }
 
