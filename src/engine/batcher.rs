@@ -160,17 +160,17 @@ mod tests {
             with(&prompt_b, 4),
         ];
         let items = items(&ids, &[(0, 0), (1, 0), (2, 0), (3, 0)]);
-        let batches = plan_batches(&items, &limits(50, 8, BatchLayout::PackedSharing));
-        let jobs: Vec<Vec<usize>> = batches
-            .iter()
-            .map(|b| b.iter().map(|x| x.0).collect())
-            .collect();
-        assert_eq!(jobs, vec![vec![1, 3], vec![0, 2]]);
-        let by_length = plan_batches(&items, &limits(50, 8, BatchLayout::Packed));
-        let jobs: Vec<Vec<usize>> = by_length
-            .iter()
-            .map(|b| b.iter().map(|x| x.0).collect())
-            .collect();
-        assert_eq!(jobs, vec![vec![0, 1], vec![2, 3]]);
+        // The jobs of each batch.
+        let jobs = |layout| -> Vec<Vec<usize>> {
+            plan_batches(&items, &limits(50, 8, layout))
+                .iter()
+                .map(|b| b.iter().map(|x| x.0).collect())
+                .collect()
+        };
+        assert_eq!(
+            jobs(BatchLayout::PackedSharing),
+            vec![vec![1, 3], vec![0, 2]]
+        );
+        assert_eq!(jobs(BatchLayout::Packed), vec![vec![0, 1], vec![2, 3]]);
     }
 }

@@ -475,6 +475,27 @@ mod tests {
         }
     }
 
+    /// Every combination of (heads, KV heads), key span and capping (none or 2.5), with
+    /// head size 5 and scale 0.37.
+    fn specs(heads: &[(usize, usize)], spans: &[KeySpan]) -> Vec<Spec> {
+        let mut all = Vec::new();
+        for &(heads, kv_heads) in heads {
+            for &keys in spans {
+                for softcap in [None, Some(2.5f32)] {
+                    all.push(Spec {
+                        heads,
+                        kv_heads,
+                        head_dim: 5,
+                        scale: 0.37,
+                        softcap,
+                        keys,
+                    });
+                }
+            }
+        }
+        all
+    }
+
     /// Rows of `width` that depend only on a token and its position, as a shared prefix's
     /// rows are the same in every input that holds it.
     fn rows_for(ids: &[u32], positions: &[usize], width: usize) -> Tensor {
@@ -515,75 +536,64 @@ mod tests {
             KeySpan::Causal { window: None },
             KeySpan::Causal { window: Some(3) },
         ];
-        for (heads, kv_heads) in [(4, 4), (6, 2)] {
-            for keys in spans {
-                for softcap in [None, Some(2.5f32)] {
-                    let d = 5;
-                    let spec = Spec {
-                        heads,
-                        kv_heads,
-                        head_dim: d,
-                        scale: 0.37,
-                        softcap,
-                        keys,
-                    };
-                    let what = format!("{heads}/{kv_heads} heads, {keys:?}, softcap {softcap:?}");
-                    let run = |segments: &Segments, ids: &[u32], queries: Queries| {
-                        let positions = segments.positions();
-                        let q = rows_for(ids, &positions, heads * d);
-                        let q = match queries {
-                            Queries::Every => q,
-                            _ => {
-                                let rows: Vec<u32> = match queries {
-                                    Queries::Last => segments.last_rows(),
-                                    _ => (0..segments.inputs())
-                                        .map(|i| {
-                                            let s = segments.end_of(i);
-                                            let (p, n) = segments.prefix_rows(s);
-                                            (if n > 0 { p } else { segments.rows(s).0 }) as u32
-                                        })
-                                        .collect(),
-                                };
-                                let n = rows.len();
-                                q.index_select(&Tensor::from_vec(rows, n, &Device::Cpu).unwrap(), 0)
-                                    .unwrap()
-                            }
+        for spec in specs(&[(4, 4), (6, 2)], &spans) {
+            let (heads, kv_heads, d) = (spec.heads, spec.kv_heads, spec.head_dim);
+            let (keys, softcap) = (spec.keys, spec.softcap);
+            let what = format!("{heads}/{kv_heads} heads, {keys:?}, softcap {softcap:?}");
+            let run = |segments: &Segments, ids: &[u32], queries: Queries| {
+                let positions = segments.positions();
+                let q = rows_for(ids, &positions, heads * d);
+                let q = match queries {
+                    Queries::Every => q,
+                    _ => {
+                        let rows: Vec<u32> = match queries {
+                            Queries::Last => segments.last_rows(),
+                            _ => (0..segments.inputs())
+                                .map(|i| {
+                                    let s = segments.end_of(i);
+                                    let (p, n) = segments.prefix_rows(s);
+                                    (if n > 0 { p } else { segments.rows(s).0 }) as u32
+                                })
+                                .collect(),
                         };
-                        let k = rows_for(ids, &positions, kv_heads * d);
-                        let v = rows_for(
-                            ids,
-                            &positions.iter().map(|p| p + 50).collect::<Vec<_>>(),
-                            kv_heads * d,
-                        );
-                        attend(&spec, segments, queries, &q, &k, &v)
+                        let n = rows.len();
+                        q.index_select(&Tensor::from_vec(rows, n, &Device::Cpu).unwrap(), 0)
                             .unwrap()
-                            .expect("f32 CPU takes this path")
+                    }
+                };
+                let k = rows_for(ids, &positions, kv_heads * d);
+                let v = rows_for(
+                    ids,
+                    &positions.iter().map(|p| p + 50).collect::<Vec<_>>(),
+                    kv_heads * d,
+                );
+                attend(&spec, segments, queries, &q, &k, &v)
+                    .unwrap()
+                    .expect("f32 CPU takes this path")
+            };
+            for queries in [Queries::Last, Queries::First] {
+                let want = run(&plain, &plain_ids, queries);
+                let got = run(&shared, &shared_ids, queries);
+                assert!(max_diff(&got, &want) < 1e-5, "{queries:?}: {what}");
+            }
+            // Every row: input i's row at position p, found in either layout.
+            let want = run(&plain, &plain_ids, Queries::Every);
+            let got = run(&shared, &shared_ids, Queries::Every);
+            for (i, input) in inputs.iter().enumerate() {
+                let s = shared.end_of(i);
+                let (prefix_start, prefix_len) = shared.prefix_rows(s);
+                for p in 0..input.ids.len() {
+                    let row = if p < prefix_len {
+                        prefix_start + p
+                    } else {
+                        shared.rows(s).0 + p - prefix_len
                     };
-                    for queries in [Queries::Last, Queries::First] {
-                        let want = run(&plain, &plain_ids, queries);
-                        let got = run(&shared, &shared_ids, queries);
-                        assert!(max_diff(&got, &want) < 1e-5, "{queries:?}: {what}");
-                    }
-                    // Every row: input i's row at position p, found in either layout.
-                    let want = run(&plain, &plain_ids, Queries::Every);
-                    let got = run(&shared, &shared_ids, Queries::Every);
-                    for (i, input) in inputs.iter().enumerate() {
-                        let s = shared.end_of(i);
-                        let (prefix_start, prefix_len) = shared.prefix_rows(s);
-                        for p in 0..input.ids.len() {
-                            let row = if p < prefix_len {
-                                prefix_start + p
-                            } else {
-                                shared.rows(s).0 + p - prefix_len
-                            };
-                            let plain_row = plain.rows(i).0 + p;
-                            let diff = max_diff(
-                                &got.narrow(0, row, 1).unwrap(),
-                                &want.narrow(0, plain_row, 1).unwrap(),
-                            );
-                            assert!(diff < 1e-5, "input {i} position {p}: {what}");
-                        }
-                    }
+                    let plain_row = plain.rows(i).0 + p;
+                    let diff = max_diff(
+                        &got.narrow(0, row, 1).unwrap(),
+                        &want.narrow(0, plain_row, 1).unwrap(),
+                    );
+                    assert!(diff < 1e-5, "input {i} position {p}: {what}");
                 }
             }
         }
@@ -623,47 +633,35 @@ mod tests {
             KeySpan::Causal { window: None },
             KeySpan::Causal { window: Some(3) },
         ];
-        for (heads, kv_heads) in [(4, 4), (6, 2), (3, 1)] {
-            for keys in spans {
-                for softcap in [None, Some(2.5f32)] {
-                    let d = 5;
-                    let spec = Spec {
-                        heads,
-                        kv_heads,
-                        head_dim: d,
-                        scale: 0.37,
-                        softcap,
-                        keys,
-                    };
-                    let q =
-                        Tensor::from_vec(seeded(total * heads * d, 1), (total, heads * d), &dev)
-                            .unwrap();
-                    let kv = (total, kv_heads * d);
-                    let k = Tensor::from_vec(seeded(total * kv_heads * d, 2), kv, &dev).unwrap();
-                    let v = Tensor::from_vec(seeded(total * kv_heads * d, 3), kv, &dev).unwrap();
-                    let want = reference(&spec, &lengths, &q, &k, &v);
-                    let what = format!("{heads}/{kv_heads} heads, {keys:?}, softcap {softcap:?}");
-                    let got = attend(&spec, &segments, Queries::Every, &q, &k, &v)
-                        .unwrap()
-                        .expect("f32 CPU takes this path");
-                    // Padded rows of the reference are packed away; compare real rows.
-                    assert!(max_diff(&got, &want) < 1e-5, "every row: {what}");
+        for spec in specs(&[(4, 4), (6, 2), (3, 1)], &spans) {
+            let (heads, kv_heads, d) = (spec.heads, spec.kv_heads, spec.head_dim);
+            let (keys, softcap) = (spec.keys, spec.softcap);
+            let q =
+                Tensor::from_vec(seeded(total * heads * d, 1), (total, heads * d), &dev).unwrap();
+            let kv = (total, kv_heads * d);
+            let k = Tensor::from_vec(seeded(total * kv_heads * d, 2), kv, &dev).unwrap();
+            let v = Tensor::from_vec(seeded(total * kv_heads * d, 3), kv, &dev).unwrap();
+            let want = reference(&spec, &lengths, &q, &k, &v);
+            let what = format!("{heads}/{kv_heads} heads, {keys:?}, softcap {softcap:?}");
+            let got = attend(&spec, &segments, Queries::Every, &q, &k, &v)
+                .unwrap()
+                .expect("f32 CPU takes this path");
+            // Padded rows of the reference are packed away; compare real rows.
+            assert!(max_diff(&got, &want) < 1e-5, "every row: {what}");
 
-                    let packing = Packing::new(&lengths, 12, &dev).unwrap();
-                    for (queries, pick) in [
-                        (Queries::First, packing.first_rows(&want).unwrap()),
-                        (Queries::Last, packing.last_rows(&want).unwrap()),
-                    ] {
-                        let rows = match queries {
-                            Queries::First => packing.first_rows(&q).unwrap(),
-                            _ => packing.last_rows(&q).unwrap(),
-                        };
-                        let got = attend(&spec, &segments, queries, &rows, &k, &v)
-                            .unwrap()
-                            .expect("f32 CPU takes this path");
-                        assert!(max_diff(&got, &pick) < 1e-5, "{queries:?}: {what}");
-                    }
-                }
+            let packing = Packing::new(&lengths, 12, &dev).unwrap();
+            for (queries, pick) in [
+                (Queries::First, packing.first_rows(&want).unwrap()),
+                (Queries::Last, packing.last_rows(&want).unwrap()),
+            ] {
+                let rows = match queries {
+                    Queries::First => packing.first_rows(&q).unwrap(),
+                    _ => packing.last_rows(&q).unwrap(),
+                };
+                let got = attend(&spec, &segments, queries, &rows, &k, &v)
+                    .unwrap()
+                    .expect("f32 CPU takes this path");
+                assert!(max_diff(&got, &pick) < 1e-5, "{queries:?}: {what}");
             }
         }
     }
