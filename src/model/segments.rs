@@ -254,6 +254,73 @@ mod tests {
     }
 
     #[test]
+    fn random_batches_pack_every_input_exactly_once() {
+        // Seeded batches of inputs drawn from a few prompts (some empty) and short tails,
+        // duplicates included: every input's tokens are its prefix's rows then its own.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n) as usize
+        };
+        let mut sharing = 0;
+        for _ in 0..200 {
+            let prompts: Vec<Vec<u32>> = (0..1 + next(4))
+                .map(|_| (0..next(40)).map(|_| next(5) as u32).collect())
+                .collect();
+            let inputs: Vec<Sequence> = (0..1 + next(12))
+                .map(|_| {
+                    let prompt = &prompts[next(prompts.len() as u64)];
+                    let tail: Vec<u32> = (0..1 + next(6)).map(|_| next(5) as u32).collect();
+                    seq(&[prompt.as_slice(), &tail].concat())
+                })
+                .collect();
+            let refs: Vec<&Sequence> = inputs.iter().collect();
+            let min_shared = 1 + next(8);
+            let (segments, ids) = Segments::share_prefixes(&refs, min_shared);
+            assert_eq!(ids.len(), segments.total_rows());
+            sharing += usize::from(segments.rows_saved(&refs) > 0);
+            let positions = segments.positions();
+            let last_rows = segments.last_rows();
+            for (i, input) in inputs.iter().enumerate() {
+                let s = segments.end_of(i);
+                let (prefix_start, prefix_len) = segments.prefix_rows(s);
+                let (start, len) = segments.rows(s);
+                assert!(len >= 1, "input {i} keeps its last token");
+                assert!(prefix_len == 0 || prefix_len >= min_shared);
+                let rebuilt = [
+                    &ids[prefix_start..prefix_start + prefix_len],
+                    &ids[start..start + len],
+                ]
+                .concat();
+                assert_eq!(rebuilt, input.ids, "input {i}");
+                let rows: Vec<usize> = (prefix_start..prefix_start + prefix_len)
+                    .chain(start..start + len)
+                    .collect();
+                let got: Vec<usize> = rows.iter().map(|&r| positions[r]).collect();
+                assert_eq!(got, (0..input.ids.len()).collect::<Vec<_>>(), "input {i}");
+                assert_eq!(last_rows[i] as usize, start + len - 1);
+            }
+            // Every row belongs to an input: no segment is left unused.
+            let used: usize = (0..segments.count())
+                .filter(|&s| {
+                    (0..inputs.len()).any(|i| {
+                        let end = segments.end_of(i);
+                        end == s || segments.prefix[end] == Some(s)
+                    })
+                })
+                .map(|s| segments.rows(s).1)
+                .sum();
+            assert_eq!(used, segments.total_rows());
+        }
+        assert!(
+            sharing >= 50,
+            "only {sharing} of 200 batches shared a prompt"
+        );
+    }
+
+    #[test]
     fn a_long_shared_prompt_is_not_given_up_for_a_short_one_shared_more_widely() {
         // Two inputs share 40 tokens; a third shares only 10 with them.
         let head: Vec<u32> = (0..10).collect();
