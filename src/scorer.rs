@@ -224,30 +224,34 @@ impl Scorer {
         self.models[0].batch_layout()
     }
 
-    /// Tokens a forward pass of `sequences` computes (per member with ENS).
-    pub fn batch_tokens(&self, sequences: &[&Sequence]) -> usize {
-        self.models[0].batch_tokens(sequences)
-    }
-
     /// The reward (first logit) of each sequence, combined across members with ENS.
     pub fn score(&self, sequences: &[&Sequence]) -> Result<Vec<Score>, ModelError> {
+        Ok(self.score_batch(sequences)?.0)
+    }
+
+    /// `score`, with the tokens the forward pass computed (per member with ENS).
+    pub fn score_batch(&self, sequences: &[&Sequence]) -> Result<(Vec<Score>, usize), ModelError> {
         if self.models.len() == 1 {
-            return Ok(self.models[0]
-                .logits(sequences)?
+            let forward = self.models[0].logits(sequences)?;
+            let scores = forward
+                .logits
                 .into_iter()
                 .map(|logits| Score {
                     value: logits.first().copied().unwrap_or(f32::NAN),
                     uncertainty: None,
                     logits,
                 })
-                .collect());
+                .collect();
+            return Ok((scores, forward.tokens));
         }
-        let per_member = self
+        let forwards = self
             .models
             .iter()
             .map(|m| m.logits(sequences))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok((0..sequences.len())
+        let tokens = forwards[0].tokens;
+        let per_member: Vec<Vec<Vec<f32>>> = forwards.into_iter().map(|f| f.logits).collect();
+        let scores = (0..sequences.len())
             .map(|i| {
                 let labels = per_member[0][i].len();
                 let logits: Vec<f32> = (0..labels)
@@ -270,7 +274,8 @@ impl Scorer {
                     logits,
                 }
             })
-            .collect())
+            .collect();
+        Ok((scores, tokens))
     }
 }
 

@@ -172,10 +172,11 @@ impl Worker {
                 .iter()
                 .map(|&(j, i, _)| &pending[j].job.sequences[i])
                 .collect();
-            let tokens = self.scorer.batch_tokens(&sequences);
             let input_tokens: usize = sequences.iter().map(|s| s.ids.len()).sum();
-            let result = self.scorer.score(&sequences);
+            let result = self.scorer.score_batch(&sequences);
             let elapsed = started.elapsed();
+            // A failed pass reports its inputs' tokens: what it computed is unknown.
+            let tokens = result.as_ref().map_or(input_tokens, |(_, tokens)| *tokens);
             self.observer.batch(
                 sequences.len(),
                 tokens,
@@ -192,7 +193,7 @@ impl Worker {
                 p.inference += elapsed;
             }
             match result {
-                Ok(scores) => {
+                Ok((scores, _)) => {
                     for (&(j, i, _), score) in batch.iter().zip(scores) {
                         pending[j].scores[i] = Some(score);
                         pending[j].run += 1;

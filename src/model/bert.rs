@@ -12,8 +12,8 @@ use super::layers::{embedding, layer_norm, linear, padding_mask, split_heads, Pa
 use super::packed_attention::{self, KeySpan, Queries, Spec};
 use super::segments::Segments;
 use super::{
-    load_err, logits_to_rows, parse_config, BatchLayout, ModelError, PaddedBatch, Pooling,
-    RewardModel, Sequence,
+    load_err, logits_to_rows, parse_config, unshared_tokens, BatchLayout, Forward, ModelError,
+    PaddedBatch, Pooling, RewardModel, Sequence,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,8 +322,11 @@ impl BertModel {
 }
 
 impl RewardModel for BertModel {
-    fn logits(&self, sequences: &[&Sequence]) -> std::result::Result<Vec<Vec<f32>>, ModelError> {
-        logits_to_rows(&self.forward(sequences)?)
+    fn logits(&self, sequences: &[&Sequence]) -> std::result::Result<Forward, ModelError> {
+        Ok(Forward {
+            logits: logits_to_rows(&self.forward(sequences)?)?,
+            tokens: unshared_tokens(self.batch_layout(), sequences),
+        })
     }
 
     fn max_input_length(&self) -> usize {

@@ -7,7 +7,8 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::debertav2::{Config, DebertaV2SeqClassificationModel};
 
 use super::{
-    load_err, logits_to_rows, parse_config, ModelError, PaddedBatch, Pooling, RewardModel, Sequence,
+    load_err, logits_to_rows, parse_config, unshared_tokens, BatchLayout, Forward, ModelError,
+    PaddedBatch, Pooling, RewardModel, Sequence,
 };
 
 pub struct DebertaModel {
@@ -50,7 +51,7 @@ pub fn load(raw: &serde_json::Value, vb: VarBuilder) -> Result<Box<dyn RewardMod
 }
 
 impl RewardModel for DebertaModel {
-    fn logits(&self, sequences: &[&Sequence]) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn logits(&self, sequences: &[&Sequence]) -> Result<Forward, ModelError> {
         let device = self.inner.device.clone();
         let batch = PaddedBatch::new(sequences, self.pad_id, &device)?;
         let mut mask = vec![0i64; sequences.len() * batch.seq_len];
@@ -60,7 +61,10 @@ impl RewardModel for DebertaModel {
         let mask = Tensor::from_vec(mask, (sequences.len(), batch.seq_len), &device)?;
         let type_ids = self.use_type_ids.then(|| batch.type_ids.clone());
         let logits = self.inner.forward(&batch.ids, type_ids, Some(mask))?;
-        logits_to_rows(&logits.to_dtype(DType::F32)?)
+        Ok(Forward {
+            logits: logits_to_rows(&logits.to_dtype(DType::F32)?)?,
+            tokens: unshared_tokens(BatchLayout::Padded, sequences),
+        })
     }
 
     fn max_input_length(&self) -> usize {

@@ -20,8 +20,8 @@ use super::layers::{
 use super::packed_attention::{self, KeySpan, Queries, Spec};
 use super::segments::Segments;
 use super::{
-    load_err, logits_to_rows, parse_config, BatchLayout, ModelError, PaddedBatch, Pooling,
-    RewardModel, Sequence,
+    load_err, logits_to_rows, parse_config, unshared_tokens, BatchLayout, Forward, ModelError,
+    PaddedBatch, Pooling, RewardModel, Sequence,
 };
 
 #[derive(serde::Deserialize)]
@@ -350,7 +350,8 @@ impl DecoderModel {
         })
     }
 
-    fn forward(&self, sequences: &[&Sequence]) -> Result<Tensor> {
+    /// Logits `[b, labels]` and the tokens computed.
+    fn forward(&self, sequences: &[&Sequence]) -> Result<(Tensor, usize)> {
         let device: Device = self.embed.embeddings().device().clone();
         if packed_attention::applies(&device, self.embed.embeddings().dtype()) {
             return self.forward_packed(sequences, &device);
@@ -376,12 +377,13 @@ impl DecoderModel {
             x = self.layer_forward(layer, &x, mask, &packing)?;
         }
         let rows = packing.last_rows(&x)?;
-        self.score.forward(&self.norm.forward(&rows)?)
+        let logits = self.score.forward(&self.norm.forward(&rows)?)?;
+        Ok((logits, unshared_tokens(BatchLayout::Padded, sequences)))
     }
 
     /// On the CPU in f32 everything, attention included, runs on the packed rows, and a
     /// start that inputs share is packed (and computed) once.
-    fn forward_packed(&self, sequences: &[&Sequence], device: &Device) -> Result<Tensor> {
+    fn forward_packed(&self, sequences: &[&Sequence], device: &Device) -> Result<(Tensor, usize)> {
         let (segments, ids) = Segments::share_prefixes(sequences, self.min_shared_prefix);
         let saved = segments.rows_saved(sequences);
         if saved > 0 {
@@ -401,7 +403,7 @@ impl DecoderModel {
         if self.layers.is_empty() {
             x = x.index_select(&rows.last_rows, 0)?;
         }
-        self.score.forward(&self.norm.forward(&x)?)
+        Ok((self.score.forward(&self.norm.forward(&x)?)?, total))
     }
 
     /// Token embeddings of packed ids `[t]` -> `[t, h]`.
@@ -545,8 +547,12 @@ fn per_head(norm: &RmsNorm, x: &Tensor, head_dim: usize) -> Result<Tensor> {
 }
 
 impl RewardModel for DecoderModel {
-    fn logits(&self, sequences: &[&Sequence]) -> std::result::Result<Vec<Vec<f32>>, ModelError> {
-        logits_to_rows(&self.forward(sequences)?)
+    fn logits(&self, sequences: &[&Sequence]) -> std::result::Result<Forward, ModelError> {
+        let (logits, tokens) = self.forward(sequences)?;
+        Ok(Forward {
+            logits: logits_to_rows(&logits)?,
+            tokens,
+        })
     }
 
     fn max_input_length(&self) -> usize {
@@ -563,17 +569,6 @@ impl RewardModel for DecoderModel {
 
     fn share_prefixes_from(&mut self, tokens: usize) {
         self.min_shared_prefix = tokens;
-    }
-
-    fn batch_tokens(&self, sequences: &[&Sequence]) -> usize {
-        match self.batch_layout() {
-            BatchLayout::PackedSharing => {
-                Segments::share_prefixes(sequences, self.min_shared_prefix)
-                    .0
-                    .total_rows()
-            }
-            layout => super::unshared_tokens(layout, sequences),
-        }
     }
 
     fn batch_layout(&self) -> BatchLayout {

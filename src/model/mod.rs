@@ -130,10 +130,17 @@ pub enum BatchLayout {
     PackedSharing,
 }
 
+/// A forward pass's result: logits [batch][num_labels] and the tokens it computed
+/// (padding included, a shared start once).
+pub struct Forward {
+    pub logits: Vec<Vec<f32>>,
+    pub tokens: usize,
+}
+
 /// A sequence-classification model whose first logit is the reward.
 pub trait RewardModel: Send + Sync {
-    /// Logits [batch][num_labels] for a batch of sequences (padded internally).
-    fn logits(&self, sequences: &[&Sequence]) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// The forward pass of a batch of sequences (laid out as `batch_layout` says).
+    fn logits(&self, sequences: &[&Sequence]) -> Result<Forward, ModelError>;
     /// Inputs longer than this cannot be scored (position table size).
     fn max_input_length(&self) -> usize;
     /// Which side truncation cuts by default: the start for decoders (the end of the
@@ -146,11 +153,6 @@ pub trait RewardModel: Send + Sync {
     fn share_prefixes_from(&mut self, _tokens: usize) {}
     fn batch_layout(&self) -> BatchLayout {
         BatchLayout::Padded
-    }
-    /// Tokens a forward pass of `sequences` computes: sequences x longest when padded,
-    /// the real tokens on packed rows, a shared start once where starts are shared.
-    fn batch_tokens(&self, sequences: &[&Sequence]) -> usize {
-        unshared_tokens(self.batch_layout(), sequences)
     }
 }
 
