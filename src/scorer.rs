@@ -9,7 +9,7 @@ use crate::checkpoint::ModelConfig;
 use crate::config::MembersConfig;
 use crate::dtype::FloatDType;
 use crate::fuse::{self, FuseError, FusionReport};
-use crate::model::{self, ModelError, Pooling, RewardModel, Sequence};
+use crate::model::{self, ModelError, Pooling, RewardModel, Sequence, Work};
 use crate::text::{self, Direction, EncodeOptions, Input, TextEncoder, TextError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -229,8 +229,8 @@ impl Scorer {
         Ok(self.score_batch(sequences)?.0)
     }
 
-    /// `score`, with the tokens the forward pass computed (per member with ENS).
-    pub fn score_batch(&self, sequences: &[&Sequence]) -> Result<(Vec<Score>, usize), ModelError> {
+    /// `score`, with what the forward pass computed (per member with ENS).
+    pub fn score_batch(&self, sequences: &[&Sequence]) -> Result<(Vec<Score>, Work), ModelError> {
         if self.models.len() == 1 {
             let forward = self.models[0].logits(sequences)?;
             let scores = forward
@@ -242,14 +242,14 @@ impl Scorer {
                     logits,
                 })
                 .collect();
-            return Ok((scores, forward.tokens));
+            return Ok((scores, forward.work));
         }
         let forwards = self
             .models
             .iter()
             .map(|m| m.logits(sequences))
             .collect::<Result<Vec<_>, _>>()?;
-        let tokens = forwards[0].tokens;
+        let work = forwards[0].work;
         let per_member: Vec<Vec<Vec<f32>>> = forwards.into_iter().map(|f| f.logits).collect();
         let scores = (0..sequences.len())
             .map(|i| {
@@ -275,7 +275,7 @@ impl Scorer {
                 }
             })
             .collect();
-        Ok((scores, tokens))
+        Ok((scores, work))
     }
 }
 

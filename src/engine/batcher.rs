@@ -1,8 +1,9 @@
 //! Forming batches under a token budget. On the padded layout a batch costs sequences x
 //! longest, so sequences go in order of length (a batch pads little). On packed rows it
-//! costs the real tokens, and where the model computes a shared start once the sequences
-//! go in order of their tokens, so that inputs beginning alike (one prompt's responses,
-//! from one request or many) meet in one batch.
+//! costs the real tokens. Where the model computes a shared start once, on either layout,
+//! the sequences go in order of their tokens, so that inputs beginning alike (one prompt's
+//! responses, from one request or many) meet in one batch; a padded batch is still
+//! counted as sequences x longest, a bound of what its attention pads.
 
 use crate::model::BatchLayout;
 
@@ -28,19 +29,16 @@ pub struct Item<'a> {
 /// a batch of its own.
 pub fn plan_batches(items: &[Item], limits: &BatchLimits) -> Vec<Vec<(usize, usize, usize)>> {
     let mut sorted = items.to_vec();
-    match limits.layout {
-        BatchLayout::PackedSharing => {
-            sorted.sort_by(|a, b| {
-                a.ids
-                    .cmp(b.ids)
-                    .then((a.job, a.index).cmp(&(b.job, b.index)))
-            });
-        }
-        BatchLayout::Padded | BatchLayout::Packed => {
-            sorted.sort_by_key(|it| (it.ids.len(), it.job, it.index));
-        }
+    if limits.layout.shares() {
+        sorted.sort_by(|a, b| {
+            a.ids
+                .cmp(b.ids)
+                .then((a.job, a.index).cmp(&(b.job, b.index)))
+        });
+    } else {
+        sorted.sort_by_key(|it| (it.ids.len(), it.job, it.index));
     }
-    let padded = limits.layout == BatchLayout::Padded;
+    let padded = limits.layout.pads();
     let mut batches = Vec::new();
     let mut current: Vec<(usize, usize, usize)> = Vec::new();
     let (mut longest, mut tokens) = (0, 0);
@@ -117,6 +115,7 @@ mod tests {
             BatchLayout::Padded,
             BatchLayout::Packed,
             BatchLayout::PackedSharing,
+            BatchLayout::PaddedSharing,
         ] {
             let sizes: Vec<usize> = plan_batches(&items, &limits(100, 2, layout))
                 .iter()
@@ -135,10 +134,9 @@ mod tests {
             plan_batches(&items, &limits(100, 8, BatchLayout::Packed)).len(),
             1
         );
-        assert_eq!(
-            plan_batches(&items, &limits(100, 8, BatchLayout::Padded)).len(),
-            2
-        );
+        for layout in [BatchLayout::Padded, BatchLayout::PaddedSharing] {
+            assert_eq!(plan_batches(&items, &limits(100, 8, layout)).len(), 2);
+        }
     }
 
     #[test]
@@ -167,10 +165,11 @@ mod tests {
                 .map(|b| b.iter().map(|x| x.0).collect())
                 .collect()
         };
-        assert_eq!(
-            jobs(BatchLayout::PackedSharing),
-            vec![vec![1, 3], vec![0, 2]]
-        );
-        assert_eq!(jobs(BatchLayout::Packed), vec![vec![0, 1], vec![2, 3]]);
+        for layout in [BatchLayout::PackedSharing, BatchLayout::PaddedSharing] {
+            assert_eq!(jobs(layout), vec![vec![1, 3], vec![0, 2]], "{layout:?}");
+        }
+        for layout in [BatchLayout::Packed, BatchLayout::Padded] {
+            assert_eq!(jobs(layout), vec![vec![0, 1], vec![2, 3]], "{layout:?}");
+        }
     }
 }

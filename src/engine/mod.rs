@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 pub use batcher::{plan_batches, BatchLimits, Item};
 
-use crate::model::Sequence;
+use crate::model::{Sequence, Work};
 use crate::scorer::{Score, Scorer};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -176,11 +176,17 @@ impl Worker {
             let result = self.scorer.score_batch(&sequences);
             let elapsed = started.elapsed();
             // A failed pass reports its inputs' tokens: what it computed is unknown.
-            let tokens = result.as_ref().map_or(input_tokens, |(_, tokens)| *tokens);
+            let work = result.as_ref().map_or(
+                Work {
+                    tokens: input_tokens,
+                    shared: 0,
+                },
+                |(_, work)| *work,
+            );
             self.observer.batch(
                 sequences.len(),
-                tokens,
-                input_tokens.saturating_sub(tokens),
+                work.tokens,
+                work.shared,
                 elapsed.as_secs_f64(),
             );
             self.queued_inputs.fetch_sub(batch.len(), Ordering::Relaxed);

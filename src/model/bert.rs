@@ -12,7 +12,7 @@ use super::layers::{embedding, layer_norm, linear, padding_mask, split_heads, Pa
 use super::packed_attention::{self, KeySpan, Queries, Spec};
 use super::segments::Segments;
 use super::{
-    load_err, logits_to_rows, parse_config, unshared_tokens, BatchLayout, Forward, ModelError,
+    load_err, logits_to_rows, parse_config, unshared_work, BatchLayout, Forward, ModelError,
     PaddedBatch, Pooling, RewardModel, Sequence,
 };
 
@@ -325,7 +325,7 @@ impl RewardModel for BertModel {
     fn logits(&self, sequences: &[&Sequence]) -> std::result::Result<Forward, ModelError> {
         Ok(Forward {
             logits: logits_to_rows(&self.forward(sequences)?)?,
-            tokens: unshared_tokens(self.batch_layout(), sequences),
+            work: unshared_work(self.batch_layout(), sequences),
         })
     }
 

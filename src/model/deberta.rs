@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::debertav2::{Config, DebertaV2SeqClassificationModel};
 
 use super::{
-    load_err, logits_to_rows, parse_config, unshared_tokens, BatchLayout, Forward, ModelError,
+    load_err, logits_to_rows, parse_config, unshared_work, BatchLayout, Forward, ModelError,
     PaddedBatch, Pooling, RewardModel, Sequence,
 };
 
@@ -63,7 +63,7 @@ impl RewardModel for DebertaModel {
         let logits = self.inner.forward(&batch.ids, type_ids, Some(mask))?;
         Ok(Forward {
             logits: logits_to_rows(&logits.to_dtype(DType::F32)?)?,
-            tokens: unshared_tokens(BatchLayout::Padded, sequences),
+            work: unshared_work(BatchLayout::Padded, sequences),
         })
     }
 

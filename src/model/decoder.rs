@@ -15,13 +15,14 @@ use super::dense::Dense;
 
 use super::gated;
 use super::layers::{
-    attention, causal_mask, embedding, linear, split_heads, Packing, RmsNorm, Rotary,
+    attention, causal_mask, embedding, linear, split_heads, Packing, RmsNorm, Rotary, RowRotation,
 };
 use super::packed_attention::{self, KeySpan, Queries, Spec};
 use super::segments::Segments;
+use super::shared_padding::{Heads, SharedPadding};
 use super::{
-    load_err, logits_to_rows, parse_config, unshared_tokens, BatchLayout, Forward, ModelError,
-    PaddedBatch, Pooling, RewardModel, Sequence,
+    load_err, logits_to_rows, parse_config, unshared_work, BatchLayout, Forward, ModelError,
+    PaddedBatch, Pooling, RewardModel, Sequence, Work,
 };
 
 #[derive(serde::Deserialize)]
@@ -173,7 +174,7 @@ pub struct DecoderModel {
     max_positions: usize,
     num_labels: usize,
     /// Inputs of a batch sharing at least this many first tokens compute them once (0:
-    /// never); on the packed path only.
+    /// never).
     min_shared_prefix: usize,
 }
 
@@ -350,11 +351,18 @@ impl DecoderModel {
         })
     }
 
-    /// Logits `[b, labels]` and the tokens computed.
-    fn forward(&self, sequences: &[&Sequence]) -> Result<(Tensor, usize)> {
+    /// Logits `[b, labels]` and what was computed.
+    fn forward(&self, sequences: &[&Sequence]) -> Result<(Tensor, Work)> {
         let device: Device = self.embed.embeddings().device().clone();
         if packed_attention::applies(&device, self.embed.embeddings().dtype()) {
             return self.forward_packed(sequences, &device);
+        }
+        if self.min_shared_prefix > 0 {
+            let (segments, ids) = Segments::share_prefixes(sequences, self.min_shared_prefix);
+            let shared = segments.rows_saved(sequences);
+            if shared > 0 {
+                return self.forward_shared_padded(&segments, ids, shared, sequences, &device);
+            }
         }
         let batch = PaddedBatch::new(sequences, self.pad_id, &device)?;
         // Dense layers run on the real tokens only (packed rows), attention on the padded
@@ -378,17 +386,57 @@ impl DecoderModel {
         }
         let rows = packing.last_rows(&x)?;
         let logits = self.score.forward(&self.norm.forward(&rows)?)?;
-        Ok((logits, unshared_tokens(BatchLayout::Padded, sequences)))
+        Ok((logits, unshared_work(BatchLayout::Padded, sequences)))
+    }
+
+    /// The padded layout (GPU, half types) for a batch whose inputs share prompts: dense
+    /// layers on the packed rows (a shared prompt's once), attention padded per segment
+    /// (src/model/shared_padding.rs).
+    fn forward_shared_padded(
+        &self,
+        segments: &Segments,
+        ids: Vec<u32>,
+        shared: usize,
+        sequences: &[&Sequence],
+        device: &Device,
+    ) -> Result<(Tensor, Work)> {
+        let total = ids.len();
+        tracing::debug!(
+            shared,
+            rows = total,
+            "shared prefixes computed once (padded)"
+        );
+        let sliding = self.layers.iter().any(|l| l.sliding);
+        let layout = SharedPadding::new(segments, self.window.filter(|_| sliding), device)?;
+        let positions: Vec<u32> = segments.positions().iter().map(|&p| p as u32).collect();
+        let rotation = self
+            .rotary
+            .at(&Tensor::from_vec(positions, total, device)?)?;
+        let mut x = self.embed_rows(&Tensor::from_vec(ids, total, device)?)?;
+        for layer in &self.layers {
+            x = self.shared_layer_forward(layer, &x, &layout, &rotation)?;
+        }
+        let inputs = sequences.len();
+        let last_rows = Tensor::from_vec(segments.last_rows(), inputs, device)?;
+        let rows = x.index_select(&last_rows, 0)?;
+        let logits = self.score.forward(&self.norm.forward(&rows)?)?;
+        Ok((
+            logits,
+            Work {
+                tokens: layout.padded_rows(),
+                shared,
+            },
+        ))
     }
 
     /// On the CPU in f32 everything, attention included, runs on the packed rows, and a
     /// start that inputs share is packed (and computed) once.
-    fn forward_packed(&self, sequences: &[&Sequence], device: &Device) -> Result<(Tensor, usize)> {
+    fn forward_packed(&self, sequences: &[&Sequence], device: &Device) -> Result<(Tensor, Work)> {
         let (segments, ids) = Segments::share_prefixes(sequences, self.min_shared_prefix);
-        let saved = segments.rows_saved(sequences);
-        if saved > 0 {
+        let shared = segments.rows_saved(sequences);
+        if shared > 0 {
             tracing::debug!(
-                saved,
+                shared,
                 rows = segments.total_rows(),
                 "shared prefixes computed once"
             );
@@ -403,7 +451,11 @@ impl DecoderModel {
         if self.layers.is_empty() {
             x = x.index_select(&rows.last_rows, 0)?;
         }
-        Ok((self.score.forward(&self.norm.forward(&x)?)?, total))
+        let work = Work {
+            tokens: total,
+            shared,
+        };
+        Ok((self.score.forward(&self.norm.forward(&x)?)?, work))
     }
 
     /// Token embeddings of packed ids `[t]` -> `[t, h]`.
@@ -441,6 +493,36 @@ impl DecoderModel {
         let mask = mask.to_dtype(DType::F32)?;
         let attn = attention(&q, &k, &v, &mask, self.scale, self.softcap)?;
         let attn = packing.pack(&attn)?;
+        self.residual_and_mlp(l, x, &attn)
+    }
+
+    /// One layer on packed rows `[t, h]` whose inputs share prompts, attention padded per
+    /// segment.
+    fn shared_layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        layout: &SharedPadding,
+        rotation: &RowRotation,
+    ) -> Result<Tensor> {
+        let h = l.input_norm.forward(x)?;
+        let mut q = l.q.forward(&h)?;
+        let mut k = l.k.forward(&h)?;
+        let v = l.v.forward(&h)?;
+        if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+            q = per_head(qn, &q, self.head_dim)?;
+            k = per_head(kn, &k, self.head_dim)?;
+        }
+        let q = rotation.apply(&q, self.head_dim)?;
+        let k = rotation.apply(&k, self.head_dim)?;
+        let heads = Heads {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            scale: self.scale,
+            softcap: self.softcap,
+        };
+        let attn = layout.attend(&q, &k, &v, &heads, l.sliding)?;
         self.residual_and_mlp(l, x, &attn)
     }
 
@@ -548,10 +630,10 @@ fn per_head(norm: &RmsNorm, x: &Tensor, head_dim: usize) -> Result<Tensor> {
 
 impl RewardModel for DecoderModel {
     fn logits(&self, sequences: &[&Sequence]) -> std::result::Result<Forward, ModelError> {
-        let (logits, tokens) = self.forward(sequences)?;
+        let (logits, work) = self.forward(sequences)?;
         Ok(Forward {
             logits: logits_to_rows(&logits)?,
-            tokens,
+            work,
         })
     }
 
@@ -573,10 +655,12 @@ impl RewardModel for DecoderModel {
 
     fn batch_layout(&self) -> BatchLayout {
         let weights = self.embed.embeddings();
-        match packed_attention::applies(weights.device(), weights.dtype()) {
-            false => BatchLayout::Padded,
-            true if self.min_shared_prefix == 0 => BatchLayout::Packed,
-            true => BatchLayout::PackedSharing,
+        let packed = packed_attention::applies(weights.device(), weights.dtype());
+        match (packed, self.min_shared_prefix > 0) {
+            (false, false) => BatchLayout::Padded,
+            (false, true) => BatchLayout::PaddedSharing,
+            (true, false) => BatchLayout::Packed,
+            (true, true) => BatchLayout::PackedSharing,
         }
     }
 }

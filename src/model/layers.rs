@@ -141,6 +141,32 @@ impl Rotary {
         let sin = self.sin.narrow(0, 0, seq)?;
         candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
     }
+
+    /// The tables' rows at `positions` (`[rows]`, u32): rotates packed rows on any device.
+    pub fn at(&self, positions: &Tensor) -> Result<RowRotation> {
+        Ok(RowRotation {
+            cos: self.cos.index_select(positions, 0)?,
+            sin: self.sin.index_select(positions, 0)?,
+        })
+    }
+}
+
+/// Rotary tables gathered for packed rows, one position per row.
+pub struct RowRotation {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RowRotation {
+    /// Rotates packed rows `[rows, heads * head_dim]` (the same arithmetic as
+    /// [`Rotary::apply`] on the padded layout).
+    pub fn apply(&self, x: &Tensor, head_dim: usize) -> Result<Tensor> {
+        let (rows, width) = x.dims2()?;
+        let x = x
+            .reshape((1, rows, width / head_dim, head_dim))?
+            .contiguous()?;
+        candle_nn::rotary_emb::rope_thd(&x, &self.cos, &self.sin)?.reshape((rows, width))
+    }
 }
 
 /// The f32 elements of a contiguous CPU tensor, from its storage.

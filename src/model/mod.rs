@@ -10,6 +10,7 @@ mod gelu;
 mod layers;
 mod packed_attention;
 mod segments;
+mod shared_padding;
 #[cfg(test)]
 mod testing;
 mod vexp;
@@ -128,13 +129,35 @@ pub enum BatchLayout {
     Packed,
     /// Packed rows, and inputs that begin alike compute their shared start once.
     PackedSharing,
+    /// Padded, and inputs that begin alike compute their shared start once (attention
+    /// still pads): costs at most sequences x longest.
+    PaddedSharing,
 }
 
-/// A forward pass's result: logits [batch][num_labels] and the tokens it computed
-/// (padding included, a shared start once).
+impl BatchLayout {
+    /// Whether the layout pads a batch to its longest sequence.
+    pub fn pads(self) -> bool {
+        matches!(self, Self::Padded | Self::PaddedSharing)
+    }
+
+    /// Whether inputs that begin alike compute their shared start once.
+    pub fn shares(self) -> bool {
+        matches!(self, Self::PackedSharing | Self::PaddedSharing)
+    }
+}
+
+/// What a forward pass computed: `tokens` (padding included, a shared start once), and
+/// the inputs' tokens it did not compute again because they began alike (`shared`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Work {
+    pub tokens: usize,
+    pub shared: usize,
+}
+
+/// A forward pass's result: logits [batch][num_labels] and what it computed.
 pub struct Forward {
     pub logits: Vec<Vec<f32>>,
-    pub tokens: usize,
+    pub work: Work,
 }
 
 /// A sequence-classification model whose first logit is the reward.
@@ -148,22 +171,23 @@ pub trait RewardModel: Send + Sync {
     fn pooling(&self) -> Pooling;
     fn num_labels(&self) -> usize;
     /// Inputs of one batch that begin with at least `tokens` equal tokens compute those
-    /// once (0: never). Only causal models can, where they run on packed rows; the others
-    /// ignore it.
+    /// once (0: never). Only causal models can; the others ignore it.
     fn share_prefixes_from(&mut self, _tokens: usize) {}
     fn batch_layout(&self) -> BatchLayout {
         BatchLayout::Padded
     }
 }
 
-/// Tokens of `sequences` on `layout` with nothing shared: sequences x longest when
-/// padded, else their sum.
-pub fn unshared_tokens(layout: BatchLayout, sequences: &[&Sequence]) -> usize {
+/// The work of `sequences` on `layout` with nothing shared: sequences x longest tokens
+/// when padded, else their sum.
+pub fn unshared_work(layout: BatchLayout, sequences: &[&Sequence]) -> Work {
     let lengths = sequences.iter().map(|s| s.ids.len());
-    match layout {
-        BatchLayout::Padded => sequences.len() * lengths.max().unwrap_or(0),
-        BatchLayout::Packed | BatchLayout::PackedSharing => lengths.sum(),
-    }
+    let tokens = if layout.pads() {
+        sequences.len() * lengths.max().unwrap_or(0)
+    } else {
+        lengths.sum()
+    };
+    Work { tokens, shared: 0 }
 }
 
 /// Shared starts shorter than this are not worth a segment of their own.

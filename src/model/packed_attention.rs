@@ -363,6 +363,7 @@ fn fold_lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::FloatDType;
     use crate::model::layers::{attention, causal_mask, padding_mask, split_heads, Packing};
     use crate::model::testing::{max_diff, seeded};
     use crate::model::Sequence;
@@ -454,24 +455,89 @@ mod tests {
             segments.rows_saved(&refs) >= 2 * 30 + 12 + 20,
             "{segments:?}"
         );
-        for name in ["llama", "mistral", "qwen2", "qwen3", "gemma2"] {
-            let mut scorer = Scorer::load_one(&root.join(name)).expect("load the fixture");
-            scorer.share_prefixes_from(8);
-            let shared = scorer.score(&refs).expect("score with shared prefixes");
-            scorer.share_prefixes_from(0);
-            let apart = scorer.score(&refs).expect("score without");
-            let alone: Vec<f32> = refs
-                .iter()
-                .map(|s| scorer.score(&[s]).expect("score alone")[0].value)
-                .collect();
-            for (i, ((a, b), c)) in shared.iter().zip(&apart).zip(&alone).enumerate() {
-                assert!(
-                    (a.value - b.value).abs() < 1e-5 && (a.value - c).abs() < 1e-5,
-                    "{name} input {i}: {} shared, {} apart, {c} alone",
-                    a.value,
-                    b.value
-                );
+        let saved = segments.rows_saved(&refs);
+        // On packed rows (CPU, f32) and on the padded layout (GPU, half types).
+        for padded in [false, true] {
+            PADDED_ONLY.with(|p| p.set(padded));
+            for name in ["llama", "mistral", "qwen2", "qwen3", "gemma2"] {
+                let mut scorer = Scorer::load_one(&root.join(name)).expect("load the fixture");
+                scorer.share_prefixes_from(8);
+                let (shared, work) = scorer
+                    .score_batch(&refs)
+                    .expect("score with shared prefixes");
+                assert_eq!(work.shared, saved, "{name}, padded {padded}");
+                scorer.share_prefixes_from(0);
+                let (apart, work) = scorer.score_batch(&refs).expect("score without");
+                assert_eq!(work.shared, 0);
+                let alone: Vec<f32> = refs
+                    .iter()
+                    .map(|s| scorer.score(&[s]).expect("score alone")[0].value)
+                    .collect();
+                for (i, ((a, b), c)) in shared.iter().zip(&apart).zip(&alone).enumerate() {
+                    assert!(
+                        (a.value - b.value).abs() < 1e-5 && (a.value - c).abs() < 1e-5,
+                        "{name} (padded {padded}) input {i}: {} shared, {} apart, {c} alone",
+                        a.value,
+                        b.value
+                    );
+                }
             }
+        }
+        PADDED_ONLY.with(|p| p.set(false));
+    }
+
+    #[test]
+    fn half_type_models_share_prompts_within_their_rounding() {
+        // bf16 and f16 take the padded layout on any device: with prompts shared, scores
+        // stay as close to f32's as without.
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2");
+        let prompt: Vec<u32> = (0..40).map(|p| 5 + (p * 11 % 90)).collect();
+        let sequences: Vec<Sequence> = [&[40u32, 41, 42][..], &[7], &[8, 9, 10, 11, 12]]
+            .iter()
+            .map(|tail| {
+                let ids: Vec<u32> = prompt.iter().chain(tail.iter()).copied().collect();
+                Sequence {
+                    type_ids: vec![0; ids.len()],
+                    ids,
+                }
+            })
+            .collect();
+        let refs: Vec<&Sequence> = sequences.iter().collect();
+        let exact: Vec<f32> = Scorer::load_one(&dir)
+            .expect("load in f32")
+            .score(&refs)
+            .expect("score in f32")
+            .iter()
+            .map(|s| s.value)
+            .collect();
+        for dtype in [FloatDType::BF16, FloatDType::F16] {
+            let members = crate::config::MembersConfig::single(&dir);
+            let mut scorer = Scorer::load(
+                &members,
+                crate::scorer::Combine::Weights,
+                dtype,
+                &Device::Cpu,
+                None,
+            )
+            .expect("load in a half type");
+            let mut errors = Vec::new();
+            for min_shared in [8, 0] {
+                scorer.share_prefixes_from(min_shared);
+                let (scores, work) = scorer.score_batch(&refs).expect("score");
+                assert_eq!(work.shared > 0, min_shared > 0, "{dtype:?}");
+                let error = scores
+                    .iter()
+                    .zip(&exact)
+                    .map(|(s, e)| (s.value - e).abs())
+                    .fold(0f32, f32::max);
+                errors.push(error);
+            }
+            let (shared, apart) = (errors[0], errors[1]);
+            assert!(
+                shared <= 2.0 * apart + 5e-3,
+                "{dtype:?}: shared {shared}, apart {apart} from f32"
+            );
         }
     }
 
