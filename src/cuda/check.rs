@@ -11,7 +11,8 @@
 //! - fusion: `--members` fused on the device against reading the files and PCIe.
 //! - device vs CPU fusion: `--members` and `--model` fused on the device and on the CPU:
 //!   every tensor within four units of the output type's precision, the same statistics.
-//! - parity: every fixture under `--fixtures` scored on the GPU (bf16) and the CPU (f32).
+//! - parity: every fixture under `--fixtures` scored on the GPU (bf16) and the CPU (f32);
+//!   the decoders also with a prompt their inputs share, computed once on the GPU.
 //! - throughput: `--model` and `--members` (when it has a tokenizer) scoring on the GPU.
 //!
 //! A check that errors or panics prints an ERROR row and the others still run.
@@ -699,8 +700,49 @@ fn parity(device: &Device, fixtures: &Path) -> CheckResult<bool> {
             refs.len(),
             if passed { "ok" } else { "FAIL" }
         );
+        if gpu.batch_layout().shares() {
+            ok &= shared_prompt(&name, &cpu, &gpu, &sequences)?;
+        }
     }
     Ok(ok)
+}
+
+/// A decoder fixture's inputs behind one 24-token prompt: on the GPU the prompt is computed
+/// once (padded layout, src/model/shared_padding.rs), on the CPU each input is scored whole.
+fn shared_prompt(name: &str, cpu: &Scorer, gpu: &Scorer, cases: &[Sequence]) -> CheckResult<bool> {
+    let all: Vec<u32> = cases.iter().flat_map(|s| s.ids.iter().copied()).collect();
+    if all.is_empty() {
+        return Ok(true);
+    }
+    let prompt: Vec<u32> = (0..24).map(|i| all[i % all.len()]).collect();
+    let sequences: Vec<Sequence> = cases
+        .iter()
+        .map(|s| {
+            let ids: Vec<u32> = prompt.iter().chain(&s.ids).copied().collect();
+            Sequence {
+                type_ids: vec![0; ids.len()],
+                ids,
+            }
+        })
+        .collect();
+    let refs: Vec<&Sequence> = sequences.iter().collect();
+    let (gpu_scores, work) = gpu.score_batch(&refs)?;
+    let mut worst = 0.0f32;
+    let mut scale = 0.0f32;
+    for (s, g) in refs.iter().zip(&gpu_scores) {
+        let c = cpu.score(&[s])?[0].value;
+        worst = worst.max((c - g.value).abs());
+        scale = scale.max(c.abs());
+    }
+    let tolerance = 0.05 * scale.max(1.0);
+    let passed = worst <= tolerance && work.shared > 0;
+    println!(
+        "| parity | {name} (bf16, {} inputs, a 24-token prompt shared: {} tokens computed once) | {} | max |GPU - CPU| {worst:.2e}, largest |score| {scale:.2}, tolerance {tolerance:.2e} |",
+        refs.len(),
+        work.shared,
+        if passed { "ok" } else { "FAIL" }
+    );
+    Ok(passed)
 }
 
 fn throughput(device: &Device, model: &[PathBuf]) -> CheckResult<()> {
