@@ -9,7 +9,9 @@
 #   bash benches/shared_prefix.sh MODEL_DIR [REQUESTS=60] [CONCURRENCY=4] [N=8] [PROMPT_WORDS=300] [ROUNDS=3] [PORT=18095]
 #
 # WARM_BEFORE_BIN=path adds that binary (e.g. one built before sharing existed) as a third
-# server, run without the flag.
+# server, run without the flag. WARM_SERVE_ARGS adds arguments to every server (e.g.
+# `--dtype bf16`: the padded layout, as on a GPU); WARM_BENCH_WARMUP sets the best-of-N
+# requests each server gets first (default 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:?model dir}
@@ -27,10 +29,11 @@ BIN=target/release/warm
 
 run() { # round, label, binary, serve args...
   local round=$1 label=$2 bin=$3; shift 3
-  "$bin" serve --model "$MODEL" "$@" --host 127.0.0.1 --port "$PORT" >"$WORK/serve-$label.log" 2>&1 &
+  # shellcheck disable=SC2086
+  "$bin" serve --model "$MODEL" ${WARM_SERVE_ARGS:-} "$@" --host 127.0.0.1 --port "$PORT" >"$WORK/serve-$label.log" 2>&1 &
   local pid=$!
   for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done
-  target/release/examples/load "http://127.0.0.1:$PORT" 2 8 "$N" 3 "$WORDS" >/dev/null # warm-up
+  target/release/examples/load "http://127.0.0.1:$PORT" 2 "${WARM_BENCH_WARMUP:-8}" "$N" 3 "$WORDS" >/dev/null # warm-up
   echo "### round $round, $label" >&2
   target/release/examples/load "http://127.0.0.1:$PORT" "$CONC" "$REQUESTS" "$N" 7 "$WORDS" | tee "$WORK/round-$round-$label-best.txt" >&2
   target/release/examples/load "http://127.0.0.1:$PORT" "$CONC" "$((REQUESTS * 4))" 1 7 | tee "$WORK/round-$round-$label-pairs.txt" >&2

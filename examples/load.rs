@@ -149,7 +149,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::thread::scope(|s| {
             for _ in 0..c {
                 s.spawn(|| {
-                    let client = reqwest::blocking::Client::new();
+                    // No client timeout (the blocking client's default is 30 s): slow
+                    // configurations are measured, not counted as errors.
+                    let client = match reqwest::blocking::Client::builder().timeout(None).build() {
+                        Ok(client) => client,
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    };
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(body) = bodies.get(i) else { break };
