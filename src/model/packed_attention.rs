@@ -365,7 +365,7 @@ mod tests {
     use super::*;
     use crate::dtype::FloatDType;
     use crate::model::layers::{attention, causal_mask, padding_mask, split_heads, Packing};
-    use crate::model::testing::{max_diff, seeded};
+    use crate::model::testing::{max_diff, rows_for, seeded};
     use crate::model::Sequence;
     use crate::scorer::Scorer;
 
@@ -560,17 +560,6 @@ mod tests {
             }
         }
         all
-    }
-
-    /// Rows of `width` that depend only on a token and its position, as a shared prefix's
-    /// rows are the same in every input that holds it.
-    fn rows_for(ids: &[u32], positions: &[usize], width: usize) -> Tensor {
-        let data: Vec<f32> = ids
-            .iter()
-            .zip(positions)
-            .flat_map(|(&id, &p)| seeded(width, id * 1000 + p as u32))
-            .collect();
-        Tensor::from_vec(data, (ids.len(), width), &Device::Cpu).unwrap()
     }
 
     #[test]

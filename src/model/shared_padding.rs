@@ -238,7 +238,7 @@ fn additive(seen: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::model::layers::{split_heads, Packing};
-    use crate::model::testing::{max_diff, seeded};
+    use crate::model::testing::{max_diff, rows_for};
     use crate::model::Sequence;
 
     fn seq(ids: Vec<u32>) -> Sequence {
@@ -246,17 +246,6 @@ mod tests {
             type_ids: vec![0; ids.len()],
             ids,
         }
-    }
-
-    /// Rows that depend only on a token and its position, as a shared prefix's rows are
-    /// the same in every input that holds it.
-    fn rows_for(ids: &[u32], positions: &[usize], width: usize) -> Tensor {
-        let data: Vec<f32> = ids
-            .iter()
-            .zip(positions)
-            .flat_map(|(&id, &p)| seeded(width, id * 1000 + p as u32))
-            .collect();
-        Tensor::from_vec(data, (ids.len(), width), &Device::Cpu).unwrap()
     }
 
     /// Attention of each input whole, on the layout without sharing: `[tokens, heads * d]`

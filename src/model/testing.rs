@@ -1,6 +1,6 @@
 //! Helpers shared by the model unit tests.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 /// `len` seeded pseudo-random values in [-1, 1] (xorshift), the same for every call.
 pub fn seeded(len: usize, seed: u32) -> Vec<f32> {
@@ -27,4 +27,15 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// Rows of `width` that depend only on a token and its position, as a shared prefix's
+/// rows are the same in every input that holds it.
+pub fn rows_for(ids: &[u32], positions: &[usize], width: usize) -> Tensor {
+    let data: Vec<f32> = ids
+        .iter()
+        .zip(positions)
+        .flat_map(|(&id, &p)| seeded(width, id * 1000 + p as u32))
+        .collect();
+    Tensor::from_vec(data, (ids.len(), width), &Device::Cpu).unwrap()
 }
