@@ -102,7 +102,7 @@ pub struct ServeConfig {
     pub max_input_length: Option<usize>,
     pub auto_truncate: bool,
     /// Inputs of one batch sharing at least this many first tokens compute them once
-    /// (decoder models on the CPU in f32; 0: never).
+    /// (decoder models; 0: never).
     pub min_shared_prefix: usize,
     pub tokenization_workers: usize,
     pub payload_limit: usize,

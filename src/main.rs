@@ -130,7 +130,7 @@ struct ServeArgs {
     #[arg(long, env = "WARM_AUTO_TRUNCATE")]
     auto_truncate: bool,
     /// Inputs of one batch that begin with at least this many equal tokens (one prompt,
-    /// several responses) compute them once: decoder models on the CPU in f32. 0: never.
+    /// several responses) compute them once: decoder models, on any device. 0: never.
     #[arg(long, env = "WARM_MIN_SHARED_PREFIX", default_value_t = warm::model::DEFAULT_MIN_SHARED_PREFIX)]
     min_shared_prefix: usize,
     /// Requests tokenized in parallel (default: the number of CPUs).
