@@ -361,7 +361,7 @@ impl DecoderModel {
             let (segments, ids) = Segments::share_prefixes(sequences, self.min_shared_prefix);
             let shared = segments.rows_saved(sequences);
             if shared > 0 {
-                return self.forward_shared_padded(&segments, ids, shared, sequences, &device);
+                return self.forward_shared_padded(&segments, ids, shared, &device);
             }
         }
         let batch = PaddedBatch::new(sequences, self.pad_id, &device)?;
@@ -397,7 +397,6 @@ impl DecoderModel {
         segments: &Segments,
         ids: Vec<u32>,
         shared: usize,
-        sequences: &[&Sequence],
         device: &Device,
     ) -> Result<(Tensor, Work)> {
         let total = ids.len();
@@ -412,12 +411,18 @@ impl DecoderModel {
         let rotation = self
             .rotary
             .at(&Tensor::from_vec(positions, total, device)?)?;
+        let heads = Heads {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            scale: self.scale,
+            softcap: self.softcap,
+        };
         let mut x = self.embed_rows(&Tensor::from_vec(ids, total, device)?)?;
         for layer in &self.layers {
-            x = self.shared_layer_forward(layer, &x, &layout, &rotation)?;
+            x = self.shared_layer_forward(layer, &x, &layout, &rotation, &heads)?;
         }
-        let inputs = sequences.len();
-        let last_rows = Tensor::from_vec(segments.last_rows(), inputs, device)?;
+        let last_rows = Tensor::from_vec(segments.last_rows(), segments.inputs(), device)?;
         let rows = x.index_select(&last_rows, 0)?;
         let logits = self.score.forward(&self.norm.forward(&rows)?)?;
         Ok((
@@ -504,6 +509,7 @@ impl DecoderModel {
         x: &Tensor,
         layout: &SharedPadding,
         rotation: &RowRotation,
+        heads: &Heads,
     ) -> Result<Tensor> {
         let h = l.input_norm.forward(x)?;
         let mut q = l.q.forward(&h)?;
@@ -515,14 +521,7 @@ impl DecoderModel {
         }
         let q = rotation.apply(&q, self.head_dim)?;
         let k = rotation.apply(&k, self.head_dim)?;
-        let heads = Heads {
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-            scale: self.scale,
-            softcap: self.softcap,
-        };
-        let attn = layout.attend(&q, &k, &v, &heads, l.sliding)?;
+        let attn = layout.attend(&q, &k, &v, heads, l.sliding)?;
         self.residual_and_mlp(l, x, &attn)
     }
 
