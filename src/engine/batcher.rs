@@ -1,11 +1,11 @@
-//! Forming batches under a token budget. On the padded layout a batch costs sequences x
-//! longest, so sequences go in order of length (a batch pads little). On packed rows it
-//! costs the real tokens. Where the model computes a shared start once, on either layout,
-//! the sequences go in order of their tokens, so that inputs beginning alike (one prompt's
-//! responses, from one request or many) meet in one batch; a padded batch is still
-//! counted as sequences x longest, a bound of what its attention pads.
+//! Forming batches under a token budget, the batch's cost counted as its layout computes
+//! it (`BatchCost`). On the padded layout a batch costs sequences x longest, so sequences
+//! go in order of length (a batch pads little). On packed rows it costs the real tokens.
+//! Where the model computes a shared start once, on either layout, the sequences go in
+//! order of their tokens, so that inputs beginning alike (one prompt's responses, from one
+//! request or many) meet in one batch, and a shared start counts once.
 
-use crate::model::BatchLayout;
+use crate::model::{BatchCost, BatchLayout};
 
 /// Limits of one forward pass.
 #[derive(Debug, Clone, Copy)]
@@ -38,26 +38,19 @@ pub fn plan_batches(items: &[Item], limits: &BatchLimits) -> Vec<Vec<(usize, usi
     } else {
         sorted.sort_by_key(|it| (it.ids.len(), it.job, it.index));
     }
-    let padded = limits.layout.pads();
     let mut batches = Vec::new();
     let mut current: Vec<(usize, usize, usize)> = Vec::new();
-    let (mut longest, mut tokens) = (0, 0);
+    let mut cost = BatchCost::new(limits.layout);
     for item in sorted {
-        let len = item.ids.len();
-        let would_be = if padded {
-            (current.len() + 1) * longest.max(len)
-        } else {
-            tokens + len
-        };
         if !current.is_empty()
-            && (would_be > limits.max_batch_tokens || current.len() + 1 > limits.max_batch_requests)
+            && (cost.tokens_with(item.ids) > limits.max_batch_tokens
+                || current.len() + 1 > limits.max_batch_requests)
         {
             batches.push(std::mem::take(&mut current));
-            (longest, tokens) = (0, 0);
+            cost = BatchCost::new(limits.layout);
         }
-        current.push((item.job, item.index, len));
-        longest = longest.max(len);
-        tokens += len;
+        current.push((item.job, item.index, item.ids.len()));
+        cost.push(item.ids);
     }
     if !current.is_empty() {
         batches.push(current);
@@ -68,6 +61,9 @@ pub fn plan_batches(items: &[Item], limits: &BatchLimits) -> Vec<Vec<(usize, usi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const PACKED_SHARING: BatchLayout = BatchLayout::PackedSharing { min_shared: 8 };
+    const PADDED_SHARING: BatchLayout = BatchLayout::PaddedSharing { min_shared: 8 };
 
     fn items(ids: &[Vec<u32>], jobs: &[(usize, usize)]) -> Vec<Item<'static>> {
         let leaked: &'static [Vec<u32>] = Box::leak(ids.to_vec().into_boxed_slice());
@@ -114,8 +110,8 @@ mod tests {
         for layout in [
             BatchLayout::Padded,
             BatchLayout::Packed,
-            BatchLayout::PackedSharing,
-            BatchLayout::PaddedSharing,
+            PACKED_SHARING,
+            PADDED_SHARING,
         ] {
             let sizes: Vec<usize> = plan_batches(&items, &limits(100, 2, layout))
                 .iter()
@@ -134,7 +130,7 @@ mod tests {
             plan_batches(&items, &limits(100, 8, BatchLayout::Packed)).len(),
             1
         );
-        for layout in [BatchLayout::Padded, BatchLayout::PaddedSharing] {
+        for layout in [BatchLayout::Padded, PADDED_SHARING] {
             assert_eq!(plan_batches(&items, &limits(100, 8, layout)).len(), 2);
         }
     }
@@ -158,18 +154,49 @@ mod tests {
             with(&prompt_b, 4),
         ];
         let items = items(&ids, &[(0, 0), (1, 0), (2, 0), (3, 0)]);
-        // The jobs of each batch.
-        let jobs = |layout| -> Vec<Vec<usize>> {
-            plan_batches(&items, &limits(50, 8, layout))
+        // The jobs of each batch, under a budget of two inputs whole or one prompt's
+        // inputs shared (packed: 21 + 1 + 3 rows; padded: 21 + 2 x 3).
+        let jobs = |layout, budget| -> Vec<Vec<usize>> {
+            plan_batches(&items, &limits(budget, 8, layout))
                 .iter()
                 .map(|b| b.iter().map(|x| x.0).collect())
                 .collect()
         };
-        for layout in [BatchLayout::PackedSharing, BatchLayout::PaddedSharing] {
-            assert_eq!(jobs(layout), vec![vec![1, 3], vec![0, 2]], "{layout:?}");
+        for layout in [PACKED_SHARING, PADDED_SHARING] {
+            assert_eq!(jobs(layout, 30), vec![vec![1, 3], vec![0, 2]], "{layout:?}");
         }
         for layout in [BatchLayout::Packed, BatchLayout::Padded] {
-            assert_eq!(jobs(layout), vec![vec![0, 1], vec![2, 3]], "{layout:?}");
+            assert_eq!(jobs(layout, 50), vec![vec![0, 1], vec![2, 3]], "{layout:?}");
+        }
+    }
+
+    #[test]
+    fn a_shared_prompt_counts_once_in_the_budget() {
+        // Best-of-8: a 100-token prompt, 5-token responses. Whole, each input costs 105 and
+        // two exceed 200; shared, the batch costs 100 + 8 x 5 (packed rows, and the query
+        // rows of padded attention: the prompt alone, then the responses padded to 5).
+        let prompt: Vec<u32> = (0..100).collect();
+        let ids: Vec<Vec<u32>> = (0..8u32)
+            .map(|r| prompt.iter().copied().chain([1000 + r; 5]).collect())
+            .collect();
+        let jobs: Vec<(usize, usize)> = (0..8).map(|i| (i, 0)).collect();
+        let items = items(&ids, &jobs);
+        let sizes = |layout| -> Vec<usize> {
+            plan_batches(&items, &limits(200, 64, layout))
+                .iter()
+                .map(Vec::len)
+                .collect()
+        };
+        for layout in [PACKED_SHARING, PADDED_SHARING] {
+            assert_eq!(sizes(layout), vec![8], "{layout:?}");
+        }
+        for layout in [BatchLayout::Packed, BatchLayout::Padded] {
+            assert_eq!(sizes(layout), vec![1; 8], "{layout:?}");
+        }
+        // Budgets just under and at 100 + 8 x 5.
+        for layout in [PACKED_SHARING, PADDED_SHARING] {
+            let at = |budget| plan_batches(&items, &limits(budget, 64, layout)).len();
+            assert_eq!((at(139), at(140)), (2, 1), "{layout:?}");
         }
     }
 }

@@ -655,11 +655,12 @@ impl RewardModel for DecoderModel {
     fn batch_layout(&self) -> BatchLayout {
         let weights = self.embed.embeddings();
         let packed = packed_attention::applies(weights.device(), weights.dtype());
-        match (packed, self.min_shared_prefix > 0) {
+        let min_shared = self.min_shared_prefix;
+        match (packed, min_shared > 0) {
             (false, false) => BatchLayout::Padded,
-            (false, true) => BatchLayout::PaddedSharing,
+            (false, true) => BatchLayout::PaddedSharing { min_shared },
             (true, false) => BatchLayout::Packed,
-            (true, true) => BatchLayout::PackedSharing,
+            (true, true) => BatchLayout::PackedSharing { min_shared },
         }
     }
 }

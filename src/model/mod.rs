@@ -127,22 +127,81 @@ pub enum BatchLayout {
     Padded,
     /// Real tokens only (packed rows): costs their sum.
     Packed,
-    /// Packed rows, and inputs that begin alike compute their shared start once.
-    PackedSharing,
-    /// Padded, and inputs that begin alike compute their shared start once (attention
-    /// still pads): costs at most sequences x longest.
-    PaddedSharing,
+    /// Packed rows, and inputs that begin with at least `min_shared` common tokens compute
+    /// them once: costs the packed rows.
+    PackedSharing { min_shared: usize },
+    /// Padded, and inputs that begin with at least `min_shared` common tokens compute them
+    /// once: costs the query rows of its padded attention parts (src/model/shared_padding.rs).
+    PaddedSharing { min_shared: usize },
 }
 
 impl BatchLayout {
     /// Whether the layout pads a batch to its longest sequence.
     pub fn pads(self) -> bool {
-        matches!(self, Self::Padded | Self::PaddedSharing)
+        matches!(self, Self::Padded | Self::PaddedSharing { .. })
     }
 
     /// Whether inputs that begin alike compute their shared start once.
     pub fn shares(self) -> bool {
-        matches!(self, Self::PackedSharing | Self::PaddedSharing)
+        matches!(
+            self,
+            Self::PackedSharing { .. } | Self::PaddedSharing { .. }
+        )
+    }
+}
+
+/// The cost of a batch forming one sequence at a time, in tokens as its layout counts
+/// them (what `Work::tokens` reports once it runs). Sharing layouts take sequences in
+/// token order, as the batcher queues them.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchCost<'a> {
+    layout: BatchLayout,
+    sequences: usize,
+    longest: usize,
+    tokens: usize,
+    shared: segments::SharedCount<'a>,
+}
+
+impl<'a> BatchCost<'a> {
+    pub fn new(layout: BatchLayout) -> Self {
+        let min_shared = match layout {
+            BatchLayout::PackedSharing { min_shared }
+            | BatchLayout::PaddedSharing { min_shared } => min_shared,
+            BatchLayout::Padded | BatchLayout::Packed => 0,
+        };
+        Self {
+            layout,
+            sequences: 0,
+            longest: 0,
+            tokens: 0,
+            shared: segments::SharedCount::new(min_shared),
+        }
+    }
+
+    /// The cost so far.
+    pub fn tokens(&self) -> usize {
+        match self.layout {
+            BatchLayout::Padded => self.sequences * self.longest,
+            BatchLayout::Packed => self.tokens,
+            BatchLayout::PackedSharing { .. } => self.shared.tally().rows,
+            BatchLayout::PaddedSharing { .. } => self.shared.tally().padded_rows(),
+        }
+    }
+
+    /// The cost once `ids` joins, without adding it.
+    pub fn tokens_with(&self, ids: &'a [u32]) -> usize {
+        let mut next = *self;
+        next.push(ids);
+        next.tokens()
+    }
+
+    pub fn push(&mut self, ids: &'a [u32]) {
+        self.sequences += 1;
+        self.longest = self.longest.max(ids.len());
+        self.tokens += ids.len();
+        if self.layout.shares() {
+            self.shared.push(ids);
+        }
     }
 }
 

@@ -164,31 +164,165 @@ fn prefix_groups(sequences: &[&Sequence], min_shared: usize) -> Vec<Group> {
     let mut order: Vec<usize> = (0..sequences.len()).collect();
     order.sort_by(|&a, &b| sequences[a].ids.cmp(&sequences[b].ids));
     let mut groups = Vec::new();
-    let mut i = 0;
-    while i < order.len() {
-        let mut members = vec![order[i]];
-        // At most the shortest member's length less one: its last token stays its own.
-        let mut shared = sequences[order[i]].ids.len().saturating_sub(1);
-        while let Some(&next) = order.get(i + members.len()) {
-            let previous = sequences[order[i + members.len() - 1]];
-            let common = common_start(&previous.ids, &sequences[next].ids);
-            let candidate = shared
-                .min(common)
-                .min(sequences[next].ids.len().saturating_sub(1));
-            let saved_now = (members.len() - 1) * shared;
-            if candidate < min_shared || members.len() * candidate < saved_now {
-                break;
-            }
-            shared = candidate;
-            members.push(next);
+    let mut run: Option<(Run, Vec<usize>)> = None;
+    for input in order {
+        let ids = sequences[input].ids.as_slice();
+        match &mut run {
+            Some((current, members)) => match current.admits(ids, min_shared) {
+                Some(shared) => {
+                    current.join(ids, shared);
+                    members.push(input);
+                }
+                None => {
+                    let (done, members) = (current.shared(), std::mem::take(members));
+                    groups.push(Group {
+                        members,
+                        shared: done,
+                    });
+                    run = Some((Run::start(ids), vec![input]));
+                }
+            },
+            None => run = Some((Run::start(ids), vec![input])),
         }
-        i += members.len();
-        if members.len() == 1 {
-            shared = 0;
-        }
-        groups.push(Group { members, shared });
+    }
+    if let Some((current, members)) = run {
+        groups.push(Group {
+            members,
+            shared: current.shared(),
+        });
     }
     groups
+}
+
+/// A group growing one input at a time, inputs in token order: the rule of
+/// `prefix_groups`, kept apart so that the batcher can count a batch's cost as it forms.
+#[derive(Debug, Clone, Copy)]
+struct Run<'a> {
+    members: usize,
+    /// The start its members share (while one member: all of it but its last token).
+    shared: usize,
+    last: &'a [u32],
+    longest: usize,
+    tokens: usize,
+}
+
+impl<'a> Run<'a> {
+    fn start(ids: &'a [u32]) -> Self {
+        Self {
+            members: 1,
+            // At most the member's length less one: its last token stays its own.
+            shared: ids.len().saturating_sub(1),
+            last: ids,
+            longest: ids.len(),
+            tokens: ids.len(),
+        }
+    }
+
+    /// The start shared once `next` (after every member in token order) joins, or None
+    /// when `next` begins a group of its own.
+    fn admits(&self, next: &[u32], min_shared: usize) -> Option<usize> {
+        let candidate = self
+            .shared
+            .min(common_start(self.last, next))
+            .min(next.len().saturating_sub(1));
+        let saved_now = (self.members - 1) * self.shared;
+        (candidate >= min_shared && self.members * candidate >= saved_now).then_some(candidate)
+    }
+
+    fn join(&mut self, next: &'a [u32], shared: usize) {
+        self.members += 1;
+        self.shared = shared;
+        self.last = next;
+        self.longest = self.longest.max(next.len());
+        self.tokens += next.len();
+    }
+
+    /// The start computed once (0 for a group of one).
+    fn shared(&self) -> usize {
+        if self.members > 1 {
+            self.shared
+        } else {
+            0
+        }
+    }
+}
+
+/// What a batch costs once its inputs' shared starts are computed once, counted as
+/// inputs arrive in token order without building the segments.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SharedTally {
+    /// Packed rows: every input's tokens, a shared start once.
+    pub rows: usize,
+    /// Segments attending to their own rows only (shared starts, inputs sharing nothing)
+    /// and the longest of them.
+    alone: usize,
+    alone_longest: usize,
+    /// Segments continuing a shared start, and the longest of them (their own rows).
+    continuing: usize,
+    continuing_longest: usize,
+}
+
+impl SharedTally {
+    /// Query rows of padded attention (src/model/shared_padding.rs): each part padded to
+    /// its longest segment.
+    pub fn padded_rows(&self) -> usize {
+        self.alone * self.alone_longest + self.continuing * self.continuing_longest
+    }
+
+    fn add(mut self, run: &Run) -> Self {
+        let shared = run.shared();
+        self.rows += run.tokens - (run.members - 1) * shared;
+        if shared > 0 {
+            self.alone += 1;
+            self.alone_longest = self.alone_longest.max(shared);
+            self.continuing += run.members;
+            self.continuing_longest = self.continuing_longest.max(run.longest - shared);
+        } else {
+            self.alone += run.members;
+            self.alone_longest = self.alone_longest.max(run.longest);
+        }
+        self
+    }
+}
+
+/// The groups `Segments::share_prefixes` forms, followed input by input: inputs must come
+/// in token order, as the batcher takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedCount<'a> {
+    min_shared: usize,
+    closed: SharedTally,
+    run: Option<Run<'a>>,
+}
+
+impl<'a> SharedCount<'a> {
+    /// With `min_shared` 0 nothing is shared.
+    pub fn new(min_shared: usize) -> Self {
+        Self {
+            min_shared,
+            closed: SharedTally::default(),
+            run: None,
+        }
+    }
+
+    /// The tally so far.
+    pub fn tally(&self) -> SharedTally {
+        self.run.map_or(self.closed, |run| self.closed.add(&run))
+    }
+
+    pub fn push(&mut self, ids: &'a [u32]) {
+        let joins = match (&self.run, self.min_shared) {
+            (Some(run), min_shared) if min_shared > 0 => run.admits(ids, min_shared),
+            _ => None,
+        };
+        match (&mut self.run, joins) {
+            (Some(run), Some(shared)) => run.join(ids, shared),
+            (run, _) => {
+                if let Some(done) = run.replace(Run::start(ids)) {
+                    self.closed = self.closed.add(&done);
+                }
+            }
+        }
+    }
 }
 
 fn common_start(a: &[u32], b: &[u32]) -> usize {

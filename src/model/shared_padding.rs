@@ -238,8 +238,9 @@ fn additive(seen: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::model::layers::{split_heads, Packing};
+    use crate::model::segments::SharedCount;
     use crate::model::testing::{max_diff, rows_for};
-    use crate::model::Sequence;
+    use crate::model::{BatchCost, BatchLayout, Sequence};
 
     fn seq(ids: Vec<u32>) -> Sequence {
         Sequence {
@@ -346,5 +347,64 @@ mod tests {
         // Alone: the two prompts and the lone input, padded to 23; continuing: five
         // responses, padded to 8.
         assert_eq!(layout.padded_rows(), 3 * 23 + 5 * 8);
+    }
+
+    #[test]
+    fn the_batchers_count_is_what_the_layouts_compute() {
+        // Seeded batches drawn from a few prompts (some short, some empty) and tails, in
+        // token order as the batcher feeds them: the count built input by input equals the
+        // packed rows of the segments and the padded rows of this layout.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n) as usize
+        };
+        let mut sharing = 0;
+        for _ in 0..300 {
+            let prompts: Vec<Vec<u32>> = (0..1 + next(4))
+                .map(|_| (0..next(30)).map(|_| next(4) as u32).collect())
+                .collect();
+            let mut inputs: Vec<Sequence> = (0..1 + next(10))
+                .map(|_| {
+                    let prompt = &prompts[next(prompts.len() as u64)];
+                    let tail: Vec<u32> = (0..1 + next(7)).map(|_| next(4) as u32).collect();
+                    seq([prompt.as_slice(), &tail].concat())
+                })
+                .collect();
+            inputs.sort_by(|a, b| a.ids.cmp(&b.ids));
+            let refs: Vec<&Sequence> = inputs.iter().collect();
+            let min_shared = 1 + next(6);
+            let mut count = SharedCount::new(min_shared);
+            for input in &inputs {
+                count.push(&input.ids);
+            }
+            let tally = count.tally();
+            let (segments, _) = Segments::share_prefixes(&refs, min_shared);
+            sharing += usize::from(segments.rows_saved(&refs) > 0);
+            assert_eq!(tally.rows, segments.total_rows());
+            let layout = SharedPadding::new(&segments, None, &Device::Cpu).unwrap();
+            assert_eq!(tally.padded_rows(), layout.padded_rows());
+            // The batcher's cost, asked before the last input joins, is the same.
+            let (last, rest) = refs.split_last().unwrap();
+            for (layout, cost) in [
+                (BatchLayout::PackedSharing { min_shared }, tally.rows),
+                (
+                    BatchLayout::PaddedSharing { min_shared },
+                    tally.padded_rows(),
+                ),
+            ] {
+                let mut before = BatchCost::new(layout);
+                for input in rest {
+                    before.push(&input.ids);
+                }
+                assert_eq!(before.tokens_with(&last.ids), cost, "{layout:?}");
+            }
+        }
+        assert!(
+            sharing >= 100,
+            "only {sharing} of 300 batches shared a prompt"
+        );
     }
 }
