@@ -407,6 +407,11 @@ impl DecoderModel {
         );
         let sliding = self.layers.iter().any(|l| l.sliding);
         let layout = SharedPadding::new(segments, self.window.filter(|_| sliding), device)?;
+        tracing::trace!(
+            queries = layout.padded_rows(),
+            keys = layout.key_rows(),
+            "padded attention rows"
+        );
         let positions: Vec<u32> = segments.positions().iter().map(|&p| p as u32).collect();
         let rotation = self
             .rotary

@@ -131,7 +131,9 @@ pub enum BatchLayout {
     /// them once: costs the packed rows.
     PackedSharing { min_shared: usize },
     /// Padded, and inputs that begin with at least `min_shared` common tokens compute them
-    /// once: costs the query rows of its padded attention parts (src/model/shared_padding.rs).
+    /// once in the dense layers; attention gathers each response's prompt keys, so it
+    /// costs the key rows of its padded attention parts (src/model/shared_padding.rs):
+    /// sequences x longest for one prompt's responses.
     PaddedSharing { min_shared: usize },
 }
 
@@ -151,7 +153,7 @@ impl BatchLayout {
 }
 
 /// The cost of a batch forming one sequence at a time, in tokens as its layout counts
-/// them (what `Work::tokens` reports once it runs). Sharing layouts take sequences in
+/// them: the rows of its largest per-token tensors. Sharing layouts take sequences in
 /// token order, as the batcher queues them.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchCost<'a> {
@@ -184,7 +186,7 @@ impl<'a> BatchCost<'a> {
             BatchLayout::Padded => self.sequences * self.longest,
             BatchLayout::Packed => self.tokens,
             BatchLayout::PackedSharing { .. } => self.shared.tally().rows,
-            BatchLayout::PaddedSharing { .. } => self.shared.tally().padded_rows(),
+            BatchLayout::PaddedSharing { .. } => self.shared.tally().padded_key_rows(),
         }
     }
 

@@ -257,16 +257,20 @@ pub struct SharedTally {
     /// and the longest of them.
     alone: usize,
     alone_longest: usize,
-    /// Segments continuing a shared start, and the longest of them (their own rows).
+    /// Segments continuing a shared start, the longest such start and the longest of
+    /// their own rows.
     continuing: usize,
+    continuing_prefix: usize,
     continuing_longest: usize,
 }
 
 impl SharedTally {
-    /// Query rows of padded attention (src/model/shared_padding.rs): each part padded to
-    /// its longest segment.
-    pub fn padded_rows(&self) -> usize {
-        self.alone * self.alone_longest + self.continuing * self.continuing_longest
+    /// Key rows of padded attention (src/model/shared_padding.rs): each part padded, and
+    /// each continuing segment holding its prompt's keys before its own. The largest
+    /// per-token tensors of the padded layout have that many rows.
+    pub fn padded_key_rows(&self) -> usize {
+        self.alone * self.alone_longest
+            + self.continuing * (self.continuing_prefix + self.continuing_longest)
     }
 
     fn add(mut self, run: &Run) -> Self {
@@ -276,6 +280,7 @@ impl SharedTally {
             self.alone += 1;
             self.alone_longest = self.alone_longest.max(shared);
             self.continuing += run.members;
+            self.continuing_prefix = self.continuing_prefix.max(shared);
             self.continuing_longest = self.continuing_longest.max(run.longest - shared);
         } else {
             self.alone += run.members;

@@ -76,6 +76,8 @@ pub struct SharedPadding {
     back: Tensor,
     /// Query rows of the padded parts: the tokens attention computed, padding included.
     padded_rows: usize,
+    /// Key rows of the padded parts: each continuing segment holds its prompt's keys.
+    key_rows: usize,
 }
 
 impl SharedPadding {
@@ -97,10 +99,12 @@ impl SharedPadding {
             parts.push(part);
         }
         let rows = back.len();
+        let key_rows = parts.iter().map(|part| part.tasks * part.keys).sum();
         Ok(Self {
             parts,
             back: Tensor::from_vec(back, rows, device)?,
             padded_rows: offset,
+            key_rows,
         })
     }
 
@@ -126,6 +130,10 @@ impl SharedPadding {
 
     pub fn padded_rows(&self) -> usize {
         self.padded_rows
+    }
+
+    pub fn key_rows(&self) -> usize {
+        self.key_rows
     }
 }
 
@@ -345,15 +353,16 @@ mod tests {
         }
         let layout = SharedPadding::new(&segments, None, &Device::Cpu).unwrap();
         // Alone: the two prompts and the lone input, padded to 23; continuing: five
-        // responses, padded to 8.
+        // responses, padded to 8, after the longer prompt's 23 keys.
         assert_eq!(layout.padded_rows(), 3 * 23 + 5 * 8);
+        assert_eq!(layout.key_rows(), 3 * 23 + 5 * (23 + 8));
     }
 
     #[test]
     fn the_batchers_count_is_what_the_layouts_compute() {
         // Seeded batches drawn from a few prompts (some short, some empty) and tails, in
         // token order as the batcher feeds them: the count built input by input equals the
-        // packed rows of the segments and the padded rows of this layout.
+        // packed rows of the segments and the key rows of this layout.
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut next = |n: u64| {
             state ^= state << 13;
@@ -385,14 +394,14 @@ mod tests {
             sharing += usize::from(segments.rows_saved(&refs) > 0);
             assert_eq!(tally.rows, segments.total_rows());
             let layout = SharedPadding::new(&segments, None, &Device::Cpu).unwrap();
-            assert_eq!(tally.padded_rows(), layout.padded_rows());
+            assert_eq!(tally.padded_key_rows(), layout.key_rows());
             // The batcher's cost, asked before the last input joins, is the same.
             let (last, rest) = refs.split_last().unwrap();
             for (layout, cost) in [
                 (BatchLayout::PackedSharing { min_shared }, tally.rows),
                 (
                     BatchLayout::PaddedSharing { min_shared },
-                    tally.padded_rows(),
+                    tally.padded_key_rows(),
                 ),
             ] {
                 let mut before = BatchCost::new(layout);
