@@ -3,8 +3,8 @@
 //! go in order of length (a batch pads little). On packed rows it costs the real tokens.
 //! Where the model computes a shared start once, on either layout, the sequences go in
 //! order of their tokens, so that inputs beginning alike (one prompt's responses, from one
-//! request or many) meet in one batch: on packed rows a shared start counts once; padded
-//! attention gathers a prompt's keys for each response, so there it counts per response.
+//! request or many) meet in one batch, and a shared start counts once (on the padded
+//! layout, once as queries and once as keys for all the inputs continuing it).
 
 use crate::model::{BatchCost, BatchLayout};
 
@@ -156,8 +156,8 @@ mod tests {
         ];
         let items = items(&ids, &[(0, 0), (1, 0), (2, 0), (3, 0)]);
         // The jobs of each batch, under a budget of two inputs whole or one prompt's
-        // inputs shared (packed: 21 + 1 + 3 rows; padded attention: the prompt's 21 key
-        // rows, then 2 x (21 + 3) for the responses).
+        // inputs shared (packed: 21 + 1 + 3 rows; padded attention: the prompt's 21 rows
+        // as queries, 2 x 3 for the responses, the prompt's 21 keys for them).
         let jobs = |layout, budget| -> Vec<Vec<usize>> {
             plan_batches(&items, &limits(budget, 8, layout))
                 .iter()
@@ -165,35 +165,38 @@ mod tests {
                 .collect()
         };
         assert_eq!(jobs(PACKED_SHARING, 30), vec![vec![1, 3], vec![0, 2]]);
-        assert_eq!(jobs(PADDED_SHARING, 70), vec![vec![1, 3], vec![0, 2]]);
+        assert_eq!(jobs(PADDED_SHARING, 50), vec![vec![1, 3], vec![0, 2]]);
         for layout in [BatchLayout::Packed, BatchLayout::Padded] {
             assert_eq!(jobs(layout, 50), vec![vec![0, 1], vec![2, 3]], "{layout:?}");
         }
     }
 
     #[test]
-    fn a_shared_prompt_counts_once_on_packed_rows_and_per_response_in_padded_attention() {
+    fn a_shared_prompt_counts_once_in_the_budget() {
         // Best-of-8: a 100-token prompt, 5-token responses. Whole, each input costs 105 and
-        // two exceed 200. Packed rows compute the prompt once: 100 + 8 x 5. Padded
-        // attention gathers the prompt's keys for each response: 100 + 8 x 105.
+        // three exceed 250. Packed rows compute the prompt once: 100 + 8 x 5. Padded
+        // attention holds it once as queries and once as keys for all the responses:
+        // 100 + 8 x 5 + 100.
         let prompt: Vec<u32> = (0..100).collect();
         let ids: Vec<Vec<u32>> = (0..8u32)
             .map(|r| prompt.iter().copied().chain([1000 + r; 5]).collect())
             .collect();
         let jobs: Vec<(usize, usize)> = (0..8).map(|i| (i, 0)).collect();
         let items = items(&ids, &jobs);
-        let sizes = |layout, budget| -> Vec<usize> {
-            plan_batches(&items, &limits(budget, 64, layout))
+        let sizes = |layout| -> Vec<usize> {
+            plan_batches(&items, &limits(250, 64, layout))
                 .iter()
                 .map(Vec::len)
                 .collect()
         };
-        assert_eq!(sizes(PACKED_SHARING, 200), vec![8]);
-        for layout in [BatchLayout::Packed, BatchLayout::Padded, PADDED_SHARING] {
-            assert_eq!(sizes(layout, 200), vec![1; 8], "{layout:?}");
+        for layout in [PACKED_SHARING, PADDED_SHARING] {
+            assert_eq!(sizes(layout), vec![8], "{layout:?}");
+        }
+        for layout in [BatchLayout::Packed, BatchLayout::Padded] {
+            assert_eq!(sizes(layout), vec![2; 4], "{layout:?}");
         }
         // Budgets just under and at the batch's cost.
-        for (layout, cost) in [(PACKED_SHARING, 140), (PADDED_SHARING, 940)] {
+        for (layout, cost) in [(PACKED_SHARING, 140), (PADDED_SHARING, 240)] {
             let at = |budget| plan_batches(&items, &limits(budget, 64, layout)).len();
             assert_eq!((at(cost - 1), at(cost)), (2, 1), "{layout:?}");
         }

@@ -409,7 +409,7 @@ impl DecoderModel {
         let layout = SharedPadding::new(segments, self.window.filter(|_| sliding), device)?;
         tracing::trace!(
             queries = layout.padded_rows(),
-            keys = layout.key_rows(),
+            gathered = layout.gathered_rows(),
             "padded attention rows"
         );
         let positions: Vec<u32> = segments.positions().iter().map(|&p| p as u32).collect();

@@ -218,13 +218,8 @@ pub fn attention(
     softcap: Option<f64>,
 ) -> Result<Tensor> {
     let (b, heads, s, d) = q.dims4()?;
-    let kv_heads = k.dim(1)?;
-    let k = repeat_kv(k, heads / kv_heads)?;
-    let v = repeat_kv(v, heads / kv_heads)?;
-    let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    if let Some(cap) = softcap {
-        scores = ((scores / cap)?.tanh()? * cap)?;
-    }
+    let v = repeat_kv(v, heads / v.dim(1)?)?;
+    let scores = capped_scores(q, k, scale, softcap)?;
     let dtype = scores.dtype();
     let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
@@ -234,8 +229,19 @@ pub fn attention(
         .reshape((b, s, heads * d))
 }
 
+/// Scaled (and capped) attention scores in the inputs' dtype: q `[b, heads, s, d]`, k
+/// `[b, kv_heads, t, d]` -> `[b, heads, s, t]`.
+pub fn capped_scores(q: &Tensor, k: &Tensor, scale: f64, softcap: Option<f64>) -> Result<Tensor> {
+    let k = repeat_kv(k, q.dim(1)? / k.dim(1)?)?;
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    match softcap {
+        Some(cap) => (scores / cap)?.tanh()? * cap,
+        None => Ok(scores),
+    }
+}
+
 /// [b, kv_heads, s, d] -> [b, kv_heads * n, s, d], each kv head used by n query heads.
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     if n == 1 {
         return Ok(x.clone());
     }

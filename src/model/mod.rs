@@ -131,9 +131,8 @@ pub enum BatchLayout {
     /// them once: costs the packed rows.
     PackedSharing { min_shared: usize },
     /// Padded, and inputs that begin with at least `min_shared` common tokens compute them
-    /// once in the dense layers; attention gathers each response's prompt keys, so it
-    /// costs the key rows of its padded attention parts (src/model/shared_padding.rs):
-    /// sequences x longest for one prompt's responses.
+    /// once: costs the rows its padded attention blocks gather (src/model/shared_padding.rs),
+    /// a prompt's once.
     PaddedSharing { min_shared: usize },
 }
 
@@ -186,7 +185,7 @@ impl<'a> BatchCost<'a> {
             BatchLayout::Padded => self.sequences * self.longest,
             BatchLayout::Packed => self.tokens,
             BatchLayout::PackedSharing { .. } => self.shared.tally().rows,
-            BatchLayout::PaddedSharing { .. } => self.shared.tally().padded_key_rows(),
+            BatchLayout::PaddedSharing { .. } => self.shared.tally().gathered_rows(),
         }
     }
 

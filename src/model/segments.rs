@@ -257,31 +257,38 @@ pub struct SharedTally {
     /// and the longest of them.
     alone: usize,
     alone_longest: usize,
-    /// Segments continuing a shared start, the longest such start and the longest of
-    /// their own rows.
+    /// Segments continuing a shared start and the longest of them (their own rows).
     continuing: usize,
-    continuing_prefix: usize,
     continuing_longest: usize,
+    /// Shared starts with segments continuing them, the longest such start, and the most
+    /// rows continuing one start.
+    prompts: usize,
+    prompt_longest: usize,
+    prompt_queries: usize,
 }
 
 impl SharedTally {
-    /// Key rows of padded attention (src/model/shared_padding.rs): each part padded, and
-    /// each continuing segment holding its prompt's keys before its own. The largest
-    /// per-token tensors of the padded layout have that many rows.
-    pub fn padded_key_rows(&self) -> usize {
+    /// Rows the padded layout gathers for attention (src/model/shared_padding.rs): per
+    /// block, the larger of its padded queries and keys. The batch's largest per-token
+    /// tensors have that many rows.
+    pub fn gathered_rows(&self) -> usize {
         self.alone * self.alone_longest
-            + self.continuing * (self.continuing_prefix + self.continuing_longest)
+            + self.continuing * self.continuing_longest
+            + self.prompts * self.prompt_longest.max(self.prompt_queries)
     }
 
     fn add(mut self, run: &Run) -> Self {
         let shared = run.shared();
-        self.rows += run.tokens - (run.members - 1) * shared;
+        let continuing_rows = run.tokens - run.members * shared;
+        self.rows += continuing_rows + shared;
         if shared > 0 {
             self.alone += 1;
             self.alone_longest = self.alone_longest.max(shared);
             self.continuing += run.members;
-            self.continuing_prefix = self.continuing_prefix.max(shared);
             self.continuing_longest = self.continuing_longest.max(run.longest - shared);
+            self.prompts += 1;
+            self.prompt_longest = self.prompt_longest.max(shared);
+            self.prompt_queries = self.prompt_queries.max(continuing_rows);
         } else {
             self.alone += run.members;
             self.alone_longest = self.alone_longest.max(run.longest);

@@ -3,22 +3,25 @@
 //! on any device and dtype.
 //!
 //! The dense layers run on the packed rows, a shared prompt's rows once. Attention runs in
-//! two padded parts: segments with no prefix (shared prompts themselves and inputs sharing
-//! nothing), each attending to its own rows under the causal mask of the layout without
-//! sharing; and segments that continue a prefix, each attending to its prefix's rows then
-//! its own, under a mask computed on the device from the keys' and queries' positions.
-//! Keeping them apart spares the responses the padding of a long prompt's queries.
+//! padded parts. Segments with no prefix (shared prompts themselves and inputs sharing
+//! nothing) attend to their own rows under the causal mask of the layout without sharing.
+//! Segments that continue a prefix (the responses) attend to two key sets with one
+//! softmax: their own rows, padded per response under the same causal mask, and their
+//! prompt's rows, gathered once per prompt for all of its responses' queries (a mask from
+//! positions hides padding and what a sliding window leaves out). A prompt's keys are so
+//! held once per prompt, not once per response, and a response pads only to the longest
+//! response.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, D};
 
-use super::layers::{attention, causal_mask};
+use super::layers::{attention, capped_scores, causal_mask, repeat_kv};
 use super::segments::Segments;
 
 /// Keys that hold no row sit here: past every query, so no mask lets them in.
 const NO_KEY: f32 = 1e9;
 
-/// One padded attention batch: `tasks` segments of `queries` query rows and `keys` key
-/// rows each, read from the packed rows through index tensors.
+/// One padded attention batch: `tasks` blocks of `queries` query rows and `keys` key rows
+/// each, read from the packed rows through index tensors.
 struct Part {
     tasks: usize,
     queries: usize,
@@ -34,6 +37,29 @@ struct Part {
 }
 
 impl Part {
+    /// Queries `[tasks, heads, queries, d]`, keys and values `[tasks, kv_heads, keys, d]`.
+    fn gather(&self, q: &Tensor, k: &Tensor, v: &Tensor, how: &Heads) -> Result<[Tensor; 3]> {
+        let d = how.head_dim;
+        let gather = |x: &Tensor, rows: &Tensor, len: usize, heads: usize| {
+            x.index_select(rows, 0)?
+                .reshape((self.tasks, len, heads, d))?
+                .transpose(1, 2)
+        };
+        Ok([
+            gather(q, &self.query_rows, self.queries, how.heads)?,
+            gather(k, &self.key_rows, self.keys, how.kv_heads)?,
+            gather(v, &self.key_rows, self.keys, how.kv_heads)?,
+        ])
+    }
+
+    fn mask(&self, sliding: bool) -> &Tensor {
+        match (&self.window, sliding) {
+            (Some(window), true) => window,
+            _ => &self.full,
+        }
+    }
+
+    /// Attention within the part: `[tasks * queries, heads * d]`.
     fn attend(
         &self,
         q: &Tensor,
@@ -42,21 +68,27 @@ impl Part {
         how: &Heads,
         sliding: bool,
     ) -> Result<Tensor> {
-        let d = how.head_dim;
-        let gather = |x: &Tensor, rows: &Tensor, len: usize, heads: usize| {
-            x.index_select(rows, 0)?
-                .reshape((self.tasks, len, heads, d))?
-                .transpose(1, 2)
-        };
-        let q = gather(q, &self.query_rows, self.queries, how.heads)?;
-        let k = gather(k, &self.key_rows, self.keys, how.kv_heads)?;
-        let v = gather(v, &self.key_rows, self.keys, how.kv_heads)?;
-        let mask = match (&self.window, sliding) {
-            (Some(window), true) => window,
-            _ => &self.full,
-        };
-        attention(&q, &k, &v, mask, how.scale, how.softcap)?
-            .reshape((self.tasks * self.queries, how.heads * d))
+        let [q, k, v] = self.gather(q, k, v, how)?;
+        attention(&q, &k, &v, self.mask(sliding), how.scale, how.softcap)?
+            .reshape((self.tasks * self.queries, how.heads * how.head_dim))
+    }
+
+    /// Masked scores in f32 `[tasks, heads, queries, keys]` and values repeated per query
+    /// head `[tasks, heads, keys, d]`, for a softmax taken elsewhere.
+    fn scores(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        how: &Heads,
+        sliding: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let [q, k, v] = self.gather(q, k, v, how)?;
+        let scores = capped_scores(&q, &k, how.scale, how.softcap)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(self.mask(sliding))?;
+        let v = repeat_kv(&v, how.heads / how.kv_heads)?.contiguous()?;
+        Ok((scores, v))
     }
 }
 
@@ -69,15 +101,97 @@ pub struct Heads {
     pub softcap: Option<f64>,
 }
 
+/// Responses attending to their own rows (`own`: one block per response) and to their
+/// prompt's (`prompts`: one block per prompt, its responses' rows as queries), with one
+/// softmax over both. Rows are numbered in the order of the responses' packed rows.
+struct Continuing {
+    own: Part,
+    prompts: Part,
+    rows: usize,
+    /// Per row: its query slot in `own` and in `prompts`.
+    own_slot: Tensor,
+    prompt_slot: Tensor,
+    /// Per query slot of `own` and of `prompts`: its row (padding: the row it repeats).
+    own_row: Tensor,
+    prompt_row: Tensor,
+}
+
+impl Continuing {
+    /// `[rows, heads * d]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        how: &Heads,
+        sliding: bool,
+    ) -> Result<Tensor> {
+        let (heads, d) = (how.heads, how.head_dim);
+        let dtype = q.dtype();
+        let (own_scores, own_values) = self.own.scores(q, k, v, how, sliding)?;
+        let (prompt_scores, prompt_values) = self.prompts.scores(q, k, v, how, sliding)?;
+        // [tasks, heads, queries, 1] -> [tasks * queries, heads], and back.
+        let to_slots = |x: &Tensor| x.squeeze(3)?.transpose(1, 2)?.reshape(((), heads));
+        let from_rows = |x: &Tensor, slot_rows: &Tensor, part: &Part| {
+            x.index_select(slot_rows, 0)?
+                .reshape((part.tasks, part.queries, heads))?
+                .transpose(1, 2)?
+                .unsqueeze(3)
+        };
+        // Each row's largest score over both key sets (its own row is always seen).
+        let own_max = to_slots(&own_scores.max_keepdim(D::Minus1)?)?;
+        let prompt_max = to_slots(&prompt_scores.max_keepdim(D::Minus1)?)?;
+        let max = own_max
+            .index_select(&self.own_slot, 0)?
+            .maximum(&prompt_max.index_select(&self.prompt_slot, 0)?)?;
+        // Unnormalized outputs and sums per key set, on the rows.
+        let weigh =
+            |scores: &Tensor, values: &Tensor, part: &Part, slot_rows: &Tensor, slots: &Tensor| {
+                let weights = scores
+                    .broadcast_sub(&from_rows(&max, slot_rows, part)?)?
+                    .exp()?;
+                let sums = to_slots(&weights.sum_keepdim(D::Minus1)?)?.index_select(slots, 0)?;
+                let outputs = weights
+                    .to_dtype(dtype)?
+                    .matmul(values)?
+                    .to_dtype(DType::F32)?
+                    .transpose(1, 2)?
+                    .reshape(((), heads, d))?
+                    .index_select(slots, 0)?;
+                Ok::<_, candle_core::Error>((outputs, sums))
+            };
+        let (own_out, own_sum) = weigh(
+            &own_scores,
+            &own_values,
+            &self.own,
+            &self.own_row,
+            &self.own_slot,
+        )?;
+        let (prompt_out, prompt_sum) = weigh(
+            &prompt_scores,
+            &prompt_values,
+            &self.prompts,
+            &self.prompt_row,
+            &self.prompt_slot,
+        )?;
+        (own_out + prompt_out)?
+            .broadcast_div(&(own_sum + prompt_sum)?.unsqueeze(2)?)?
+            .to_dtype(dtype)?
+            .reshape((self.rows, heads * d))
+    }
+}
+
 /// A batch whose inputs share prompts, laid out for padded attention.
 pub struct SharedPadding {
-    parts: Vec<Part>,
-    /// Per packed row: its row in the parts' outputs, one part after the other.
+    alone: Option<Part>,
+    continuing: Option<Continuing>,
+    /// Per packed row: its row in the parts' outputs, `alone`'s then `continuing`'s.
     back: Tensor,
-    /// Query rows of the padded parts: the tokens attention computed, padding included.
+    /// Query rows of the padded blocks (a response's once, in its own block).
     padded_rows: usize,
-    /// Key rows of the padded parts: each continuing segment holds its prompt's keys.
-    key_rows: usize,
+    /// Rows gathered for attention, the larger of queries and keys per block: the
+    /// batch's largest per-token tensors.
+    gathered_rows: usize,
 }
 
 impl SharedPadding {
@@ -86,25 +200,50 @@ impl SharedPadding {
         let (alone, continuing): (Vec<usize>, Vec<usize>) =
             (0..segments.count()).partition(|&s| segments.prefix_rows(s).1 == 0);
         let mut back = vec![0u32; segments.total_rows()];
-        let mut parts = Vec::new();
-        let mut offset = 0;
-        if !alone.is_empty() {
-            let part = alone_part(segments, &alone, window, &mut back, offset, device)?;
-            offset += part.tasks * part.queries;
-            parts.push(part);
-        }
-        if !continuing.is_empty() {
-            let part = continuing_part(segments, &continuing, window, &mut back, offset, device)?;
-            offset += part.tasks * part.queries;
-            parts.push(part);
-        }
+        let mut outputs = 0;
+        let alone = if alone.is_empty() {
+            None
+        } else {
+            let part = own_rows_part(segments, &alone, window, device)?;
+            for (task, &s) in alone.iter().enumerate() {
+                let (start, own) = segments.rows(s);
+                for j in 0..own {
+                    back[start + j] = (task * part.queries + j) as u32;
+                }
+            }
+            outputs = part.tasks * part.queries;
+            Some(part)
+        };
+        let continuing = if continuing.is_empty() {
+            None
+        } else {
+            let part = continuing_part(segments, &continuing, window, device)?;
+            let mut row = outputs;
+            for &s in &continuing {
+                let (start, own) = segments.rows(s);
+                for j in 0..own {
+                    back[start + j] = row as u32;
+                    row += 1;
+                }
+            }
+            Some(part)
+        };
+        let block_rows = |part: &Part| part.tasks * part.queries.max(part.keys);
+        let padded_rows = alone.as_ref().map_or(0, |p| p.tasks * p.queries)
+            + continuing
+                .as_ref()
+                .map_or(0, |c| c.own.tasks * c.own.queries);
+        let gathered_rows = alone.as_ref().map_or(0, block_rows)
+            + continuing
+                .as_ref()
+                .map_or(0, |c| block_rows(&c.own) + block_rows(&c.prompts));
         let rows = back.len();
-        let key_rows = parts.iter().map(|part| part.tasks * part.keys).sum();
         Ok(Self {
-            parts,
+            alone,
+            continuing,
             back: Tensor::from_vec(back, rows, device)?,
-            padded_rows: offset,
-            key_rows,
+            padded_rows,
+            gathered_rows,
         })
     }
 
@@ -120,11 +259,13 @@ impl SharedPadding {
     ) -> Result<Tensor> {
         // Gathering rows needs contiguous tensors (a no-op for projections' outputs).
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let outputs = self
-            .parts
-            .iter()
-            .map(|part| part.attend(&q, &k, &v, how, sliding))
-            .collect::<Result<Vec<_>>>()?;
+        let mut outputs = Vec::with_capacity(2);
+        if let Some(part) = &self.alone {
+            outputs.push(part.attend(&q, &k, &v, how, sliding)?);
+        }
+        if let Some(part) = &self.continuing {
+            outputs.push(part.attend(&q, &k, &v, how, sliding)?);
+        }
         Tensor::cat(&outputs, 0)?.index_select(&self.back, 0)
     }
 
@@ -132,30 +273,26 @@ impl SharedPadding {
         self.padded_rows
     }
 
-    pub fn key_rows(&self) -> usize {
-        self.key_rows
+    pub fn gathered_rows(&self) -> usize {
+        self.gathered_rows
     }
 }
 
 /// Segments attending to their own rows only, padded on the right: the causal mask alone
-/// keeps real queries from the padding, as in the layout without sharing.
-fn alone_part(
+/// keeps real queries from the padding, as in the layout without sharing. Positions
+/// within a segment differ from its rows' by the same offset, so the mask is the same.
+fn own_rows_part(
     segments: &Segments,
     tasks: &[usize],
     window: Option<usize>,
-    back: &mut [u32],
-    offset: usize,
     device: &Device,
 ) -> Result<Part> {
     let len = tasks.iter().map(|&s| segments.rows(s).1).max().unwrap_or(0);
     let mut rows = Vec::with_capacity(tasks.len() * len);
-    for (task, &s) in tasks.iter().enumerate() {
+    for &s in tasks {
         let (start, own) = segments.rows(s);
         for j in 0..len {
             rows.push((start + j.min(own.saturating_sub(1))) as u32);
-        }
-        for j in 0..own {
-            back[start + j] = (offset + task * len + j) as u32;
         }
     }
     let rows = Tensor::from_vec(rows, tasks.len() * len, device)?;
@@ -172,65 +309,98 @@ fn alone_part(
     })
 }
 
-/// Segments continuing a prefix: keys are the prefix's rows (padded to the longest
-/// prefix), then the segment's own (padded to the longest segment); queries are its own
-/// rows, at positions after the prefix.
+/// A segment's packed rows: the first and how many.
+type Rows = (usize, usize);
+
+/// Segments continuing a prefix (`tasks`, in row order, those of one prefix together):
+/// their own rows, and per prefix its rows as keys for all of its segments' rows.
 fn continuing_part(
     segments: &Segments,
     tasks: &[usize],
     window: Option<usize>,
-    back: &mut [u32],
-    offset: usize,
     device: &Device,
-) -> Result<Part> {
-    let prefix_len = tasks
-        .iter()
-        .map(|&s| segments.prefix_rows(s).1)
-        .max()
-        .unwrap_or(0);
-    let own_len = tasks.iter().map(|&s| segments.rows(s).1).max().unwrap_or(0);
-    let keys = prefix_len + own_len;
-    let n = tasks.len();
-    let (mut query_rows, mut query_positions) = (Vec::with_capacity(n * own_len), Vec::new());
-    let (mut key_rows, mut key_positions) = (Vec::with_capacity(n * keys), Vec::new());
-    for (task, &s) in tasks.iter().enumerate() {
-        let (p_start, p_len) = segments.prefix_rows(s);
-        let (start, own) = segments.rows(s);
-        let last = own.saturating_sub(1);
-        for j in 0..own_len {
-            // A padding query repeats the last real one, so it sees keys and stays finite.
-            query_rows.push((start + j.min(last)) as u32);
-            query_positions.push((p_len + j.min(last)) as f32);
-        }
-        for j in 0..prefix_len {
-            key_rows.push((p_start + j.min(p_len.saturating_sub(1))) as u32);
-            key_positions.push(if j < p_len { j as f32 } else { NO_KEY });
-        }
-        for j in 0..own_len {
-            key_rows.push((start + j.min(last)) as u32);
-            key_positions.push(if j < own { (p_len + j) as f32 } else { NO_KEY });
-        }
-        for j in 0..own {
-            back[start + j] = (offset + task * own_len + j) as u32;
+) -> Result<Continuing> {
+    let own = own_rows_part(segments, tasks, window, device)?;
+    // The responses of each prompt: its rows and theirs, each (first row, count).
+    let mut prompts: Vec<(Rows, Vec<Rows>)> = Vec::new();
+    for &s in tasks {
+        let prefix = segments.prefix_rows(s);
+        match prompts.last_mut() {
+            Some((p, members)) if *p == prefix => members.push(segments.rows(s)),
+            _ => prompts.push((prefix, vec![segments.rows(s)])),
         }
     }
-    let query_positions = Tensor::from_vec(query_positions, (n, 1, own_len, 1), device)?;
+    let keys = prompts.iter().map(|((_, len), _)| *len).max().unwrap_or(0);
+    let queries = prompts
+        .iter()
+        .map(|(_, members)| members.iter().map(|m| m.1).sum::<usize>())
+        .max()
+        .unwrap_or(0);
+    let rows: usize = tasks.iter().map(|&s| segments.rows(s).1).sum();
+    let mut own_slot = Vec::with_capacity(rows);
+    let mut own_row = vec![0u32; own.tasks * own.queries];
+    let mut row = 0;
+    for (task, &s) in tasks.iter().enumerate() {
+        let own_len = segments.rows(s).1;
+        for j in 0..own.queries {
+            own_row[task * own.queries + j] = (row + j.min(own_len.saturating_sub(1))) as u32;
+        }
+        own_slot.extend((0..own_len).map(|j| (task * own.queries + j) as u32));
+        row += own_len;
+    }
+    let n = prompts.len();
+    let mut prompt_slot = Vec::with_capacity(rows);
+    let mut prompt_row = Vec::with_capacity(n * queries);
+    let (mut query_rows, mut query_positions) = (Vec::with_capacity(n * queries), Vec::new());
+    let (mut key_rows, mut key_positions) = (Vec::with_capacity(n * keys), Vec::new());
+    let mut row = 0;
+    for (prompt, ((p_start, p_len), members)) in prompts.iter().enumerate() {
+        // This prompt's queries: its responses' rows in order, at their positions.
+        let mut slots = Vec::new();
+        for &(start, len) in members {
+            for j in 0..len {
+                prompt_slot.push((prompt * queries + slots.len()) as u32);
+                slots.push((start + j, p_len + j, row));
+                row += 1;
+            }
+        }
+        for i in 0..queries {
+            // A padding query repeats the last real one, so it sees keys and stays finite.
+            let (packed, position, of_row) = slots[i.min(slots.len().saturating_sub(1))];
+            query_rows.push(packed as u32);
+            query_positions.push(position as f32);
+            prompt_row.push(of_row as u32);
+        }
+        for j in 0..keys {
+            key_rows.push((p_start + j.min(p_len.saturating_sub(1))) as u32);
+            key_positions.push(if j < *p_len { j as f32 } else { NO_KEY });
+        }
+    }
+    let query_positions = Tensor::from_vec(query_positions, (n, 1, queries, 1), device)?;
     let key_positions = Tensor::from_vec(key_positions, (n, 1, 1, keys), device)?;
     // Query position less key position: a key is seen when that is >= 0 (and < window).
     let distance = query_positions.broadcast_sub(&key_positions)?;
     let seen = distance.ge(0f64)?;
-    let full = additive(&seen)?;
-    let window = window
-        .map(|w| additive(&seen.mul(&distance.lt(w as f64)?)?))
-        .transpose()?;
-    Ok(Part {
+    let prompts = Part {
         tasks: n,
-        queries: own_len,
+        queries,
         keys,
-        query_rows: Tensor::from_vec(query_rows, n * own_len, device)?,
+        query_rows: Tensor::from_vec(query_rows, n * queries, device)?,
         key_rows: Tensor::from_vec(key_rows, n * keys, device)?,
-        full,
-        window,
+        full: additive(&seen)?,
+        window: window
+            .map(|w| additive(&seen.mul(&distance.lt(w as f64)?)?))
+            .transpose()?,
+    };
+    let own_slots = own.tasks * own.queries;
+    Ok(Continuing {
+        own,
+        prompts,
+        rows,
+        own_slot: Tensor::from_vec(own_slot, rows, device)?,
+        prompt_slot: Tensor::from_vec(prompt_slot, rows, device)?,
+        own_row: Tensor::from_vec(own_row, own_slots, device)?,
+        prompt_row: Tensor::from_vec(prompt_row, n * queries, device)?,
     })
 }
 
@@ -353,16 +523,17 @@ mod tests {
         }
         let layout = SharedPadding::new(&segments, None, &Device::Cpu).unwrap();
         // Alone: the two prompts and the lone input, padded to 23; continuing: five
-        // responses, padded to 8, after the longer prompt's 23 keys.
+        // responses, padded to 8, and per prompt its keys (padded to 23) for its
+        // responses' 3 + 1 + 8 and 1 + 6 rows (padded to 12).
         assert_eq!(layout.padded_rows(), 3 * 23 + 5 * 8);
-        assert_eq!(layout.key_rows(), 3 * 23 + 5 * (23 + 8));
+        assert_eq!(layout.gathered_rows(), 3 * 23 + 5 * 8 + 2 * 23);
     }
 
     #[test]
     fn the_batchers_count_is_what_the_layouts_compute() {
         // Seeded batches drawn from a few prompts (some short, some empty) and tails, in
         // token order as the batcher feeds them: the count built input by input equals the
-        // packed rows of the segments and the key rows of this layout.
+        // packed rows of the segments and the rows this layout gathers.
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut next = |n: u64| {
             state ^= state << 13;
@@ -394,14 +565,14 @@ mod tests {
             sharing += usize::from(segments.rows_saved(&refs) > 0);
             assert_eq!(tally.rows, segments.total_rows());
             let layout = SharedPadding::new(&segments, None, &Device::Cpu).unwrap();
-            assert_eq!(tally.padded_key_rows(), layout.key_rows());
+            assert_eq!(tally.gathered_rows(), layout.gathered_rows());
             // The batcher's cost, asked before the last input joins, is the same.
             let (last, rest) = refs.split_last().unwrap();
             for (layout, cost) in [
                 (BatchLayout::PackedSharing { min_shared }, tally.rows),
                 (
                     BatchLayout::PaddedSharing { min_shared },
-                    tally.padded_key_rows(),
+                    tally.gathered_rows(),
                 ),
             ] {
                 let mut before = BatchCost::new(layout);
