@@ -111,8 +111,8 @@ struct ServeArgs {
     #[arg(long, env = "WARM_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
     /// Tokens per forward pass: sequences x longest when padded, the real tokens on packed
-    /// rows (decoders and encoders on the CPU in f32), where a prompt shared by a batch's
-    /// inputs counts once.
+    /// rows (decoders and encoders on the CPU in f32); a prompt shared by a batch's inputs
+    /// counts once.
     #[arg(long, env = "WARM_MAX_BATCH_TOKENS", default_value_t = 16384)]
     max_batch_tokens: usize,
     /// Sequences per forward pass.
@@ -166,8 +166,8 @@ struct EvalArgs {
     #[arg(long)]
     json: bool,
     /// Tokens per forward pass: sequences x longest when padded, the real tokens on packed
-    /// rows (decoders and encoders on the CPU in f32), where a prompt shared by a batch's
-    /// inputs counts once.
+    /// rows (decoders and encoders on the CPU in f32); a prompt shared by a batch's inputs
+    /// counts once.
     #[arg(long, env = "WARM_MAX_BATCH_TOKENS", default_value_t = 16384)]
     max_batch_tokens: usize,
 }
