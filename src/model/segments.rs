@@ -344,6 +344,7 @@ fn common_start(a: &[u32], b: &[u32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing::{prompt_batch, Draws};
 
     fn seq(ids: &[u32]) -> Sequence {
         Sequence {
@@ -403,27 +404,12 @@ mod tests {
     fn random_batches_pack_every_input_exactly_once() {
         // Seeded batches of inputs drawn from a few prompts (some empty) and short tails,
         // duplicates included: every input's tokens are its prefix's rows then its own.
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n) as usize
-        };
+        let mut draws = Draws::new(0x9e37_79b9_7f4a_7c15);
         let mut sharing = 0;
         for _ in 0..200 {
-            let prompts: Vec<Vec<u32>> = (0..1 + next(4))
-                .map(|_| (0..next(40)).map(|_| next(5) as u32).collect())
-                .collect();
-            let inputs: Vec<Sequence> = (0..1 + next(12))
-                .map(|_| {
-                    let prompt = &prompts[next(prompts.len() as u64)];
-                    let tail: Vec<u32> = (0..1 + next(6)).map(|_| next(5) as u32).collect();
-                    seq(&[prompt.as_slice(), &tail].concat())
-                })
-                .collect();
+            let inputs = prompt_batch(&mut draws, 40, 5, 12, 6);
             let refs: Vec<&Sequence> = inputs.iter().collect();
-            let min_shared = 1 + next(8);
+            let min_shared = 1 + draws.below(8);
             let (segments, ids) = Segments::share_prefixes(&refs, min_shared);
             assert_eq!(ids.len(), segments.total_rows());
             sharing += usize::from(segments.rows_saved(&refs) > 0);

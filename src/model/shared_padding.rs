@@ -417,7 +417,7 @@ mod tests {
     use super::*;
     use crate::model::layers::{split_heads, Packing};
     use crate::model::segments::SharedCount;
-    use crate::model::testing::{max_diff, rows_for};
+    use crate::model::testing::{max_diff, prompt_batch, rows_for, Draws};
     use crate::model::{BatchCost, BatchLayout, Sequence};
 
     fn seq(ids: Vec<u32>) -> Sequence {
@@ -534,28 +534,13 @@ mod tests {
         // Seeded batches drawn from a few prompts (some short, some empty) and tails, in
         // token order as the batcher feeds them: the count built input by input equals the
         // packed rows of the segments and the rows this layout gathers.
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n) as usize
-        };
+        let mut draws = Draws::new(0x2545_f491_4f6c_dd1d);
         let mut sharing = 0;
         for _ in 0..300 {
-            let prompts: Vec<Vec<u32>> = (0..1 + next(4))
-                .map(|_| (0..next(30)).map(|_| next(4) as u32).collect())
-                .collect();
-            let mut inputs: Vec<Sequence> = (0..1 + next(10))
-                .map(|_| {
-                    let prompt = &prompts[next(prompts.len() as u64)];
-                    let tail: Vec<u32> = (0..1 + next(7)).map(|_| next(4) as u32).collect();
-                    seq([prompt.as_slice(), &tail].concat())
-                })
-                .collect();
+            let mut inputs = prompt_batch(&mut draws, 30, 4, 10, 7);
             inputs.sort_by(|a, b| a.ids.cmp(&b.ids));
             let refs: Vec<&Sequence> = inputs.iter().collect();
-            let min_shared = 1 + next(6);
+            let min_shared = 1 + draws.below(6);
             let mut count = SharedCount::new(min_shared);
             for input in &inputs {
                 count.push(&input.ids);
