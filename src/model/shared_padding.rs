@@ -144,38 +144,45 @@ impl Continuing {
         let max = own_max
             .index_select(&self.own_slot, 0)?
             .maximum(&prompt_max.index_select(&self.prompt_slot, 0)?)?;
-        // Unnormalized outputs and sums per key set, on the rows.
-        let weigh =
-            |scores: &Tensor, values: &Tensor, part: &Part, slot_rows: &Tensor, slots: &Tensor| {
-                let weights = scores
-                    .broadcast_sub(&from_rows(&max, slot_rows, part)?)?
-                    .exp()?;
-                let sums = to_slots(&weights.sum_keepdim(D::Minus1)?)?.index_select(slots, 0)?;
-                let outputs = weights
-                    .to_dtype(dtype)?
-                    .matmul(values)?
-                    .to_dtype(DType::F32)?
-                    .transpose(1, 2)?
-                    .reshape(((), heads, d))?
-                    .index_select(slots, 0)?;
-                Ok::<_, candle_core::Error>((outputs, sums))
-            };
-        let (own_out, own_sum) = weigh(
-            &own_scores,
+        // Weights per key set, normalized by their sum over both (so that, as in one
+        // softmax, they stay within [0, 1] and a half-type product cannot overflow).
+        let weights = |scores: &Tensor, part: &Part, slot_rows: &Tensor| {
+            scores
+                .broadcast_sub(&from_rows(&max, slot_rows, part)?)?
+                .exp()
+        };
+        let own_weights = weights(&own_scores, &self.own, &self.own_row)?;
+        let prompt_weights = weights(&prompt_scores, &self.prompts, &self.prompt_row)?;
+        let sums = |weights: &Tensor, slots: &Tensor| {
+            to_slots(&weights.sum_keepdim(D::Minus1)?)?.index_select(slots, 0)
+        };
+        let total =
+            (sums(&own_weights, &self.own_slot)? + sums(&prompt_weights, &self.prompt_slot)?)?;
+        let outputs = |weights: &Tensor, values: &Tensor, part: &Part, slot_rows, slots| {
+            weights
+                .broadcast_div(&from_rows(&total, slot_rows, part)?)?
+                .to_dtype(dtype)?
+                .matmul(values)?
+                .to_dtype(DType::F32)?
+                .transpose(1, 2)?
+                .reshape(((), heads, d))?
+                .index_select(slots, 0)
+        };
+        let own = outputs(
+            &own_weights,
             &own_values,
             &self.own,
             &self.own_row,
             &self.own_slot,
         )?;
-        let (prompt_out, prompt_sum) = weigh(
-            &prompt_scores,
+        let prompt = outputs(
+            &prompt_weights,
             &prompt_values,
             &self.prompts,
             &self.prompt_row,
             &self.prompt_slot,
         )?;
-        (own_out + prompt_out)?
-            .broadcast_div(&(own_sum + prompt_sum)?.unsqueeze(2)?)?
+        (own + prompt)?
             .to_dtype(dtype)?
             .reshape((self.rows, heads * d))
     }
@@ -527,6 +534,43 @@ mod tests {
         // responses' 3 + 1 + 8 and 1 + 6 rows (padded to 12).
         assert_eq!(layout.padded_rows(), 3 * 23 + 5 * 8);
         assert_eq!(layout.gathered_rows(), 3 * 23 + 5 * 8 + 2 * 23);
+    }
+
+    #[test]
+    fn a_long_prompt_does_not_overflow_half_types() {
+        // 2000 prompt keys of equal score and values of 50: weighed before normalizing,
+        // f16 products would sum to 1e5 (past its 65504); normalized, each output is 50.
+        let prompt: Vec<u32> = (0..2000).map(|p| p % 97).collect();
+        let inputs = [
+            seq([prompt.as_slice(), &[1]].concat()),
+            seq([prompt.as_slice(), &[2, 3]].concat()),
+        ];
+        let refs: Vec<&Sequence> = inputs.iter().collect();
+        let (segments, ids) = Segments::share_prefixes(&refs, 8);
+        assert_eq!(ids.len(), 2003);
+        let how = Heads {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            scale: 0.5,
+            softcap: None,
+        };
+        let half = |value: f64, width: usize| {
+            Tensor::full(value, (ids.len(), width), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F16)
+                .unwrap()
+        };
+        let layout = SharedPadding::new(&segments, None, &Device::Cpu).unwrap();
+        let out = layout
+            .attend(&half(0.0, 8), &half(0.0, 4), &half(50.0, 4), &how, false)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let expected = Tensor::full(50f32, out.shape(), &Device::Cpu).unwrap();
+        // f16 rounding: its step at 50 is 1/32.
+        let diff = max_diff(&out, &expected);
+        assert!(diff < 0.1, "{diff}");
     }
 
     #[test]
