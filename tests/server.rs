@@ -175,6 +175,35 @@ fn a_prompt_shared_by_best_of_n_responses_is_computed_once_and_changes_no_score(
         text.contains(&format!("warm_shared_prefix_tokens_total {saved}")),
         "single inputs shared nothing more"
     );
+
+    // The batch budget counts the prompt once: under a budget of exactly the rows computed,
+    // which the inputs whole exceed, the request is still one batch.
+    let tokens = body["usage"]["prompt_tokens"].as_f64().unwrap();
+    let computed = tokens - saved;
+    assert!(computed < tokens);
+    let budget = computed.to_string();
+    let tight = Server::started(&[
+        "--model",
+        &llama,
+        "--min-shared-prefix",
+        "8",
+        "--max-batch-tokens",
+        &budget,
+    ]);
+    let batches = |server: &Server| -> f64 {
+        let (_, text) = server.get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix("warm_batch_size_count "))
+            .map_or(0.0, |n| n.parse().unwrap())
+    };
+    let before = batches(&tight);
+    let (status, again) = tight.post(
+        "/v1/rerank",
+        &json!({"prompt": prompt, "responses": responses}),
+    );
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(batches(&tight) - before, 1.0, "batches for one request");
+    assert_eq!(again["results"], body["results"]);
 }
 
 #[test]
