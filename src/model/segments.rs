@@ -164,31 +164,21 @@ fn prefix_groups(sequences: &[&Sequence], min_shared: usize) -> Vec<Group> {
     let mut order: Vec<usize> = (0..sequences.len()).collect();
     order.sort_by(|&a, &b| sequences[a].ids.cmp(&sequences[b].ids));
     let mut groups = Vec::new();
-    let mut run: Option<(Run, Vec<usize>)> = None;
+    let (mut run, mut members) = (None, Vec::new());
     for input in order {
-        let ids = sequences[input].ids.as_slice();
-        match &mut run {
-            Some((current, members)) => match current.admits(ids, min_shared) {
-                Some(shared) => {
-                    current.join(ids, shared);
-                    members.push(input);
-                }
-                None => {
-                    let (done, members) = (current.shared(), std::mem::take(members));
-                    groups.push(Group {
-                        members,
-                        shared: done,
-                    });
-                    run = Some((Run::start(ids), vec![input]));
-                }
-            },
-            None => run = Some((Run::start(ids), vec![input])),
+        if let Some(done) = Run::advance(&mut run, &sequences[input].ids, min_shared) {
+            let members = std::mem::take(&mut members);
+            groups.push(Group {
+                members,
+                shared: done.shared(),
+            });
         }
+        members.push(input);
     }
-    if let Some((current, members)) = run {
+    if let Some(done) = run {
         groups.push(Group {
             members,
-            shared: current.shared(),
+            shared: done.shared(),
         });
     }
     groups
@@ -227,6 +217,22 @@ impl<'a> Run<'a> {
             .min(next.len().saturating_sub(1));
         let saved_now = (self.members - 1) * self.shared;
         (candidate >= min_shared && self.members * candidate >= saved_now).then_some(candidate)
+    }
+
+    /// Adds `ids` (after every input so far in token order) to `run`, or starts a new run
+    /// with it (always when `min_shared` is 0); returns the run that closed, if one did.
+    fn advance(run: &mut Option<Self>, ids: &'a [u32], min_shared: usize) -> Option<Self> {
+        let joins = match run {
+            Some(current) if min_shared > 0 => current.admits(ids, min_shared),
+            _ => None,
+        };
+        match (run.as_mut(), joins) {
+            (Some(current), Some(shared)) => {
+                current.join(ids, shared);
+                None
+            }
+            _ => run.replace(Self::start(ids)),
+        }
     }
 
     fn join(&mut self, next: &'a [u32], shared: usize) {
@@ -322,17 +328,8 @@ impl<'a> SharedCount<'a> {
     }
 
     pub fn push(&mut self, ids: &'a [u32]) {
-        let joins = match (&self.run, self.min_shared) {
-            (Some(run), min_shared) if min_shared > 0 => run.admits(ids, min_shared),
-            _ => None,
-        };
-        match (&mut self.run, joins) {
-            (Some(run), Some(shared)) => run.join(ids, shared),
-            (run, _) => {
-                if let Some(done) = run.replace(Run::start(ids)) {
-                    self.closed = self.closed.add(&done);
-                }
-            }
+        if let Some(done) = Run::advance(&mut self.run, ids, self.min_shared) {
+            self.closed = self.closed.add(&done);
         }
     }
 }

@@ -52,6 +52,14 @@ impl Part {
         ])
     }
 
+    fn query_slots(&self) -> usize {
+        self.tasks * self.queries
+    }
+
+    fn gathered_rows(&self) -> usize {
+        self.tasks * self.queries.max(self.keys)
+    }
+
     fn mask(&self, sliding: bool) -> &Tensor {
         match (&self.window, sliding) {
             (Some(window), true) => window,
@@ -70,7 +78,7 @@ impl Part {
     ) -> Result<Tensor> {
         let [q, k, v] = self.gather(q, k, v, how)?;
         attention(&q, &k, &v, self.mask(sliding), how.scale, how.softcap)?
-            .reshape((self.tasks * self.queries, how.heads * how.head_dim))
+            .reshape((self.query_slots(), how.heads * how.head_dim))
     }
 
     /// Masked scores in f32 `[tasks, heads, queries, keys]` and values repeated per query
@@ -194,11 +202,6 @@ pub struct SharedPadding {
     continuing: Option<Continuing>,
     /// Per packed row: its row in the parts' outputs, `alone`'s then `continuing`'s.
     back: Tensor,
-    /// Query rows of the padded blocks (a response's once, in its own block).
-    padded_rows: usize,
-    /// Rows gathered for attention, the larger of queries and keys per block: the
-    /// batch's largest per-token tensors.
-    gathered_rows: usize,
 }
 
 impl SharedPadding {
@@ -218,7 +221,7 @@ impl SharedPadding {
                     back[start + j] = (task * part.queries + j) as u32;
                 }
             }
-            outputs = part.tasks * part.queries;
+            outputs = part.query_slots();
             Some(part)
         };
         let continuing = if continuing.is_empty() {
@@ -235,22 +238,11 @@ impl SharedPadding {
             }
             Some(part)
         };
-        let block_rows = |part: &Part| part.tasks * part.queries.max(part.keys);
-        let padded_rows = alone.as_ref().map_or(0, |p| p.tasks * p.queries)
-            + continuing
-                .as_ref()
-                .map_or(0, |c| c.own.tasks * c.own.queries);
-        let gathered_rows = alone.as_ref().map_or(0, block_rows)
-            + continuing
-                .as_ref()
-                .map_or(0, |c| block_rows(&c.own) + block_rows(&c.prompts));
         let rows = back.len();
         Ok(Self {
             alone,
             continuing,
             back: Tensor::from_vec(back, rows, device)?,
-            padded_rows,
-            gathered_rows,
         })
     }
 
@@ -276,12 +268,20 @@ impl SharedPadding {
         Tensor::cat(&outputs, 0)?.index_select(&self.back, 0)
     }
 
+    /// Query rows of the padded blocks (a response's once, in its own block).
     pub fn padded_rows(&self) -> usize {
-        self.padded_rows
+        self.alone.as_ref().map_or(0, Part::query_slots)
+            + self.continuing.as_ref().map_or(0, |c| c.own.query_slots())
     }
 
+    /// Rows gathered for attention, the larger of queries and keys per block: the
+    /// batch's largest per-token tensors.
     pub fn gathered_rows(&self) -> usize {
-        self.gathered_rows
+        self.alone.as_ref().map_or(0, Part::gathered_rows)
+            + self
+                .continuing
+                .as_ref()
+                .map_or(0, |c| c.own.gathered_rows() + c.prompts.gathered_rows())
     }
 }
 
@@ -345,7 +345,7 @@ fn continuing_part(
         .unwrap_or(0);
     let rows: usize = tasks.iter().map(|&s| segments.rows(s).1).sum();
     let mut own_slot = Vec::with_capacity(rows);
-    let mut own_row = vec![0u32; own.tasks * own.queries];
+    let mut own_row = vec![0u32; own.query_slots()];
     let mut row = 0;
     for (task, &s) in tasks.iter().enumerate() {
         let own_len = segments.rows(s).1;
@@ -399,7 +399,7 @@ fn continuing_part(
             .map(|w| additive(&seen.mul(&distance.lt(w as f64)?)?))
             .transpose()?,
     };
-    let own_slots = own.tasks * own.queries;
+    let own_slots = own.query_slots();
     Ok(Continuing {
         own,
         prompts,
