@@ -11,7 +11,9 @@
 # WARM_BEFORE_BIN=path adds that binary (e.g. one built before sharing existed) as a third
 # server, run without the flag. WARM_SERVE_ARGS adds arguments to every server (e.g.
 # `--dtype bf16`: the padded layout, as on a GPU); WARM_BENCH_WARMUP sets the best-of-N
-# requests each server gets first (default 8).
+# requests each server gets first (default 8). WARM_BENCH_SERVERS picks this build's servers
+# (default "shared apart"; "shared" alone with WARM_BEFORE_BIN compares two builds without
+# the slow server that shares nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:?model dir}
@@ -40,14 +42,20 @@ run() { # round, label, binary, serve args...
   curl -s "http://127.0.0.1:$PORT/metrics" | grep '^warm_shared_prefix_tokens_total' >"$WORK/round-$round-$label-shared.txt" || true
   kill -TERM $pid; wait $pid || true
 }
-SERVERS="shared apart"
+SERVERS=${WARM_BENCH_SERVERS:-shared apart}
+for s in $SERVERS; do
+  case $s in shared | apart) ;; *) echo "WARM_BENCH_SERVERS: unknown server '$s' (shared, apart)" >&2; exit 2 ;; esac
+done
+[[ " $SERVERS " == *" shared "* ]] || { echo "WARM_BENCH_SERVERS must include shared (the ratios are against it)" >&2; exit 2; }
+[ -z "${WARM_BEFORE_BIN:-}" ] || SERVERS="$SERVERS before"
 for round in $(seq 1 "$ROUNDS"); do
-  run "$round" shared "$BIN"
-  run "$round" apart "$BIN" --min-shared-prefix 0
-  if [ -n "${WARM_BEFORE_BIN:-}" ]; then
-    run "$round" before "$WARM_BEFORE_BIN"
-    SERVERS="shared apart before"
-  fi
+  for s in $SERVERS; do
+    case $s in
+      shared) run "$round" shared "$BIN" ;;
+      apart) run "$round" apart "$BIN" --min-shared-prefix 0 ;;
+      before) run "$round" before "$WARM_BEFORE_BIN" ;;
+    esac
+  done
 done
 python3 - "$WORK" "$ROUNDS" "$SERVERS" "$N" "$WORDS" <<'PY'
 import statistics, sys
