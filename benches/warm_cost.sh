@@ -34,23 +34,24 @@ run() { # round, label, serve args...
     target/release/examples/load "http://127.0.0.1:$PORT" 1 100 1 7 | tee "$WORK/round-$round-low-load.txt" >&2
   fi
   kill -TERM $pid; wait $pid || true
-}
-for round in $(seq 1 "$ROUNDS"); do
-  run "$round" warm "${M[@]}"
-  run "$round" single --model "$WORK/member0"
-  run "$round" ens "${M[@]}" --combine predictions
-done
-# The bare forward pass of one sequence as long as the low-load requests' mean (tokens/s
-# over inputs/s of that run), so both sides do the same work; one per round.
-TOKENS=$(python3 - "$WORK/round-1-low-load.txt" <<'PY'
+  if [ "$label" = single ]; then
+    # The bare forward pass right after the low-load run, so that a shared machine's drift
+    # between rounds hits both sides alike: one sequence as long as the low-load requests'
+    # mean (tokens/s over inputs/s; the seeded requests are the same every round).
+    TOKENS=$(python3 - "$WORK/round-$round-low-load.txt" <<'PY'
 import sys
 row = [l for l in open(sys.argv[1]) if l.startswith("| ") and not l.startswith("| concurrency")][0]
 cells = [c.strip() for c in row.strip().strip("|").split("|")]
 print(round(float(cells[4]) / float(cells[3])))
 PY
 )
+    target/release/examples/forward_throughput "$WORK/member0" 1 "$TOKENS" 50 >"$WORK/round-$round-forward.txt"
+  fi
+}
 for round in $(seq 1 "$ROUNDS"); do
-  target/release/examples/forward_throughput "$WORK/member0" 1 "$TOKENS" 50 >"$WORK/round-$round-forward.txt"
+  run "$round" warm "${M[@]}"
+  run "$round" single --model "$WORK/member0"
+  run "$round" ens "${M[@]}" --combine predictions
 done
 python3 - "$WORK" "$ROUNDS" "$TOKENS" <<'PY'
 import re, statistics, sys
