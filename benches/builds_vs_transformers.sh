@@ -28,6 +28,7 @@ for round in $(seq 1 "$ROUNDS"); do
     diff=$(sed -n 's/.*max |score difference| \([0-9.e+-]*\) over.*/\1/p' <<<"$out")
     echo "| $round | $label | $warm | $hf | $ratio | $diff |"
     echo "$label $warm $hf" >>"$RESULTS"
+    BLAS=$(grep "^transformers' BLAS" <<<"$out" || true)
   done
 done
 echo
@@ -44,3 +45,5 @@ for spec in sys.argv[2:]:
     print(f"| {label} | {max(warm):.1f} | {statistics.median(warm):.1f} | "
           f"{statistics.median(hf):.1f} | {statistics.median(ratios):.2f}x |")
 PY
+echo
+echo "$BLAS"

@@ -16,6 +16,8 @@ SEQ=${3:-128}
 ITERS=${4:-10}
 THREADS=${5:-$(nproc)}
 REF=${WARM_REF_ENV:-/tmp/warm-ref/env}
+# shellcheck source=benches/openblas_core.sh
+source benches/openblas_core.sh
 cargo build --release --quiet --example forward_throughput
 WARM_LINE=$(CANDLE_NUM_THREADS=$THREADS RAYON_NUM_THREADS=$THREADS target/release/examples/forward_throughput "$MODEL" "$BATCH" "$SEQ" "$ITERS")
 echo "$WARM_LINE"

@@ -16,6 +16,8 @@ PAIRS=${2:-512}
 THREADS=${3:-$(nproc)}
 PORT=${4:-18095}
 REF=${WARM_REF_ENV:-/tmp/warm-ref/env}
+# shellcheck source=benches/openblas_core.sh
+source benches/openblas_core.sh
 WORK=$(mktemp -d)
 WARM_BIN=${WARM_BIN:-}
 if [ -z "$WARM_BIN" ]; then
