@@ -15,6 +15,7 @@
 //! there, an f32 overflow is summed again in f64.
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -223,6 +224,10 @@ pub struct DeviceFuser {
     next: usize,
     /// Threads that fill a staging set from the memory maps.
     copy_threads: usize,
+    /// Not `Send`: `compute` is candle's stream, which is the calling thread's default
+    /// stream (`Device::new_cuda`), so the waits and kernels of another thread would
+    /// land on a different stream, unordered with this one's.
+    _one_thread: PhantomData<*const ()>,
 }
 
 impl DeviceFuser {
@@ -268,6 +273,7 @@ impl DeviceFuser {
             sets,
             next: 0,
             copy_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            _one_thread: PhantomData,
         })
     }
 
@@ -369,6 +375,18 @@ impl DeviceFuser {
         }
         set.copied = Some(self.copy.record_event(None).w()?);
         Ok(())
+    }
+}
+
+/// Fusion that stops early (an error, an interrupt) drops the fuser with copies and
+/// kernels still queued: the staging buffers are freed on the copy stream, which never
+/// waits for the last kernels that read them, and a pinned buffer must not be freed under
+/// a copy. Waiting for both streams first orders the frees after all of it.
+impl Drop for DeviceFuser {
+    fn drop(&mut self) {
+        // Errors here mean the context is already broken; the fusion's own error says why.
+        let _ = self.compute.synchronize();
+        let _ = self.copy.synchronize();
     }
 }
 

@@ -147,6 +147,9 @@ bool sums_type(const char *name, void (*kernel)(const T *const *, uint32_t, uint
         double case_worst = 0;
         for (uint32_t k = 0; k < m; ++k) {
           double want[4] = {0, 0, 0, 0};
+          // The scale of d's terms before they cancel: the kernel forms d in f32, and
+          // members near each other leave d far smaller than the rounding of (M-1)x and r.
+          double d_scale = 0;
           for (size_t j = 0; j < n; ++j) {
             double t = 0;
             for (uint32_t i = 0; i < m; ++i) t += to_f32(inputs[i][j]);
@@ -157,8 +160,9 @@ bool sums_type(const char *name, void (*kernel)(const T *const *, uint32_t, uint
             want[1] += x * r;
             want[2] += r * r;
             want[3] += d * d;
+            d_scale += std::pow(double(m - 1) * std::fabs(x) + std::fabs(r), 2);
           }
-          const double scales[4] = {want[0], std::sqrt(want[0] * want[2]), want[2], want[3]};
+          const double scales[4] = {want[0], std::sqrt(want[0] * want[2]), want[2], d_scale};
           for (int q = 0; q < 4; ++q) {
             double e = std::fabs(sums[4 * k + q] - want[q]) / std::max(scales[q], 1e-300);
             if (std::isnan(e)) e = INFINITY;
