@@ -591,7 +591,7 @@ impl DecoderModel {
         let (gate, up) = (l.gate.forward(&h)?, l.up.forward(&h)?);
         let inner = match gated::act_mul(self.act, &gate, &up)? {
             Some(inner) => inner,
-            None => (self.act.forward(&gate)? * up)?,
+            None => (super::gelu::activate(self.act, &gate)? * up)?,
         };
         match &l.post_mlp_norm {
             Some(n) => x + n.forward(&l.down.forward(&inner)?)?,

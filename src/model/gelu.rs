@@ -81,11 +81,20 @@ impl CustomOp1 for GeluErf {
     }
 }
 
-/// Applies `act`, with the vectorized exact GELU for f32 tensors on the CPU.
+/// Applies `act`, with the vectorized exact GELU for f32 tensors on the CPU. GELUs of
+/// bf16/f16 tensors are computed in f32 and rounded once, as torch does: candle's CUDA
+/// kernels evaluate them in the half type with rounded constants (a tanh GELU's
+/// sqrt(2/pi) becomes 0.796875 in bf16).
 pub fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
-    use candle_core::Module;
-    if act == Activation::Gelu && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    use candle_core::{DType, Module};
+    let is_gelu = matches!(
+        act,
+        Activation::Gelu | Activation::GeluPytorchTanh | Activation::NewGelu
+    );
+    if act == Activation::Gelu && x.device().is_cpu() && x.dtype() == DType::F32 {
         x.contiguous()?.apply_op1_no_bwd(&GeluErf)
+    } else if is_gelu && x.dtype() != DType::F32 {
+        act.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
     } else {
         act.forward(x)
     }

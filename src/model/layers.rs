@@ -28,28 +28,36 @@ pub fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> Result<LayerNorm> {
     Ok(LayerNorm::new(weight, bias, eps))
 }
 
-/// RMSNorm. Llama-style multiplies by the weight; Gemma-style by (1 + weight), computed in
-/// f32 and rounded once, as transformers' Gemma2RMSNorm does.
+/// RMSNorm. Llama-style multiplies by the weight; Gemma-style by (1 + weight), all in f32
+/// and rounded once, as transformers' Gemma2RMSNorm does (a (1 + weight) rounded to bf16
+/// would add up to 2^-9 of error per channel, systematically).
 pub struct RmsNorm {
     scale: Tensor,
     eps: f32,
+    /// Gemma-style: `scale` is f32 and the input is normalized in f32.
+    in_f32: bool,
 }
 
 impl RmsNorm {
     pub fn load(vb: VarBuilder, size: usize, eps: f64, plus_one: bool) -> Result<Self> {
         let weight = vb.get(size, "weight")?;
         let scale = if plus_one {
-            (weight.to_dtype(DType::F32)? + 1.0)?.to_dtype(weight.dtype())?
+            (weight.to_dtype(DType::F32)? + 1.0)?
         } else {
             weight
         };
         Ok(Self {
             scale,
             eps: eps as f32,
+            in_f32: plus_one,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.in_f32 && x.dtype() != DType::F32 {
+            let wide = x.to_dtype(DType::F32)?;
+            return candle_nn::ops::rms_norm(&wide, &self.scale, self.eps)?.to_dtype(x.dtype());
+        }
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.scale, self.eps)
     }
 }
@@ -217,6 +225,59 @@ pub fn attention(
     scale: f64,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
+    attention_in_chunks(q, k, v, mask, scale, softcap, SCORES_PER_CHUNK)
+}
+
+/// The most f32 scores one attention step holds (1 GiB). candle's CUDA softmax indexes
+/// with a 32-bit int and its element-wise kernels count in u32, so a `[b, heads, s, t]`
+/// score tensor past 2^31 elements (16k batch tokens of 4k-token inputs, 32 heads) would
+/// fault; the queries are split to stay under it, which also bounds the memory.
+const SCORES_PER_CHUNK: usize = 1 << 28;
+
+/// [`attention`] over query rows in chunks of at most `limit` scores (one row at least):
+/// each query's softmax is over its own row, so the chunks' outputs are the same rows.
+fn attention_in_chunks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+    limit: usize,
+) -> Result<Tensor> {
+    let (b, heads, s, _) = q.dims4()?;
+    let t = k.dim(2)?;
+    let rows = (limit / (b * heads * t).max(1)).max(1);
+    if s <= rows {
+        return attention_rows(q, k, v, mask, scale, softcap);
+    }
+    let (k, v) = (
+        repeat_kv(k, heads / k.dim(1)?)?,
+        repeat_kv(v, heads / v.dim(1)?)?,
+    );
+    // The mask's query axis (second to last) is either s long or broadcast.
+    let mask_rows = mask.rank().checked_sub(2).filter(|&a| mask.dim(a).ok() == Some(s));
+    let mut outputs = Vec::with_capacity(s.div_ceil(rows));
+    for start in (0..s).step_by(rows) {
+        let len = rows.min(s - start);
+        let mask = match mask_rows {
+            Some(axis) => mask.narrow(axis, start, len)?,
+            None => mask.clone(),
+        };
+        let q = q.narrow(2, start, len)?;
+        outputs.push(attention_rows(&q, &k, &v, &mask, scale, softcap)?);
+    }
+    Tensor::cat(&outputs, 1)
+}
+
+fn attention_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let (b, heads, s, d) = q.dims4()?;
     let v = repeat_kv(v, heads / v.dim(1)?)?;
     let scores = capped_scores(q, k, scale, softcap)?;
@@ -355,6 +416,51 @@ impl Packing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chunked attention gives the rows of the whole, for a causal [s, s] mask (narrowed
+    /// per chunk), a [b, 1, 1, t] padding mask (broadcast), grouped-query heads and a cap.
+    #[test]
+    fn attention_in_chunks_matches_one_pass() {
+        let dev = Device::Cpu;
+        let (b, heads, kv_heads, s, d) = (2, 4, 2, 7, 8);
+        let seeded = |n: usize, seed: u64| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    (((i as u64 + 1) * (seed * 2 + 1) * 2_654_435_761 % 1000) as f32) / 500.0 - 1.0
+                })
+                .collect()
+        };
+        let q = Tensor::from_vec(seeded(b * heads * s * d, 1), (b, heads, s, d), &dev).unwrap();
+        let k =
+            Tensor::from_vec(seeded(b * kv_heads * s * d, 2), (b, kv_heads, s, d), &dev).unwrap();
+        let v =
+            Tensor::from_vec(seeded(b * kv_heads * s * d, 3), (b, kv_heads, s, d), &dev).unwrap();
+        let causal = causal_mask(s, Some(4), &dev).unwrap();
+        let padding = padding_mask(&[s, 5], s, &dev).unwrap();
+        for mask in [&causal, &padding] {
+            for softcap in [None, Some(5.0)] {
+                let whole = attention_rows(&q, &k, &v, mask, 0.3, softcap).unwrap();
+                // 1 row, 3 rows (a short last chunk) and all rows per chunk.
+                for rows in [1, 3, s] {
+                    let limit = rows * b * heads * s;
+                    let chunked =
+                        attention_in_chunks(&q, &k, &v, mask, 0.3, softcap, limit).unwrap();
+                    assert_eq!(chunked.dims(), whole.dims());
+                    let gap: f32 = (chunked - &whole)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .max(0)
+                        .unwrap()
+                        .to_scalar()
+                        .unwrap();
+                    assert!(gap < 1e-6, "{rows} rows per chunk: gap {gap}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn packing_round_trips_real_rows_and_finds_first_rows() {
