@@ -256,7 +256,10 @@ fn attention_in_chunks(
         repeat_kv(v, heads / v.dim(1)?)?,
     );
     // The mask's query axis (second to last) is either s long or broadcast.
-    let mask_rows = mask.rank().checked_sub(2).filter(|&a| mask.dim(a).ok() == Some(s));
+    let mask_rows = mask
+        .rank()
+        .checked_sub(2)
+        .filter(|&a| mask.dim(a).ok() == Some(s));
     let mut outputs = Vec::with_capacity(s.div_ceil(rows));
     for start in (0..s).step_by(rows) {
         let len = rows.min(s - start);
