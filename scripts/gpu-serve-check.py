@@ -18,6 +18,9 @@ import time
 import urllib.error
 import urllib.request
 
+# Two servers start within the script's 100 s; the demo set loads in seconds.
+READY_S = 45
+
 INPUTS = [
     {"prompt": "Write a positive review of a movie.", "response": "A gorgeous, moving film."},
     {"prompt": "Write a positive review of a movie.", "response": "Dull, and far too long."},
@@ -48,7 +51,7 @@ def start(binary, port, env_extra, log_path):
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    deadline = time.time() + 180
+    deadline = time.time() + READY_S
     while time.time() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"exited with {process.returncode}: {tail(log_path)}")
@@ -59,7 +62,7 @@ def start(binary, port, env_extra, log_path):
             pass
         time.sleep(0.2)
     process.kill()
-    raise RuntimeError(f"not ready in 180 s: {tail(log_path)}")
+    raise RuntimeError(f"not ready in {READY_S} s: {tail(log_path)}")
 
 
 def tail(path, lines=3):
@@ -110,7 +113,8 @@ def load(port, requests, clients):
 
 def main():
     binary = sys.argv[1]
-    work = os.environ.get("GPU_CHECK_WORK", "/tmp/warm-gpu-check")
+    # The logs go where the device tool returns files from, so a run cut short keeps them.
+    work = os.environ.get("GPU_CHECK_LOGS") or os.environ.get("GPU_CHECK_WORK", "/tmp/warm-gpu-check")
     ok = True
     servers = []
     try:

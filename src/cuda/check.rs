@@ -78,7 +78,18 @@ pub fn run(args: &CheckArgs) -> CheckResult<bool> {
         }
     }
     if let Some(dir) = &args.fixtures {
-        ok &= section("parity", || parity(&device, dir));
+        // One section per fixture: an op that fails on one architecture hides no other.
+        match fixture_dirs(dir) {
+            Ok(models) => {
+                for model in models {
+                    ok &= section("parity", || {
+                        parity(&device, dir, &model)
+                            .map_err(|e| format!("{}: {e}", model.display()).into())
+                    });
+                }
+            }
+            Err(e) => ok &= section("parity", || Err(e)),
+        }
     }
     if !args.model.is_empty() {
         ok &= section("throughput", || {
@@ -636,78 +647,83 @@ fn pcie_bandwidth(cuda: &CudaDevice) -> CheckResult<f64> {
     Ok((bytes * reps) as f64 / s / 1e9)
 }
 
-fn parity(device: &Device, fixtures: &Path) -> CheckResult<bool> {
-    let mut ok = true;
-    let mut names: Vec<PathBuf> = std::fs::read_dir(fixtures.join("models"))?
+/// The parity fixtures' model directories, in name order.
+fn fixture_dirs(fixtures: &Path) -> CheckResult<Vec<PathBuf>> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures.join("models"))?
         .flatten()
         .map(|e| e.path())
         .collect();
-    names.sort();
-    for dir in names {
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let expected: serde_json::Value = serde_json::from_slice(&std::fs::read(
-            fixtures.join("expected").join(format!("{name}.json")),
-        )?)?;
-        let sequences: Vec<Sequence> = expected["cases"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|case| {
-                let ids: Vec<u32> = case["ids"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|x| x.as_u64().map(|v| v as u32))
-                    .collect();
-                Sequence {
-                    type_ids: vec![0; ids.len()],
-                    ids,
-                }
-            })
-            .collect();
-        let refs: Vec<&Sequence> = sequences.iter().collect();
-        // DeBERTa-v2 runs in f32 only (candle's implementation).
-        let dtype = if name == "deberta-v2" {
-            FloatDType::F32
-        } else {
-            FloatDType::BF16
-        };
-        let members = MembersConfig::single(&dir);
-        let cpu = Scorer::load(
-            &members,
-            Combine::Weights,
-            FloatDType::F32,
-            &Device::Cpu,
-            None,
-        )?;
-        let gpu = Scorer::load(&members, Combine::Weights, dtype, device, None)?;
-        let cpu_scores = cpu.score(&refs)?;
-        let gpu_scores = gpu.score(&refs)?;
-        let mut worst = 0.0f32;
-        let mut scale = 0.0f32;
-        for (c, g) in cpu_scores.iter().zip(&gpu_scores) {
-            worst = worst.max((c.value - g.value).abs());
-            scale = scale.max(c.value.abs());
-        }
-        // bf16 keeps 8 bits of mantissa: a few percent of the largest score.
-        let tolerance = if dtype == FloatDType::F32 {
-            1e-3
-        } else {
-            0.05 * scale.max(1.0)
-        };
-        let passed = worst <= tolerance;
-        ok &= passed;
-        println!(
-            "| parity | {name} ({dtype}, {} inputs) | {} | max |GPU - CPU| {worst:.2e}, largest |score| {scale:.2}, tolerance {tolerance:.2e} |",
-            refs.len(),
-            if passed { "ok" } else { "FAIL" }
-        );
-        if gpu.batch_layout().shares() {
-            ok &= shared_prompt(&name, &cpu, &gpu, &sequences)?;
-        }
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// GPU against CPU scores on one parity fixture (and, for decoders, behind a shared
+/// prompt).
+fn parity(device: &Device, fixtures: &Path, dir: &Path) -> CheckResult<bool> {
+    let mut ok = true;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let expected: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        fixtures.join("expected").join(format!("{name}.json")),
+    )?)?;
+    let sequences: Vec<Sequence> = expected["cases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|case| {
+            let ids: Vec<u32> = case["ids"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_u64().map(|v| v as u32))
+                .collect();
+            Sequence {
+                type_ids: vec![0; ids.len()],
+                ids,
+            }
+        })
+        .collect();
+    let refs: Vec<&Sequence> = sequences.iter().collect();
+    // DeBERTa-v2 runs in f32 only (candle's implementation).
+    let dtype = if name == "deberta-v2" {
+        FloatDType::F32
+    } else {
+        FloatDType::BF16
+    };
+    let members = MembersConfig::single(dir);
+    let cpu = Scorer::load(
+        &members,
+        Combine::Weights,
+        FloatDType::F32,
+        &Device::Cpu,
+        None,
+    )?;
+    let gpu = Scorer::load(&members, Combine::Weights, dtype, device, None)?;
+    let cpu_scores = cpu.score(&refs)?;
+    let gpu_scores = gpu.score(&refs)?;
+    let mut worst = 0.0f32;
+    let mut scale = 0.0f32;
+    for (c, g) in cpu_scores.iter().zip(&gpu_scores) {
+        worst = worst.max((c.value - g.value).abs());
+        scale = scale.max(c.value.abs());
+    }
+    // bf16 keeps 8 bits of mantissa: a few percent of the largest score.
+    let tolerance = if dtype == FloatDType::F32 {
+        1e-3
+    } else {
+        0.05 * scale.max(1.0)
+    };
+    let passed = worst <= tolerance;
+    ok &= passed;
+    println!(
+        "| parity | {name} ({dtype}, {} inputs) | {} | max |GPU - CPU| {worst:.2e}, largest |score| {scale:.2}, tolerance {tolerance:.2e} |",
+        refs.len(),
+        if passed { "ok" } else { "FAIL" }
+    );
+    if gpu.batch_layout().shares() {
+        ok &= shared_prompt(&name, &cpu, &gpu, &sequences)?;
     }
     Ok(ok)
 }
