@@ -54,6 +54,8 @@ pub struct Scorer {
     /// Normalized member weights (ENS); a single 1.0 for WARM.
     weights: Vec<f32>,
     max_length: usize,
+    /// config.json's `vocab_size` (the embedding's rows, checked at load), when given.
+    embedding_rows: Option<usize>,
     pooling: Pooling,
     report: FusionReport,
 }
@@ -119,6 +121,11 @@ impl Scorer {
             problem_type,
             pooling: models[0].pooling(),
             max_length: max_input_length.map_or(model_max, |m| m.min(model_max)),
+            embedding_rows: config
+                .raw()
+                .get("vocab_size")
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|rows| usize::try_from(rows).ok()),
             models,
             weights,
             report,
@@ -205,6 +212,11 @@ impl Scorer {
             add_special_tokens,
         };
         let encoded = self.encoder.encode(input, &options)?;
+        if let Some(rows) = self.embedding_rows {
+            if let Some(&id) = encoded.ids.iter().find(|&&id| id as usize >= rows) {
+                return Err(TextError::BeyondEmbedding { id, rows });
+            }
+        }
         Ok(Sequence {
             ids: encoded.ids,
             type_ids: encoded.type_ids,
@@ -311,6 +323,40 @@ pub fn weighted_mean_std(scores: &[f64], weights: &[f32]) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tokenizer that can give an id past the embedding (an added token beyond config.json's
+    /// vocab_size) is refused per input, before any tensor is built.
+    #[test]
+    fn token_ids_beyond_the_embedding_are_refused() {
+        let fixture =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/bert");
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&fixture).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+        let rows = 541;
+        let tokenizer_path = dir.path().join("tokenizer.json");
+        let mut tokenizer: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&tokenizer_path).unwrap()).unwrap();
+        tokenizer["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "id": rows, "content": "[BEYOND]", "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true
+            }));
+        std::fs::write(&tokenizer_path, tokenizer.to_string()).unwrap();
+        let scorer = Scorer::load_one(dir.path()).unwrap();
+        let encode = |text: &str| scorer.encode(&Input::Text(text.into()), false, None, true);
+        assert!(encode("hello world").is_ok());
+        match encode("hello [BEYOND] world") {
+            Err(TextError::BeyondEmbedding { id, rows: r }) => {
+                assert_eq!((id as usize, r), (rows, rows))
+            }
+            other => panic!("expected BeyondEmbedding, got {other:?}"),
+        }
+    }
 
     #[test]
     fn uniform_weights_give_the_population_standard_deviation() {

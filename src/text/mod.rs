@@ -29,6 +29,10 @@ pub enum TextError {
     Empty,
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// tokenizer.json and config.json's `vocab_size` disagree; checked on the host, since
+    /// an out-of-range id on a GPU is a device-side assert that breaks the context.
+    #[error("the tokenizer gave token id {id}, beyond the model's {rows} embedding rows (tokenizer.json and config.json's vocab_size disagree)")]
+    BeyondEmbedding { id: u32, rows: usize },
 }
 
 /// Loads the encoder of a checkpoint folder: tokenizer.json plus the chat template and
