@@ -26,7 +26,16 @@ if [ "${1:-}" = "--prepare" ]; then
   gzip -9 "$CARRY/warm"
   cargo build --release --quiet --example synthetic_members
   strip -o "$CARRY/synthetic_members" target/release/examples/synthetic_members
+  gzip -9 "$CARRY/synthetic_members"
   du -sh "$CARRY"/*
+  # What travels: tracked and untracked-not-ignored files, and the carry (limit 64 MiB).
+  bytes() { xargs -0 -r stat -c %s | awk '{n += $1} END {print n + 0}'; }
+  tree=$(git ls-files -z | bytes)
+  loose=$(git ls-files -z --others --exclude-standard | bytes)
+  carried=$(find "$CARRY" -type f -print0 | bytes)
+  total=$((tree + loose + carried))
+  echo "travels: tree $tree + untracked $loose + carry $carried = $total bytes of 67108864"
+  [ "$total" -le 67108864 ] || { echo "over the device tool's 64 MiB: remove untracked files or carry less" >&2; exit 1; }
   exit 0
 fi
 WORK=${GPU_CHECK_WORK:-/tmp/warm-gpu-check}
@@ -42,7 +51,8 @@ fi
 [ -f "$CARRY/warm.gz" ] || { echo "no $CARRY/warm.gz: run 'bash scripts/gpu-check.sh --prepare' on the build machine and carry $CARRY" >&2; exit 2; }
 BIN=$WORK/warm
 gzip -dc "$CARRY/warm.gz" >"$BIN"
-chmod +x "$BIN"
+gzip -dc "$CARRY/synthetic_members.gz" >"$WORK/synthetic_members"
+chmod +x "$BIN" "$WORK/synthetic_members"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 # cuBLAS, cuRAND and NVRTC (CUDA 13) from the machine's Python packages; the binary opens
 # them at run time.
@@ -63,7 +73,7 @@ status=0
 # The last member's tokenizer, copied after every member is written, marks a whole set (a
 # run cut off while generating leaves a partial one, made again here).
 make_members() {
-  "$CARRY/synthetic_members" "$WORK" "$M" "${GPU_CHECK_HIDDEN:-2048}" "${GPU_CHECK_LAYERS:-16}" \
+  "$WORK/synthetic_members" "$WORK" "$M" "${GPU_CHECK_HIDDEN:-2048}" "${GPU_CHECK_LAYERS:-16}" \
     "${GPU_CHECK_VOCAB:-128000}" bf16 >/dev/null || return 1
   # A tokenizer makes the synthetic set servable for the throughput row (scores are
   # meaningless, the ids are drawn below the fixture's vocabulary anyway).
