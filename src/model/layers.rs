@@ -190,16 +190,26 @@ pub(super) fn cpu_f32<'a>(t: &Tensor, storage: &'a Storage) -> Option<&'a [f32]>
 /// of `window` keys (the query itself included), as transformers' Mistral and Gemma2 mask
 /// keys with `key <= query - window`.
 pub fn causal_mask(seq: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
-    let mut mask = vec![0f32; seq * seq];
-    for q in 0..seq {
-        for k in 0..seq {
-            let outside_window = window.is_some_and(|w| k + w <= q);
-            if k > q || outside_window {
-                mask[q * seq + k] = f32::NEG_INFINITY;
-            }
-        }
-    }
-    Tensor::from_vec(mask, (seq, seq), device)
+    // Built where it is used, from positions (exact in f32 below 2^24): filled on the host,
+    // an s x s mask cost a loop and an upload per forward pass on a GPU.
+    let positions = Tensor::arange(0f32, seq as f32, device)?;
+    let distance = positions
+        .reshape((seq, 1))?
+        .broadcast_sub(&positions.reshape((1, seq))?)?;
+    let seen = distance.ge(0f64)?;
+    let seen = match window {
+        Some(w) => seen.mul(&distance.lt(w as f64)?)?,
+        None => seen,
+    };
+    additive(&seen)
+}
+
+/// 0 where `seen` (u8) is set, -inf elsewhere, in f32.
+pub(super) fn additive(seen: &Tensor) -> Result<Tensor> {
+    let shape = seen.shape();
+    let zero = Tensor::zeros((), DType::F32, seen.device())?.broadcast_as(shape)?;
+    let hidden = Tensor::new(f32::NEG_INFINITY, seen.device())?.broadcast_as(shape)?;
+    seen.where_cond(&zero, &hidden)
 }
 
 /// Additive [batch, 1, 1, seq] mask hiding padded keys from every query.
@@ -501,6 +511,27 @@ mod tests {
             .to_vec2()
             .unwrap();
         assert_eq!(first, vec![vec![0., 1.], vec![6., 7.], vec![12., 13.]]);
+    }
+
+    /// The device-built mask against the rule written out: key k is hidden from query q
+    /// when k > q or, with a window w, when k + w <= q.
+    #[test]
+    fn causal_mask_matches_the_rule() {
+        for seq in [1usize, 2, 7] {
+            for window in [None, Some(1), Some(3), Some(10)] {
+                let got: Vec<Vec<f32>> = causal_mask(seq, window, &Device::Cpu)
+                    .unwrap()
+                    .to_vec2()
+                    .unwrap();
+                for (q, row) in got.iter().enumerate() {
+                    for (k, &v) in row.iter().enumerate() {
+                        let hidden = k > q || window.is_some_and(|w| k + w <= q);
+                        let want = if hidden { f32::NEG_INFINITY } else { 0.0 };
+                        assert_eq!(v, want, "seq {seq}, window {window:?}, q {q}, k {k}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-use super::layers::{attention, capped_scores, causal_mask, repeat_kv};
+use super::layers::{additive, attention, capped_scores, causal_mask, repeat_kv};
 use super::segments::Segments;
 
 /// Keys that hold no row sit here: past every query, so no mask lets them in.
@@ -409,14 +409,6 @@ fn continuing_part(
         own_row: Tensor::from_vec(own_row, own_slots, device)?,
         prompt_row: Tensor::from_vec(prompt_row, n * queries, device)?,
     })
-}
-
-/// 0 where `seen` (u8) is set, -inf elsewhere, in f32.
-fn additive(seen: &Tensor) -> Result<Tensor> {
-    let shape = seen.shape();
-    let zero = Tensor::zeros((), DType::F32, seen.device())?.broadcast_as(shape)?;
-    let hidden = Tensor::new(f32::NEG_INFINITY, seen.device())?.broadcast_as(shape)?;
-    seen.where_cond(&zero, &hidden)
 }
 
 #[cfg(test)]
