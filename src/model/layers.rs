@@ -428,6 +428,7 @@ impl Packing {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{max_diff, seeded};
     use super::*;
 
     /// Chunked attention gives the rows of the whole, for a causal [s, s] mask (narrowed
@@ -436,13 +437,6 @@ mod tests {
     fn attention_in_chunks_matches_one_pass() {
         let dev = Device::Cpu;
         let (b, heads, kv_heads, s, d) = (2, 4, 2, 7, 8);
-        let seeded = |n: usize, seed: u64| -> Vec<f32> {
-            (0..n)
-                .map(|i| {
-                    (((i as u64 + 1) * (seed * 2 + 1) * 2_654_435_761 % 1000) as f32) / 500.0 - 1.0
-                })
-                .collect()
-        };
         let q = Tensor::from_vec(seeded(b * heads * s * d, 1), (b, heads, s, d), &dev).unwrap();
         let k =
             Tensor::from_vec(seeded(b * kv_heads * s * d, 2), (b, kv_heads, s, d), &dev).unwrap();
@@ -459,16 +453,7 @@ mod tests {
                     let chunked =
                         attention_in_chunks(&q, &k, &v, mask, 0.3, softcap, limit).unwrap();
                     assert_eq!(chunked.dims(), whole.dims());
-                    let gap: f32 = (chunked - &whole)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .max(0)
-                        .unwrap()
-                        .to_scalar()
-                        .unwrap();
+                    let gap = max_diff(&chunked, &whole);
                     assert!(gap < 1e-6, "{rows} rows per chunk: gap {gap}");
                 }
             }
