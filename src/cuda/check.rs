@@ -114,10 +114,7 @@ fn section(name: &str, check: impl FnOnce() -> CheckResult<bool>) -> bool {
     let why = match catch_unwind(AssertUnwindSafe(check)) {
         Ok(Ok(passed)) => return passed,
         Ok(Err(e)) => e.to_string(),
-        Err(panic) => panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        Err(panic) => crate::server::panic_message(&*panic)
             .map_or_else(|| "panicked".to_string(), |m| format!("panicked: {m}")),
     };
     println!("| {name} | - | ERROR | {} |", why.replace(['\n', '|'], " "));
@@ -660,7 +657,6 @@ fn fixture_dirs(fixtures: &Path) -> CheckResult<Vec<PathBuf>> {
 /// GPU against CPU scores on one parity fixture (and, for decoders, behind a shared
 /// prompt).
 fn parity(device: &Device, fixtures: &Path, dir: &Path) -> CheckResult<bool> {
-    let mut ok = true;
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -716,16 +712,15 @@ fn parity(device: &Device, fixtures: &Path, dir: &Path) -> CheckResult<bool> {
         0.05 * scale.max(1.0)
     };
     let passed = worst <= tolerance;
-    ok &= passed;
     println!(
         "| parity | {name} ({dtype}, {} inputs) | {} | max |GPU - CPU| {worst:.2e}, largest |score| {scale:.2}, tolerance {tolerance:.2e} |",
         refs.len(),
         if passed { "ok" } else { "FAIL" }
     );
     if gpu.batch_layout().shares() {
-        ok &= shared_prompt(&name, &cpu, &gpu, &sequences)?;
+        return Ok(shared_prompt(&name, &cpu, &gpu, &sequences)? && passed);
     }
-    Ok(ok)
+    Ok(passed)
 }
 
 /// A decoder fixture's inputs behind one 24-token prompt: on the GPU the prompt is computed

@@ -32,10 +32,9 @@ pub fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> Result<LayerNorm> {
 /// and rounded once, as transformers' Gemma2RMSNorm does (a (1 + weight) rounded to bf16
 /// would add up to 2^-9 of error per channel, systematically).
 pub struct RmsNorm {
+    /// f32 for Gemma-style norms, so a half-type input is normalized in f32.
     scale: Tensor,
     eps: f32,
-    /// Gemma-style: `scale` is f32 and the input is normalized in f32.
-    in_f32: bool,
 }
 
 impl RmsNorm {
@@ -49,12 +48,11 @@ impl RmsNorm {
         Ok(Self {
             scale,
             eps: eps as f32,
-            in_f32: plus_one,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.in_f32 && x.dtype() != DType::F32 {
+        if self.scale.dtype() != x.dtype() {
             let wide = x.to_dtype(DType::F32)?;
             return candle_nn::ops::rms_norm(&wide, &self.scale, self.eps)?.to_dtype(x.dtype());
         }

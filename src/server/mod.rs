@@ -86,7 +86,10 @@ pub async fn serve(config: ServeConfig) -> Result<(), ServeError> {
         // A panic in a library while loading (a CUDA library that cannot be found, say)
         // must end the server like any load error, not leave it answering 503 forever.
         let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(&loader)))
-            .unwrap_or_else(|panic| Err(format!("loading panicked: {}", panic_message(&*panic))));
+            .unwrap_or_else(|panic| {
+                let message = panic_message(&*panic).unwrap_or("no message");
+                Err(format!("loading panicked: {message}"))
+            });
         if let Err(e) = loaded {
             let _ = failed_tx.send(e);
         }
@@ -148,16 +151,15 @@ fn auto_dtype(on_gpu: bool, members: &MembersConfig) -> FloatDType {
     }
 }
 
-/// Loads and fuses the members, runs a warm-up batch, and marks the server ready.
 /// The text a panic carries (`panic!` with a literal or a formatted message).
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
     payload
         .downcast_ref::<&str>()
         .copied()
         .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("no message")
 }
 
+/// Loads and fuses the members, runs a warm-up batch, and marks the server ready.
 fn load(state: &AppState) -> Result<(), String> {
     let started = Instant::now();
     let config = &state.config;
