@@ -153,6 +153,7 @@ parity! {
     qwen2 => "qwen2",
     qwen3 => "qwen3",
     gemma2 => "gemma2",
+    deberta_v2_conv => "deberta-v2-conv",
 }
 
 /// Real pre-trained weights (too large for the repository): run

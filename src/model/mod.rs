@@ -9,6 +9,7 @@ mod gated;
 mod gelu;
 mod layers;
 mod packed_attention;
+mod relative_position;
 mod segments;
 mod shared_padding;
 #[cfg(test)]
@@ -253,12 +254,6 @@ pub fn unshared_work(layout: BatchLayout, sequences: &[&Sequence]) -> Work {
 /// Shared starts shorter than this are not worth a segment of their own.
 pub const DEFAULT_MIN_SHARED_PREFIX: usize = 16;
 
-/// Architectures that run in f32 only: candle-transformers' DeBERTa-v2 builds some of its
-/// tensors in f32 whatever the model's dtype.
-pub fn runs_in_f32_only(architecture: &str) -> bool {
-    architecture == "DebertaV2ForSequenceClassification"
-}
-
 /// Builds the model named by config.json's `architectures` from `tensors`.
 pub fn load(
     config: &ModelConfig,
@@ -276,9 +271,6 @@ pub fn load(
         "RobertaForSequenceClassification" | "XLMRobertaForSequenceClassification" => {
             bert::load(&raw, vb, bert::Flavour::Roberta)
         }
-        _ if runs_in_f32_only(architecture) && dtype != DType::F32 => Err(ModelError::Config(
-            format!("{architecture} runs in f32 only, not {dtype:?}: use --dtype f32"),
-        )),
         "DebertaV2ForSequenceClassification" => deberta::load(&raw, vb),
         "LlamaForSequenceClassification"
         | "MistralForSequenceClassification"

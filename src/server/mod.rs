@@ -19,8 +19,7 @@ use axum::Router;
 use tokio::sync::Semaphore;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::checkpoint::{ModelConfig, CONFIG_FILE};
-use crate::config::{MembersConfig, ServeConfig};
+use crate::config::ServeConfig;
 use crate::dtype::FloatDType;
 use crate::engine::{BatchLimits, Engine};
 use crate::scorer::{Combine, Scorer};
@@ -128,26 +127,13 @@ fn model_name(config: &ServeConfig) -> String {
     })
 }
 
-/// `--dtype auto`: f32 on the CPU (candle's half-precision CPU kernels are slow); bf16 on a
-/// GPU, except for an architecture that runs in f32 only. A config that cannot be read
-/// here is reported precisely by the load that follows.
-fn auto_dtype(on_gpu: bool, members: &MembersConfig) -> FloatDType {
-    if !on_gpu {
-        return FloatDType::F32;
-    }
-    let config = members
-        .dirs
-        .first()
-        .and_then(|dir| ModelConfig::read(&dir.join(CONFIG_FILE)).ok());
-    match config.as_ref().and_then(|c| c.architecture()) {
-        Some(architecture) if crate::model::runs_in_f32_only(architecture) => {
-            tracing::info!(
-                architecture,
-                "--dtype auto: f32, the only type this architecture runs in"
-            );
-            FloatDType::F32
-        }
-        _ => FloatDType::BF16,
+/// `--dtype auto`: f32 on the CPU (candle's half-precision CPU kernels are slow), bf16 on
+/// a GPU.
+fn auto_dtype(on_gpu: bool) -> FloatDType {
+    if on_gpu {
+        FloatDType::BF16
+    } else {
+        FloatDType::F32
     }
 }
 
@@ -164,9 +150,7 @@ fn load(state: &AppState) -> Result<(), String> {
     let started = Instant::now();
     let config = &state.config;
     let device = crate::device::select(config.device)?;
-    let dtype = config
-        .dtype
-        .unwrap_or_else(|| auto_dtype(device.is_cuda(), &config.members));
+    let dtype = config.dtype.unwrap_or_else(|| auto_dtype(device.is_cuda()));
     tracing::info!(members = config.members.dirs.len(), combine = ?config.combine, %dtype, "loading");
     let mut scorer = Scorer::load(
         &config.members,
@@ -328,25 +312,4 @@ async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutdown signal: finishing queued and in-flight requests");
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use super::*;
-
-    fn fixture(name: &str) -> MembersConfig {
-        MembersConfig::single(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/models/{name}")),
-        )
-    }
-
-    #[test]
-    fn auto_dtype_is_f32_on_the_cpu_and_for_f32_only_architectures() {
-        assert_eq!(auto_dtype(false, &fixture("llama")), FloatDType::F32);
-        assert_eq!(auto_dtype(true, &fixture("llama")), FloatDType::BF16);
-        assert_eq!(auto_dtype(true, &fixture("bert")), FloatDType::BF16);
-        assert_eq!(auto_dtype(true, &fixture("deberta-v2")), FloatDType::F32);
-    }
 }
