@@ -693,7 +693,8 @@ fn parity(device: &Device, fixtures: &Path, dir: &Path) -> CheckResult<bool> {
         &Device::Cpu,
         None,
     )?;
-    let gpu = Scorer::load(&members, Combine::Weights, FloatDType::BF16, device, None)?;
+    let dtype = FloatDType::BF16;
+    let gpu = Scorer::load(&members, Combine::Weights, dtype, device, None)?;
     let cpu_scores = cpu.score(&refs)?;
     let gpu_scores = gpu.score(&refs)?;
     let mut worst = 0.0f32;
@@ -703,11 +704,7 @@ fn parity(device: &Device, fixtures: &Path, dir: &Path) -> CheckResult<bool> {
         scale = scale.max(c.value.abs());
     }
     // bf16 keeps 8 bits of mantissa: a few percent of the largest score.
-    let tolerance = if dtype == FloatDType::F32 {
-        1e-3
-    } else {
-        0.05 * scale.max(1.0)
-    };
+    let tolerance = 0.05 * scale.max(1.0);
     let passed = worst <= tolerance;
     println!(
         "| parity | {name} ({dtype}, {} inputs) | {} | max |GPU - CPU| {worst:.2e}, largest |score| {scale:.2}, tolerance {tolerance:.2e} |",

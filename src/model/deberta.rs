@@ -308,7 +308,8 @@ struct Batch {
     packing: Packing,
     batch: usize,
     seq_len: usize,
-    /// 1 for real tokens, 0 for padding, `[b, s, 1]` f32 (None without padding).
+    /// 1 for real tokens, 0 for padding, `[b, s, 1]` f32 (None without padding or
+    /// convolution).
     real_rows: Option<Tensor>,
     /// Additive `[b, 1, 1, s]` mask hiding padded keys.
     key_mask: Tensor,
@@ -530,8 +531,9 @@ impl DebertaModel {
         let device = self.words.embeddings().device();
         let padded = PaddedBatch::new(sequences, self.pad_id, device)?;
         let s = padded.seq_len;
+        // The convolution reads the padded layout, where padding must be zeros.
         let has_padding = padded.lengths.iter().any(|&l| l != s);
-        let real_rows = match has_padding {
+        let real_rows = match has_padding && self.conv.is_some() {
             true => {
                 let rows: Vec<f32> = padded
                     .lengths
