@@ -475,21 +475,23 @@ impl DebertaModel {
         let scale = ((d * settings.scale_factor) as f32).sqrt();
         Ok(Self {
             words: embedding(emb.pp("word_embeddings"), cfg.vocab_size, e)?,
-            positions: match position_biased {
-                true => Some(embedding(
+            positions: if position_biased {
+                Some(embedding(
                     emb.pp("position_embeddings"),
                     settings.max_positions,
                     e,
-                )?),
-                false => None,
+                )?)
+            } else {
+                None
             },
             token_types: match type_vocab {
                 0 => None,
                 n => Some(embedding(emb.pp("token_type_embeddings"), n, e)?),
             },
-            embed_proj: match e == h {
-                true => None,
-                false => Some(linear(emb.pp("embed_proj"), e, h, false)?),
+            embed_proj: if e == h {
+                None
+            } else {
+                Some(linear(emb.pp("embed_proj"), e, h, false)?)
             },
             embed_norm: layer_norm(emb.pp("LayerNorm"), h, eps)?,
             layers,
@@ -533,16 +535,15 @@ impl DebertaModel {
         let s = padded.seq_len;
         // The convolution reads the padded layout, where padding must be zeros.
         let has_padding = padded.lengths.iter().any(|&l| l != s);
-        let real_rows = match has_padding && self.conv.is_some() {
-            true => {
-                let rows: Vec<f32> = padded
-                    .lengths
-                    .iter()
-                    .flat_map(|&l| (0..s).map(move |p| f32::from(u8::from(p < l))))
-                    .collect();
-                Some(Tensor::from_vec(rows, (sequences.len(), s, 1), device)?)
-            }
-            false => None,
+        let real_rows = if has_padding && self.conv.is_some() {
+            let rows: Vec<f32> = padded
+                .lengths
+                .iter()
+                .flat_map(|&l| (0..s).map(move |p| f32::from(u8::from(p < l))))
+                .collect();
+            Some(Tensor::from_vec(rows, (sequences.len(), s, 1), device)?)
+        } else {
+            None
         };
         let batch = Batch {
             packing: Packing::new(&padded.lengths, s, device)?,
