@@ -5,14 +5,18 @@
 //!
 //! Written after transformers' modeling_deberta_v2 (the parity reference): candle-
 //! transformers' version has no convolution (`todo!()`) and builds some tensors in f32.
-//! Dense work runs on the real tokens only (packed rows); attention on the padded layout.
+//! Dense work runs on the real tokens only (packed rows); attention too on the CPU in f32,
+//! elsewhere on the padded layout. Either way a relative term is one product of the rows
+//! with the part of the relative table the batch's lengths reach (its window).
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
 
 use super::dense::Dense;
 use super::layers::{attention, embedding, layer_norm, linear, padding_mask, split_heads, Packing};
-use super::relative_position::RelativePositions;
+use super::packed_attention::{self, KeySpan, RelativeBias, Spec};
+use super::relative_position::{RelativePositions, RelativeWindow};
+use super::segments::Segments;
 use super::{
     load_err, logits_to_rows, parse_config, unshared_work, BatchLayout, Forward, ModelError,
     PaddedBatch, Pooling, RewardModel, Sequence,
@@ -306,6 +310,11 @@ impl Conv {
 /// The layout of one forward pass.
 struct Batch {
     packing: Packing,
+    /// Attention straight on the packed rows (the CPU in f32), else on the padded layout.
+    on_packed_rows: bool,
+    segments: Segments,
+    /// The relative table's rows this batch reads (relative attention only).
+    window: Option<RelativeWindow>,
     batch: usize,
     seq_len: usize,
     /// 1 for real tokens, 0 for padding, `[b, s, 1]` f32 (None without padding or
@@ -315,11 +324,11 @@ struct Batch {
     key_mask: Tensor,
 }
 
-/// Which queries a layer computes and the relative indices for them.
+/// Which queries a layer computes, and for the padded layout the flat indices of their
+/// relative terms (c2p, p2c).
 struct Queries<'a> {
     first_only: bool,
-    /// c2p and p2c flat indices (relative attention only).
-    relative: Option<&'a (Tensor, Tensor)>,
+    padded_indices: Option<&'a (Tensor, Tensor)>,
 }
 
 pub struct DebertaModel {
@@ -365,10 +374,10 @@ fn relative_table(proj: &Dense, table: &Tensor, heads: usize, head_dim: usize) -
         .contiguous()
 }
 
-/// `[b, n, heads * d]` -> `[heads, b * n, d]`, for products with a per-head table.
+/// `[.., heads * d]` rows -> `[heads, rows, d]`, for products with a per-head table.
 fn heads_first(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
-    let (b, n, _) = x.dims3()?;
-    x.reshape((b * n, heads, head_dim))?
+    let rows = x.elem_count() / (heads * head_dim).max(1);
+    x.reshape((rows, heads, head_dim))?
         .transpose(0, 1)?
         .contiguous()
 }
@@ -547,29 +556,32 @@ impl DebertaModel {
         };
         let batch = Batch {
             packing: Packing::new(&padded.lengths, s, device)?,
+            on_packed_rows: packed_attention::applies(device, self.words.embeddings().dtype()),
+            segments: Segments::plain(&padded.lengths),
+            window: self.relative.map(|positions| positions.window(s)),
             batch: sequences.len(),
             seq_len: s,
             real_rows,
             key_mask: padding_mask(&padded.lengths, s, device)?,
         };
         let embedded = self.embed(&padded, &batch)?;
-        // Relative indices for every query (all layers but the last) and for the first
-        // (the last layer: the head reads [CLS] only).
+        // The padded layout picks the relative terms by flat index: for every query (all
+        // layers but the last) and for the first (the last layer: the head reads [CLS]).
         let last = self.layers.len().saturating_sub(1);
-        let every = match (self.relative, last > 0) {
-            (Some(positions), true) => Some(positions.gather_indices(s, s, device)?),
-            _ => None,
+        let padded_indices = |queries: usize, wanted: bool| match &batch.window {
+            Some(window) if wanted && !batch.on_packed_rows => {
+                window.gather_indices(queries, s, device).map(Some)
+            }
+            _ => Ok(None),
         };
-        let first = match self.relative {
-            Some(positions) => Some(positions.gather_indices(1, s, device)?),
-            None => None,
-        };
+        let every = padded_indices(s, last > 0)?;
+        let first = padded_indices(1, true)?;
         let mut x = embedded.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let first_only = i == last;
             let queries = Queries {
                 first_only,
-                relative: if first_only {
+                padded_indices: if first_only {
                     first.as_ref()
                 } else {
                     every.as_ref()
@@ -602,7 +614,7 @@ impl DebertaModel {
 
     /// Disentangled self-attention of `rows` (packed rows, or each sequence's first)
     /// over all of `x`: content scores plus the c2p and p2c terms, each divided by the
-    /// same scale; padded keys masked. Returns rows like `rows`.
+    /// same scale; padding never seen. Returns rows like `rows`.
     fn attend(
         &self,
         a: &Attention,
@@ -611,46 +623,115 @@ impl DebertaModel {
         batch: &Batch,
         queries: &Queries,
     ) -> Result<Tensor> {
+        let q = a.query.forward(rows)?;
+        let k = a.key.forward(x)?;
+        let v = a.value.forward(x)?;
+        if batch.on_packed_rows {
+            self.attend_packed(a, &q, &k, &v, batch, queries.first_only)
+        } else {
+            self.attend_padded(a, &q, &k, &v, batch, queries)
+        }
+    }
+
+    /// A relative term's products: `of`'s rows (`[.., heads * d]`) with the part of
+    /// `table` the batch reads, scaled: `[heads, rows, window.rows]`.
+    fn relative_products(
+        &self,
+        table: Option<&Tensor>,
+        of: &Tensor,
+        window: &RelativeWindow,
+    ) -> Result<Option<Tensor>> {
+        let Some(table) = table else {
+            return Ok(None);
+        };
+        let part = table
+            .narrow(2, window.first_row, window.rows)?
+            .contiguous()?;
+        let product = heads_first(of, self.heads, self.head_dim)?.matmul(&part)?;
+        (product * self.inv_scale).map(Some)
+    }
+
+    /// On the CPU in f32: straight on the packed rows, the relative terms added to each
+    /// score as it is formed (src/model/packed_attention.rs).
+    fn attend_packed(
+        &self,
+        a: &Attention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        batch: &Batch,
+        first_only: bool,
+    ) -> Result<Tensor> {
+        let spec = Spec {
+            heads: self.heads,
+            kv_heads: self.heads,
+            head_dim: self.head_dim,
+            scale: self.inv_scale as f32,
+            softcap: None,
+            keys: KeySpan::All,
+        };
+        let queries = if first_only {
+            packed_attention::Queries::First
+        } else {
+            packed_attention::Queries::Every
+        };
+        let (c2p, p2c) = match &batch.window {
+            Some(window) => (
+                self.relative_products(a.c2p_table.as_ref(), q, window)?,
+                self.relative_products(a.p2c_table.as_ref(), k, window)?,
+            ),
+            None => (None, None),
+        };
+        let bias = batch.window.as_ref().map(|window| RelativeBias {
+            c2p: c2p.as_ref(),
+            p2c: p2c.as_ref(),
+            window,
+        });
+        packed_attention::attend_biased(&spec, &batch.segments, queries, q, k, v, bias.as_ref())?
+            .ok_or_else(packed_attention::refused)
+    }
+
+    /// Elsewhere (a GPU, half types): on the padded layout, each relative term picked
+    /// from its products by flat index and added to the mask in f32.
+    fn attend_padded(
+        &self,
+        a: &Attention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        batch: &Batch,
+        queries: &Queries,
+    ) -> Result<Tensor> {
         let (heads, d) = (self.heads, self.head_dim);
         let (b, s) = (batch.batch, batch.seq_len);
-        let q = a.query.forward(rows)?;
         let q = if queries.first_only {
             q.unsqueeze(1)?
         } else {
-            batch.packing.unpack(&q)?
+            batch.packing.unpack(q)?
         };
         let n = q.dim(1)?;
-        let k = batch.packing.unpack(&a.key.forward(x)?)?;
-        let v = batch.packing.unpack(&a.value.forward(x)?)?;
+        let k = batch.packing.unpack(k)?;
+        let v = batch.packing.unpack(v)?;
         let mut mask = batch.key_mask.clone();
-        if let Some((c2p_index, p2c_index)) = queries.relative {
-            // Each term: products with the whole table, then per (query, key) the row of
-            // their relative position, picked by flat index.
+        if let (Some(window), Some((c2p_index, p2c_index))) =
+            (&batch.window, queries.padded_indices)
+        {
             let pick = |product: Tensor, rows: usize, index: &Tensor| -> Result<Tensor> {
-                let table_rows = product.dim(2)?;
-                (product
-                    .reshape((heads, b, rows * table_rows))?
+                product
+                    .reshape((heads, b, rows * window.rows))?
                     .index_select(index, 2)?
                     .reshape((heads, b, n, s))?
-                    * self.inv_scale)?
                     .to_dtype(DType::F32)
             };
-            let mut terms = Vec::with_capacity(2);
-            if let Some(table) = &a.c2p_table {
-                terms.push(pick(
-                    heads_first(&q, heads, d)?.matmul(table)?,
-                    n,
-                    c2p_index,
-                )?);
-            }
-            if let Some(table) = &a.p2c_table {
-                terms.push(pick(
-                    heads_first(&k, heads, d)?.matmul(table)?,
-                    s,
-                    p2c_index,
-                )?);
-            }
-            for term in terms {
+            let c2p = self.relative_products(a.c2p_table.as_ref(), &q, window)?;
+            let p2c = self.relative_products(a.p2c_table.as_ref(), &k, window)?;
+            for term in [
+                c2p.map(|t| pick(t, n, c2p_index)).transpose()?,
+                p2c.map(|t| pick(t, s, p2c_index)).transpose()?,
+            ]
+            .into_iter()
+            .flatten()
+            {
                 mask = term.transpose(0, 1)?.broadcast_add(&mask)?;
             }
         }
@@ -692,7 +773,12 @@ impl RewardModel for DebertaModel {
     }
 
     fn batch_layout(&self) -> BatchLayout {
-        BatchLayout::Padded
+        let weights = self.words.embeddings();
+        if packed_attention::applies(weights.device(), weights.dtype()) {
+            BatchLayout::Packed
+        } else {
+            BatchLayout::Padded
+        }
     }
 }
 

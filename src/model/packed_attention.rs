@@ -8,12 +8,15 @@
 //! projections wrote them: two GEMMs that read Q, K and V in place through strides (a
 //! query head reads its KV head directly), and a softmax over the keys each query may see
 //! only, in f32 as transformers' eager attention does. Masked keys get probability 0
-//! exactly, as `exp(-inf)` does there.
+//! exactly, as `exp(-inf)` does there. DeBERTa's relative-position terms are added to each
+//! score as it is formed (`attend_biased`), from per-row products with the relative table,
+//! instead of being gathered into `[b, heads, s, s]` tensors.
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::layers::cpu_f32;
+use super::relative_position::RelativeWindow;
 use super::segments::Segments;
 use super::vexp::{exp, tanh};
 
@@ -78,6 +81,17 @@ pub struct Spec {
     pub keys: KeySpan,
 }
 
+/// DeBERTa's disentangled terms, added to the scaled scores: for query row i at position
+/// p and key row j at position o, `c2p[h, i, r] + p2c[h, j, r]` with r the pair's row of
+/// the relative table, `window.row(p, o)`.
+pub struct RelativeBias<'a> {
+    /// `[heads, query rows, window.rows]`, already scaled (None without the c2p term).
+    pub c2p: Option<&'a Tensor>,
+    /// `[heads, key rows, window.rows]`, already scaled (None without the p2c term).
+    pub p2c: Option<&'a Tensor>,
+    pub window: &'a RelativeWindow,
+}
+
 /// Attention of `q` over `k`, `v` (`[t, kv_heads * d]`, the packed rows of `segments`),
 /// returning one row `[heads * d]` per query row. A segment with a shared prefix sees the
 /// prefix's rows before its own. `None` where this path does not apply (not CPU, not f32,
@@ -89,6 +103,19 @@ pub fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+) -> Result<Option<Tensor>> {
+    attend_biased(spec, segments, queries, q, k, v, None)
+}
+
+/// [`attend`] with DeBERTa's relative terms added to the scores (`bias`).
+pub fn attend_biased(
+    spec: &Spec,
+    segments: &Segments,
+    queries: Queries,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&RelativeBias>,
 ) -> Result<Option<Tensor>> {
     let (heads, kv_heads, d) = (spec.heads, spec.kv_heads, spec.head_dim);
     if kv_heads == 0 || heads % kv_heads != 0 || d == 0 {
@@ -108,6 +135,25 @@ pub fn attend(
     if !shapes_fit || !all_f32_cpu {
         return Ok(None);
     }
+    let longest = (0..segments.count())
+        .map(|s| segments.rows(s).1 + segments.prefix_rows(s).1)
+        .max()
+        .unwrap_or(0);
+    if bias.is_some_and(|b| !b.window.covers(longest)) {
+        return Ok(None);
+    }
+    let window_rows = bias.map_or(0, |b| b.window.rows);
+    let fits = |t: &Tensor, rows: usize| {
+        t.dims() == [heads, rows, window_rows]
+            && t.dtype() == DType::F32
+            && matches!(t.device(), Device::Cpu)
+    };
+    let (c2p, p2c) = (bias.and_then(|b| b.c2p), bias.and_then(|b| b.p2c));
+    if c2p.is_some_and(|t| !fits(t, q_rows)) || p2c.is_some_and(|t| !fits(t, total)) {
+        return Ok(None);
+    }
+    let c2p = c2p.map(Tensor::contiguous).transpose()?;
+    let p2c = p2c.map(Tensor::contiguous).transpose()?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let out = {
         let (qs, _) = q.storage_and_layout();
@@ -117,7 +163,25 @@ pub fn attend(
         else {
             return Ok(None);
         };
-        attend_slices(spec, segments, queries, qs, ks, vs)
+        let c2p_storage = c2p.as_ref().map(|t| t.storage_and_layout().0);
+        let p2c_storage = p2c.as_ref().map(|t| t.storage_and_layout().0);
+        let c2p_slice = c2p.as_ref().zip(c2p_storage.as_ref());
+        let p2c_slice = p2c.as_ref().zip(p2c_storage.as_ref());
+        let (c2p_slice, p2c_slice) = (
+            c2p_slice.map(|(t, storage)| cpu_f32(t, storage)),
+            p2c_slice.map(|(t, storage)| cpu_f32(t, storage)),
+        );
+        if matches!(c2p_slice, Some(None)) || matches!(p2c_slice, Some(None)) {
+            return Ok(None);
+        }
+        let bias = bias.map(|b| BiasSlices {
+            c2p: c2p_slice.flatten(),
+            p2c: p2c_slice.flatten(),
+            window: b.window,
+            q_rows,
+            key_rows: total,
+        });
+        attend_slices(spec, segments, queries, qs, ks, vs, bias.as_ref())
     };
     Tensor::from_vec(out, (q_rows, heads * d), &Device::Cpu).map(Some)
 }
@@ -138,6 +202,53 @@ impl Shared {
     }
 }
 
+/// [`RelativeBias`] as checked slices.
+struct BiasSlices<'a> {
+    c2p: Option<&'a [f32]>,
+    p2c: Option<&'a [f32]>,
+    window: &'a RelativeWindow,
+    q_rows: usize,
+    key_rows: usize,
+}
+
+impl BiasSlices<'_> {
+    /// Adds the terms of head `h` to `scores` (`count` rows of `keys`): query row
+    /// `q_row + i` at position `first_pos + i`; key `j` is the row `key_row(j)` at
+    /// position `j` (a shared prefix's rows come first, at its positions).
+    fn add(
+        &self,
+        h: usize,
+        scores: &mut [f32],
+        (q_row, first_pos, count): (usize, usize, usize),
+        keys: usize,
+        parts: &KeyParts,
+    ) {
+        let rows = self.window.rows;
+        let key_row = |j: usize| {
+            if j < parts.prefix.1 {
+                parts.prefix.0 + j
+            } else {
+                parts.own.0 + j - parts.prefix.1
+            }
+        };
+        for (i, row_scores) in scores.chunks_exact_mut(keys).take(count).enumerate() {
+            let position = first_pos + i;
+            if let Some(c2p) = self.c2p {
+                let table = &c2p[(h * self.q_rows + q_row + i) * rows..][..rows];
+                for (j, score) in row_scores.iter_mut().enumerate() {
+                    *score += table[self.window.row(position, j) as usize];
+                }
+            }
+            if let Some(p2c) = self.p2c {
+                let head = &p2c[h * self.key_rows * rows..][..self.key_rows * rows];
+                for (j, score) in row_scores.iter_mut().enumerate() {
+                    *score += head[key_row(j) * rows + self.window.row(position, j) as usize];
+                }
+            }
+        }
+    }
+}
+
 /// `attend` on checked slices: `q` holds the query rows, `k` and `v` the segments' rows.
 fn attend_slices(
     spec: &Spec,
@@ -146,6 +257,7 @@ fn attend_slices(
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    bias: Option<&BiasSlices>,
 ) -> Vec<f32> {
     let heads = spec.heads;
     let q_stride = heads * spec.head_dim;
@@ -179,7 +291,17 @@ fn attend_slices(
             prefix: (prefix_start, prefix_len),
             own: (start, len),
         };
-        head_attention(spec, h, &parts, (row, first_pos, count), q, k, v, out_block);
+        head_attention(
+            spec,
+            h,
+            &parts,
+            (row, first_pos, count),
+            q,
+            k,
+            v,
+            bias,
+            out_block,
+        );
     });
     // SAFETY: the tasks wrote every element: each (query row, head) block belongs to
     // exactly one task (its segment's or input's), which fills it by gemm or with zeros.
@@ -205,6 +327,7 @@ fn head_attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    bias: Option<&BiasSlices>,
     out_block: *mut f32,
 ) {
     let (heads, d) = (spec.heads, spec.head_dim);
@@ -257,6 +380,9 @@ fn head_attention(
     }
     // SAFETY: the GEMMs above wrote all count x keys elements.
     unsafe { scores.set_len(count * keys) };
+    if let Some(bias) = bias {
+        bias.add(h, &mut scores, (row, first_pos, count), keys, parts);
+    }
     for (i, row_scores) in scores.chunks_exact_mut(keys).enumerate() {
         softmax_span(
             row_scores,
@@ -389,7 +515,16 @@ mod tests {
             })
             .collect();
         let refs: Vec<&Sequence> = sequences.iter().collect();
-        for name in ["bert", "roberta", "llama", "mistral", "qwen3", "gemma2"] {
+        for name in [
+            "bert",
+            "roberta",
+            "deberta-v2",
+            "deberta-v2-conv",
+            "llama",
+            "mistral",
+            "qwen3",
+            "gemma2",
+        ] {
             let scorer = Scorer::load_one(&root.join(name)).expect("load the fixture");
             let packed = scorer.score(&refs).expect("score on packed rows");
             PADDED_ONLY.with(|p| p.set(true));

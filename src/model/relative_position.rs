@@ -30,9 +30,8 @@ impl RelativePositions {
         2 * self.span.max(0) as usize
     }
 
-    /// The (bucketed) relative position of key `k` seen from query `q`.
-    fn position(&self, q: usize, k: usize) -> i64 {
-        let distance = q as i64 - k as i64;
+    /// The (bucketed) relative position at `distance` = query - key.
+    fn bucketed(&self, distance: i64) -> i64 {
         if self.buckets > 0 && self.max_position > 0 {
             log_bucket(distance, self.buckets, self.max_position)
         } else {
@@ -40,24 +39,62 @@ impl RelativePositions {
         }
     }
 
-    fn clamp(&self, row: i64) -> u32 {
-        row.clamp(0, 2 * self.span - 1) as u32
+    /// Table row of the c2p term at `distance` = query - key: the query's projection onto
+    /// the key side of the table. The p2c term reads the same row (see [`Self::p2c_row`]).
+    fn row_at(&self, distance: i64) -> u32 {
+        (self.bucketed(distance) + self.span).clamp(0, 2 * self.span - 1) as u32
     }
 
-    /// Table row of the c2p term of (query q, key k): query q's projection onto the key
-    /// side of the table, at the distance q - k.
-    fn c2p_row(&self, q: usize, k: usize) -> u32 {
-        self.clamp(self.position(q, k) + self.span)
-    }
-
-    /// Table row of the p2c term of (query q, key k): transformers gathers it along the key
-    /// axis at -position(k, q) and transposes.
+    /// Table row of the p2c term of (query q, key k) as transformers computes it: gathered
+    /// along the key axis at -position(k, q), then transposed. Buckets are odd-symmetric,
+    /// so this is `row_at(q - k)`: both terms read one row per pair.
+    #[cfg(test)]
     fn p2c_row(&self, q: usize, k: usize) -> u32 {
-        self.clamp(self.span - self.position(k, q))
+        let position = self.bucketed(k as i64 - q as i64);
+        (self.span - position).clamp(0, 2 * self.span - 1) as u32
+    }
+
+    /// The rows inputs of at most `len` tokens can read: distances -(len - 1)..=len - 1.
+    pub fn window(&self, len: usize) -> RelativeWindow {
+        let reach = len.max(1) as i64 - 1;
+        let rows: Vec<u32> = (-reach..=reach).map(|d| self.row_at(d)).collect();
+        let first = rows.iter().copied().min().unwrap_or(0);
+        let last = rows.iter().copied().max().unwrap_or(0);
+        RelativeWindow {
+            first_row: first as usize,
+            rows: (last - first) as usize + 1,
+            by_distance: rows.iter().map(|r| r - first).collect(),
+            reach: reach as usize,
+        }
+    }
+}
+
+/// The part of the relative table a batch reads (rows `first_row..first_row + rows`;
+/// inputs shorter than the table's span read fewer than all of it), and each distance's
+/// row within that part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelativeWindow {
+    pub first_row: usize,
+    pub rows: usize,
+    /// Row (from `first_row`) of distance q - k, at index q - k + reach.
+    by_distance: Vec<u32>,
+    reach: usize,
+}
+
+impl RelativeWindow {
+    /// The row (from `first_row`) both terms read for query position `q` and key `k`.
+    #[inline(always)]
+    pub fn row(&self, q: usize, k: usize) -> u32 {
+        self.by_distance[q + self.reach - k]
+    }
+
+    /// Whether every pair of positions of an input of `len` tokens has its row here.
+    pub fn covers(&self, len: usize) -> bool {
+        len <= self.reach + 1
     }
 
     /// Flat indices for the first `queries` queries over `keys` keys: picking them from
-    /// `[.., queries * 2 span]` c2p products (query-major) and `[.., keys * 2 span]` p2c
+    /// `[.., queries * rows]` c2p products (query-major) and `[.., keys * rows]` p2c
     /// products (key-major) gives both terms as `[.., queries * keys]`.
     pub fn gather_indices(
         &self,
@@ -65,13 +102,14 @@ impl RelativePositions {
         keys: usize,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let rows = self.table_rows() as u32;
+        let rows = self.rows as u32;
         let mut c2p = Vec::with_capacity(queries * keys);
         let mut p2c = Vec::with_capacity(queries * keys);
         for q in 0..queries {
             for k in 0..keys {
-                c2p.push(q as u32 * rows + self.c2p_row(q, k));
-                p2c.push(k as u32 * rows + self.p2c_row(q, k));
+                let row = self.row(q, k);
+                c2p.push(q as u32 * rows + row);
+                p2c.push(k as u32 * rows + row);
             }
         }
         Ok((
@@ -129,33 +167,47 @@ mod tests {
         }
     }
 
-    /// The two terms read the same row for a pair (distances are odd-symmetric), and the
-    /// flat indices address the rows of their own query (c2p) or key (p2c).
+    /// transformers' p2c row is the c2p row of the same pair (so one row serves both), a
+    /// window covers exactly the rows its inputs reach, and the flat indices address the
+    /// rows of their own query (c2p) or key (p2c).
     #[test]
-    fn gather_indices_address_query_and_key_rows() {
+    fn windows_and_indices_address_the_rows_of_each_pair() {
         let positions = RelativePositions::new(4, 16);
         assert_eq!(positions.table_rows(), 8);
+        for q in 0..40 {
+            for k in 0..40 {
+                assert_eq!(
+                    positions.row_at(q as i64 - k as i64),
+                    positions.p2c_row(q, k)
+                );
+            }
+        }
+        // Far keys clamp to the table's first row; the query itself reads the middle.
+        assert_eq!(positions.row_at(-39), 0);
+        assert_eq!(positions.row_at(0), 4);
+        let short = positions.window(3);
+        assert_eq!((short.first_row, short.rows), (2, 5));
+        let long = positions.window(40);
+        assert_eq!((long.first_row, long.rows), (0, 8));
         let (queries, keys) = (3, 40);
-        let (c2p, p2c) = positions
-            .gather_indices(queries, keys, &Device::Cpu)
-            .unwrap();
+        let (c2p, p2c) = long.gather_indices(queries, keys, &Device::Cpu).unwrap();
         let (c2p, p2c) = (c2p.to_vec1::<u32>().unwrap(), p2c.to_vec1::<u32>().unwrap());
         for q in 0..queries {
             for k in 0..keys {
-                let row = positions.c2p_row(q, k);
-                assert_eq!(row, positions.p2c_row(q, k));
+                let row = positions.row_at(q as i64 - k as i64);
+                assert_eq!(long.row(q, k), row);
                 assert_eq!(c2p[q * keys + k], q as u32 * 8 + row);
                 assert_eq!(p2c[q * keys + k], k as u32 * 8 + row);
             }
         }
-        // Far keys clamp to the table's first row; the query itself reads the middle.
-        assert_eq!(positions.c2p_row(0, 39), 0);
-        assert_eq!(positions.c2p_row(2, 2), 4);
         // Unbucketed: plain distances, clamped to the table.
         let plain = RelativePositions::new(-1, 3);
         assert_eq!(plain.table_rows(), 6);
-        assert_eq!(plain.c2p_row(5, 0), 5);
-        assert_eq!(plain.c2p_row(1, 0), 4);
-        assert_eq!(plain.c2p_row(0, 9), 0);
+        assert_eq!(plain.row_at(5), 5);
+        assert_eq!(plain.row_at(1), 4);
+        assert_eq!(plain.row_at(-9), 0);
+        let window = plain.window(2);
+        assert_eq!((window.first_row, window.rows), (2, 3));
+        assert_eq!(window.row(1, 0), 2);
     }
 }
