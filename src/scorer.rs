@@ -56,6 +56,8 @@ pub struct Scorer {
     max_length: usize,
     /// config.json's `vocab_size` (the embedding's rows, checked at load), when given.
     embedding_rows: Option<usize>,
+    /// Rows of the token-type embedding, when the model reads token type ids.
+    type_rows: Option<usize>,
     pooling: Pooling,
     report: FusionReport,
 }
@@ -120,6 +122,7 @@ impl Scorer {
             labels,
             problem_type,
             pooling: models[0].pooling(),
+            type_rows: models[0].token_type_rows(),
             max_length: max_input_length.map_or(model_max, |m| m.min(model_max)),
             embedding_rows: config
                 .raw()
@@ -215,6 +218,11 @@ impl Scorer {
         if let Some(rows) = self.embedding_rows {
             if let Some(&id) = encoded.ids.iter().find(|&&id| id as usize >= rows) {
                 return Err(TextError::BeyondEmbedding { id, rows });
+            }
+        }
+        if let Some(rows) = self.type_rows {
+            if let Some(&id) = encoded.type_ids.iter().find(|&&id| id as usize >= rows) {
+                return Err(TextError::TypeBeyondEmbedding { id, rows });
             }
         }
         Ok(Sequence {
@@ -324,10 +332,8 @@ pub fn weighted_mean_std(scores: &[f64], weights: &[f32]) -> (f64, f64) {
 mod tests {
     use super::*;
 
-    /// A tokenizer that can give an id past the embedding (an added token beyond config.json's
-    /// vocab_size) is refused per input, before any tensor is built.
-    #[test]
-    fn token_ids_beyond_the_embedding_are_refused() {
+    /// A copy of the BERT fixture whose tokenizer.json `edit` changed.
+    fn bert_with_tokenizer(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
         let fixture =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/bert");
         let dir = tempfile::tempdir().unwrap();
@@ -335,18 +341,28 @@ mod tests {
             let path = entry.unwrap().path();
             std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
         }
-        let rows = 541;
         let tokenizer_path = dir.path().join("tokenizer.json");
         let mut tokenizer: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&tokenizer_path).unwrap()).unwrap();
-        tokenizer["added_tokens"]
-            .as_array_mut()
-            .unwrap()
-            .push(serde_json::json!({
+        edit(&mut tokenizer);
+        std::fs::write(&tokenizer_path, tokenizer.to_string()).unwrap();
+        dir
+    }
+
+    /// A tokenizer that can give an id past the embedding (an added token beyond config.json's
+    /// vocab_size) is refused per input, before any tensor is built.
+    #[test]
+    fn token_ids_beyond_the_embedding_are_refused() {
+        let rows = 541;
+        let dir = bert_with_tokenizer(|tokenizer| {
+            tokenizer["added_tokens"]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({
                 "id": rows, "content": "[BEYOND]", "single_word": false, "lstrip": false,
                 "rstrip": false, "normalized": false, "special": true
-            }));
-        std::fs::write(&tokenizer_path, tokenizer.to_string()).unwrap();
+                }));
+        });
         let scorer = Scorer::load_one(dir.path()).unwrap();
         let encode = |text: &str| scorer.encode(&Input::Text(text.into()), false, None, true);
         assert!(encode("hello world").is_ok());
@@ -355,6 +371,32 @@ mod tests {
                 assert_eq!((id as usize, r), (rows, rows))
             }
             other => panic!("expected BeyondEmbedding, got {other:?}"),
+        }
+    }
+
+    /// A pair template giving the second text a type the model has no row for (type 2 of
+    /// type_vocab_size 2) fails pair inputs alone, per input; plain text still scores.
+    #[test]
+    fn token_type_ids_beyond_the_embedding_are_refused() {
+        let dir = bert_with_tokenizer(|tokenizer| {
+            for piece in tokenizer["post_processor"]["pair"].as_array_mut().unwrap() {
+                if let Some(sequence) = piece.get_mut("Sequence") {
+                    if sequence["id"] == "B" {
+                        sequence["type_id"] = serde_json::json!(2);
+                    }
+                }
+            }
+        });
+        let scorer = Scorer::load_one(dir.path()).unwrap();
+        let text = Input::Text("hello world".into());
+        assert!(scorer.encode(&text, false, None, true).is_ok());
+        let pair = Input::Pair {
+            prompt: "hello".into(),
+            response: "world".into(),
+        };
+        match scorer.encode(&pair, false, None, true) {
+            Err(TextError::TypeBeyondEmbedding { id, rows }) => assert_eq!((id, rows), (2, 2)),
+            other => panic!("expected TypeBeyondEmbedding, got {other:?}"),
         }
     }
 

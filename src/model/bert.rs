@@ -341,6 +341,14 @@ impl RewardModel for BertModel {
         self.num_labels
     }
 
+    fn token_type_rows(&self) -> Option<usize> {
+        match (&self.token_types, self.flavour) {
+            (Some(types), Flavour::Bert) => types.embeddings().dims().first().copied(),
+            // RoBERTa reads zeros whatever the tokenizer says (see forward).
+            _ => None,
+        }
+    }
+
     fn batch_layout(&self) -> BatchLayout {
         let weights = self.words.embeddings();
         if packed_attention::applies(weights.device(), weights.dtype()) {

@@ -772,6 +772,12 @@ impl RewardModel for DebertaModel {
         self.num_labels
     }
 
+    fn token_type_rows(&self) -> Option<usize> {
+        self.token_types
+            .as_ref()
+            .and_then(|types| types.embeddings().dims().first().copied())
+    }
+
     fn batch_layout(&self) -> BatchLayout {
         let weights = self.words.embeddings();
         if packed_attention::applies(weights.device(), weights.dtype()) {

@@ -231,6 +231,11 @@ pub trait RewardModel: Send + Sync {
     /// response is kept), the end for encoders.
     fn pooling(&self) -> Pooling;
     fn num_labels(&self) -> usize;
+    /// Rows of the token-type embedding when the model reads token type ids (None: it
+    /// ignores them), so that an id past them is refused per input.
+    fn token_type_rows(&self) -> Option<usize> {
+        None
+    }
     /// Inputs of one batch that begin with at least `tokens` equal tokens compute those
     /// once (0: never). Only causal models can; the others ignore it.
     fn share_prefixes_from(&mut self, _tokens: usize) {}
