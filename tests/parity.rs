@@ -2,8 +2,11 @@
 //! the token ids and scores transformers produced for them (tests/fixtures/generate.py).
 //! Ids must be equal; scores within 1e-4, one at a time and in one padded batch.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::cases::input_of;
 use serde_json::Value;
 use warm::model::Sequence;
 use warm::scorer::Scorer;
@@ -19,21 +22,6 @@ fn load(name: &str, dir: PathBuf, expected: &Path) -> (Scorer, Value) {
     let expected: Value = serde_json::from_slice(&std::fs::read(expected).unwrap()).unwrap();
     let scorer = Scorer::load_one(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
     (scorer, expected)
-}
-
-fn input_of(case: &Value) -> Input {
-    let s = |k: &str| case[k].as_str().unwrap().to_string();
-    match case["kind"].as_str().unwrap() {
-        "text" => Input::Text(s("text")),
-        "pair" => Input::Pair {
-            prompt: s("prompt"),
-            response: s("response"),
-        },
-        "chat" => Input::Messages(
-            serde_json::from_value::<Vec<Message>>(case["messages"].clone()).unwrap(),
-        ),
-        other => panic!("unknown case kind {other}"),
-    }
 }
 
 fn ids_of(v: &Value) -> Vec<u32> {
@@ -154,6 +142,7 @@ parity! {
     qwen3 => "qwen3",
     gemma2 => "gemma2",
     deberta_v2_conv => "deberta-v2-conv",
+    openrlhf_llama => "openrlhf-llama",
 }
 
 /// Real pre-trained weights (too large for the repository): run

@@ -178,10 +178,39 @@ pub struct DecoderModel {
     min_shared_prefix: usize,
 }
 
+/// The linear score head on the last real token's hidden state.
+pub struct Head {
+    /// Its tensors' prefix: `score` in transformers' *ForSequenceClassification.
+    pub name: String,
+    pub labels: usize,
+    pub bias: bool,
+}
+
+/// transformers' `architecture` (a *ForSequenceClassification class) from config.json.
 pub fn load(
     architecture: &str,
     raw: &serde_json::Value,
     vb: VarBuilder,
+) -> std::result::Result<Box<dyn RewardModel>, ModelError> {
+    let cfg: Config = parse_config(raw)?;
+    let labels = cfg
+        .num_labels
+        .or(cfg.id2label.as_ref().map(|m| m.len()))
+        .unwrap_or(2);
+    let head = Head {
+        name: "score".into(),
+        labels,
+        bias: false,
+    };
+    load_with_head(architecture, raw, vb, &head)
+}
+
+/// The backbone of `architecture`'s family under another score head.
+pub fn load_with_head(
+    architecture: &str,
+    raw: &serde_json::Value,
+    vb: VarBuilder,
+    head: &Head,
 ) -> std::result::Result<Box<dyn RewardModel>, ModelError> {
     let cfg: Config = parse_config(raw)?;
     let variant = Variant::of(architecture, &cfg);
@@ -189,11 +218,7 @@ pub fn load(
         .head_dim
         .unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
     let inv_freq = inv_freq(&cfg, head_dim)?;
-    let num_labels = cfg
-        .num_labels
-        .or(cfg.id2label.as_ref().map(|m| m.len()))
-        .unwrap_or(2);
-    DecoderModel::new(&cfg, variant, head_dim, &inv_freq, num_labels, vb)
+    DecoderModel::new(&cfg, variant, head_dim, &inv_freq, head, vb)
         .map(|m| Box::new(m) as Box<dyn RewardModel>)
         .map_err(load_err)
 }
@@ -263,7 +288,7 @@ impl DecoderModel {
         v: Variant,
         head_dim: usize,
         inv_freq: &[f32],
-        num_labels: usize,
+        head: &Head,
         vb: VarBuilder,
     ) -> Result<Self> {
         let h = cfg.hidden_size;
@@ -328,7 +353,7 @@ impl DecoderModel {
             embed_scale: v.gemma.then(|| (h as f64).sqrt()),
             layers,
             norm: norm(m.pp("norm"), h)?,
-            score: linear(vb.pp("score"), h, num_labels, false)?,
+            score: linear(vb.pp(&head.name), h, head.labels, head.bias)?,
             rotary: Rotary::new(inv_freq, cfg.max_position_embeddings, dtype, &device)?,
             act,
             heads,
@@ -346,7 +371,7 @@ impl DecoderModel {
             window: cfg.sliding_window,
             pad_id: cfg.pad_token_id.unwrap_or(0),
             max_positions: cfg.max_position_embeddings,
-            num_labels,
+            num_labels: head.labels,
             min_shared_prefix: super::DEFAULT_MIN_SHARED_PREFIX,
         })
     }

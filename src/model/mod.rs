@@ -8,6 +8,7 @@ mod dense;
 mod gated;
 mod gelu;
 mod layers;
+mod openrlhf;
 mod packed_attention;
 mod relative_position;
 mod segments;
@@ -25,8 +26,10 @@ use crate::checkpoint::ModelConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("unsupported architecture '{0}' (warm serves: {list})", list = SUPPORTED.join(", "))]
+    #[error("unsupported architecture '{0}' (warm serves: {list}, and OpenRLHF's RewardModel)", list = SUPPORTED.join(", "))]
     Unsupported(String),
+    #[error("an OpenRLHF RewardModel over model_type '{0}': warm serves it over {list}", list = openrlhf::MODEL_TYPES.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", "))]
+    UnsupportedBackbone(String),
     #[error("config.json: {0}")]
     Config(String),
     #[error("loading the weights: {0}")]
@@ -282,6 +285,7 @@ pub fn load(
         | "Qwen2ForSequenceClassification"
         | "Qwen3ForSequenceClassification"
         | "Gemma2ForSequenceClassification" => decoder::load(architecture, &raw, vb),
+        name if openrlhf::ARCHITECTURES.contains(&name) => openrlhf::load(&raw, vb),
         other => Err(ModelError::Unsupported(other.to_string())),
     }
 }

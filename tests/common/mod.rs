@@ -2,6 +2,7 @@
 //! own, and builders for small Hugging Face checkpoint folders.
 #![allow(dead_code)]
 
+pub mod cases;
 pub mod server;
 
 use std::collections::BTreeMap;

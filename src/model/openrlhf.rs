@@ -1,0 +1,75 @@
+//! Reward models as OpenRLHF's `train_rm` saves them: config.json names the class
+//! `RewardModel` (`LLMForSequenceRegression` before mid-2024) over a transformers decoder
+//! (`model_type`), the backbone's tensors are those of the decoder (`model.*`) and the head
+//! is `<value_head_prefix>.weight`, `[1, hidden]` (`score` by default since December 2024,
+//! `value_head` before; a bias only in early 2024). The reward is the head's value at the
+//! last real token: what transformers' *ForSequenceClassification reads too.
+
+use candle_nn::VarBuilder;
+
+use super::decoder::{self, Head};
+use super::{ModelError, RewardModel};
+
+/// config.json `architectures` entries of OpenRLHF reward models.
+pub const ARCHITECTURES: &[&str] = &["RewardModel", "LLMForSequenceRegression"];
+
+/// The decoder families warm serves under an OpenRLHF head, by `model_type`.
+pub const MODEL_TYPES: &[(&str, &str)] = &[
+    ("llama", "LlamaForSequenceClassification"),
+    ("mistral", "MistralForSequenceClassification"),
+    ("qwen2", "Qwen2ForSequenceClassification"),
+    ("qwen3", "Qwen3ForSequenceClassification"),
+    ("gemma2", "Gemma2ForSequenceClassification"),
+];
+
+/// Head names OpenRLHF has used, tried in order when config.json does not say.
+const HEAD_NAMES: &[&str] = &["score", "value_head"];
+
+pub fn load(raw: &serde_json::Value, vb: VarBuilder) -> Result<Box<dyn RewardModel>, ModelError> {
+    let model_type = raw
+        .get("model_type")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| {
+            ModelError::Config("an OpenRLHF RewardModel needs 'model_type' (its backbone)".into())
+        })?;
+    let architecture = MODEL_TYPES
+        .iter()
+        .find(|(name, _)| *name == model_type)
+        .map(|(_, architecture)| *architecture)
+        .ok_or_else(|| ModelError::UnsupportedBackbone(model_type.to_string()))?;
+    let name = head_name(raw, &vb)?;
+    let head = Head {
+        bias: vb.contains_tensor(&format!("{name}.bias")),
+        name,
+        labels: 1,
+    };
+    decoder::load_with_head(architecture, raw, vb, &head)
+}
+
+/// `value_head_prefix` from config.json (written since December 2024), else the first
+/// of OpenRLHF's names whose weight the checkpoint holds.
+fn head_name(raw: &serde_json::Value, vb: &VarBuilder) -> Result<String, ModelError> {
+    match raw.get("value_head_prefix") {
+        Some(serde_json::Value::String(prefix)) => return Ok(prefix.clone()),
+        Some(other) => {
+            return Err(ModelError::Config(format!(
+                "value_head_prefix must be a string, not {other}"
+            )))
+        }
+        None => {}
+    }
+    HEAD_NAMES
+        .iter()
+        .find(|name| vb.contains_tensor(&format!("{name}.weight")))
+        .map(|name| name.to_string())
+        .ok_or_else(|| {
+            ModelError::Load(format!(
+                "no value head: config.json has no value_head_prefix and the checkpoint holds none of {}",
+                HEAD_NAMES
+                    .iter()
+                    .map(|name| format!("{name}.weight"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+}

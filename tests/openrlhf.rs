@@ -1,0 +1,216 @@
+//! Reward models as OpenRLHF's `train_rm` saves them (class `RewardModel` over a
+//! transformers decoder, head `<value_head_prefix>.weight`): the fixture
+//! tests/fixtures/models/openrlhf-llama is checked for parity in tests/parity.rs; these tests
+//! cover the variants older OpenRLHF versions wrote, the errors, and serving one over HTTP.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::cases::input_of;
+use common::server::{fixture, Server};
+use common::Stored;
+use serde_json::Value;
+use warm::scorer::Scorer;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn expected() -> Value {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/expected/openrlhf-llama.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// A copy of the fixture with config.json edited and each tensor passed through `tensor`.
+fn variant(
+    edit: impl FnOnce(&mut Value),
+    tensor: impl Fn(String, Stored) -> (String, Stored),
+) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("rm");
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture("openrlhf-llama")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let config_path = dir.join("config.json");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let weights = dir.join("model.safetensors");
+    let tensors: Vec<_> = common::read_safetensors(&weights)
+        .into_iter()
+        .map(|(name, t)| tensor(name, t))
+        .collect();
+    common::write_safetensors(&weights, &tensors);
+    (tmp, dir)
+}
+
+/// Renames the head `score.weight` to `head.weight`.
+fn head_named(head: &'static str) -> impl Fn(String, Stored) -> (String, Stored) {
+    move |name, t| match name.as_str() {
+        "score.weight" => (format!("{head}.weight"), t),
+        _ => (name, t),
+    }
+}
+
+fn unchanged(name: String, t: Stored) -> (String, Stored) {
+    (name, t)
+}
+
+/// Every fixture case scores as transformers did.
+fn assert_scores_match(dir: &Path, what: &str) {
+    let scorer = Scorer::load_one(dir).unwrap_or_else(|e| panic!("{what}: {e}"));
+    for (i, case) in expected()["cases"].as_array().unwrap().iter().enumerate() {
+        let sequence = scorer.encode(&input_of(case), false, None, true).unwrap();
+        let got = scorer.score(&[&sequence]).unwrap()[0].value;
+        let want = case["score"].as_f64().unwrap() as f32;
+        assert!(
+            (got - want).abs() < TOLERANCE,
+            "{what}, case {i}: {got} vs transformers {want}"
+        );
+    }
+}
+
+/// Before December 2024 train_rm wrote no `value_head_prefix` and named the head
+/// `value_head`; until mid-2024 the class was `LLMForSequenceRegression`. Each loads and
+/// scores like the fixture.
+#[test]
+fn older_openrlhf_layouts_score_alike() {
+    let without_prefix = |c: &mut Value| {
+        c.as_object_mut().unwrap().remove("value_head_prefix");
+    };
+    let (_keep, dir) = variant(without_prefix, unchanged);
+    assert_scores_match(&dir, "no value_head_prefix, head score");
+    let (_keep, dir) = variant(without_prefix, head_named("value_head"));
+    assert_scores_match(&dir, "no value_head_prefix, head value_head");
+    let (_keep, dir) = variant(
+        |c| {
+            c["architectures"] = serde_json::json!(["LLMForSequenceRegression"]);
+            c["value_head_prefix"] = "value_head".into();
+        },
+        head_named("value_head"),
+    );
+    assert_scores_match(&dir, "LLMForSequenceRegression");
+}
+
+fn load_error(dir: &Path) -> String {
+    match Scorer::load_one(dir) {
+        Ok(_) => panic!("{}: loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_missing_head_and_an_unsupported_backbone_are_named() {
+    let (_keep, dir) = variant(|c| c["value_head_prefix"] = "v_head".into(), unchanged);
+    let message = load_error(&dir);
+    assert!(message.contains("v_head.weight"), "{message}");
+
+    let (_keep, dir) = variant(
+        |c| {
+            c.as_object_mut().unwrap().remove("value_head_prefix");
+        },
+        head_named("reward_head"),
+    );
+    let message = load_error(&dir);
+    assert!(
+        message.contains("no value head") && message.contains("value_head.weight"),
+        "{message}"
+    );
+
+    let (_keep, dir) = variant(|c| c["model_type"] = "phi3".into(), unchanged);
+    let message = load_error(&dir);
+    assert!(
+        message.contains("model_type 'phi3'") && message.contains("llama, mistral"),
+        "{message}"
+    );
+}
+
+/// OpenRLHF's PPO sends already templated text to `/get_reward`; the native route formats
+/// a pair with the chat template. Both give transformers' scores.
+#[test]
+fn served_over_get_reward_and_the_native_route() {
+    let expected = expected();
+    let cases = expected["cases"].as_array().unwrap();
+    let templated: Vec<&Value> = cases.iter().filter(|c| c["rendered"].is_string()).collect();
+    assert!(templated.len() >= 2);
+    let server = Server::started(&["--model", &fixture("openrlhf-llama").display().to_string()]);
+    let queries: Vec<&str> = templated
+        .iter()
+        .map(|c| c["rendered"].as_str().unwrap())
+        .collect();
+    let (status, body) = server.post("/get_reward", &serde_json::json!({ "query": queries }));
+    assert_eq!(status, 200, "{body}");
+    let pairs: Vec<Value> = templated
+        .iter()
+        .filter(|c| c["kind"] == "pair")
+        .map(|c| serde_json::json!({"prompt": c["prompt"], "response": c["response"]}))
+        .collect();
+    let (status, native) = server.post("/v1/score", &serde_json::json!({ "inputs": pairs }));
+    assert_eq!(status, 200, "{native}");
+    let pair_scores = templated
+        .iter()
+        .filter(|c| c["kind"] == "pair")
+        .zip(native["scores"].as_array().unwrap());
+    let all = templated.iter().zip(body["rewards"].as_array().unwrap());
+    for (case, got) in all.chain(pair_scores) {
+        let (got, want) = (got.as_f64().unwrap(), case["score"].as_f64().unwrap());
+        assert!((got - want).abs() < 1e-4, "{got} vs transformers {want}");
+    }
+    let (_, info) = server.get("/info");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["architecture"], "RewardModel", "{info}");
+}
+
+/// WARM over OpenRLHF members: a second member whose head is three times the first's
+/// (same backbone) averages to twice the head, so every reward doubles; the output is still
+/// an OpenRLHF checkpoint (class, value_head_prefix, tensor names).
+#[test]
+fn warm_fuse_averages_openrlhf_members() {
+    let (_keep, tripled) = variant(
+        |_| {},
+        |name, t| {
+            if name != "score.weight" {
+                return (name, t);
+            }
+            let values: Vec<f32> = common::decode(&t.dtype, &t.bytes)
+                .into_iter()
+                .map(|v| 3.0 * v as f32)
+                .collect();
+            let bytes = common::encode(&t.dtype, &values);
+            (name, Stored { bytes, ..t })
+        },
+    );
+    let out = tempfile::tempdir().unwrap();
+    let fused = out.path().join("fused");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_warm"))
+        .args(["fuse", "--model"])
+        .arg(fixture("openrlhf-llama"))
+        .arg("--model")
+        .arg(&tripled)
+        .arg("--output")
+        .arg(&fused)
+        .env_remove("WARM_MODEL")
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(fused.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"], serde_json::json!(["RewardModel"]));
+    assert_eq!(config["value_head_prefix"], "score");
+    let scorer = Scorer::load_one(&fused).unwrap();
+    for (i, case) in expected()["cases"].as_array().unwrap().iter().enumerate() {
+        let sequence = scorer.encode(&input_of(case), false, None, true).unwrap();
+        let got = scorer.score(&[&sequence]).unwrap()[0].value;
+        let want = 2.0 * case["score"].as_f64().unwrap() as f32;
+        assert!(
+            (got - want).abs() < 2.0 * TOLERANCE,
+            "case {i}: {got} vs {want}"
+        );
+    }
+}
