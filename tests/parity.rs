@@ -143,6 +143,7 @@ parity! {
     gemma2 => "gemma2",
     deberta_v2_conv => "deberta-v2-conv",
     openrlhf_llama => "openrlhf-llama",
+    qwen2_rm => "qwen2-rm",
 }
 
 /// Real pre-trained weights (too large for the repository): run

@@ -18,6 +18,7 @@ use super::layers::{
     attention, causal_mask, embedding, linear, split_heads, Packing, RmsNorm, Rotary, RowRotation,
 };
 use super::packed_attention::{self, KeySpan, Queries, Spec};
+use super::score_head::{HeadSpec, ScoreHead};
 use super::segments::Segments;
 use super::shared_padding::{Heads, SharedPadding};
 use super::{
@@ -161,7 +162,7 @@ pub struct DecoderModel {
     embed_scale: Option<f64>,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    score: Dense,
+    score: ScoreHead,
     rotary: Rotary,
     act: Activation,
     heads: usize,
@@ -178,14 +179,6 @@ pub struct DecoderModel {
     min_shared_prefix: usize,
 }
 
-/// The linear score head on the last real token's hidden state.
-pub struct Head {
-    /// Its tensors' prefix: `score` in transformers' *ForSequenceClassification.
-    pub name: String,
-    pub labels: usize,
-    pub bias: bool,
-}
-
 /// transformers' `architecture` (a *ForSequenceClassification class) from config.json.
 pub fn load(
     architecture: &str,
@@ -197,12 +190,7 @@ pub fn load(
         .num_labels
         .or(cfg.id2label.as_ref().map(|m| m.len()))
         .unwrap_or(2);
-    let head = Head {
-        name: "score".into(),
-        labels,
-        bias: false,
-    };
-    load_with_head(architecture, raw, vb, &head)
+    load_with_head(architecture, raw, vb, &HeadSpec::classification(labels))
 }
 
 /// The backbone of `architecture`'s family under another score head.
@@ -210,7 +198,7 @@ pub fn load_with_head(
     architecture: &str,
     raw: &serde_json::Value,
     vb: VarBuilder,
-    head: &Head,
+    head: &HeadSpec,
 ) -> std::result::Result<Box<dyn RewardModel>, ModelError> {
     let cfg: Config = parse_config(raw)?;
     let variant = Variant::of(architecture, &cfg);
@@ -288,7 +276,7 @@ impl DecoderModel {
         v: Variant,
         head_dim: usize,
         inv_freq: &[f32],
-        head: &Head,
+        head: &HeadSpec,
         vb: VarBuilder,
     ) -> Result<Self> {
         let h = cfg.hidden_size;
@@ -353,7 +341,7 @@ impl DecoderModel {
             embed_scale: v.gemma.then(|| (h as f64).sqrt()),
             layers,
             norm: norm(m.pp("norm"), h)?,
-            score: linear(vb.pp(&head.name), h, head.labels, head.bias)?,
+            score: ScoreHead::load(vb.clone(), h, head)?,
             rotary: Rotary::new(inv_freq, cfg.max_position_embeddings, dtype, &device)?,
             act,
             heads,

@@ -11,6 +11,7 @@ mod layers;
 mod openrlhf;
 mod packed_attention;
 mod relative_position;
+mod score_head;
 mod segments;
 mod shared_padding;
 #[cfg(test)]
@@ -48,6 +49,7 @@ pub const SUPPORTED: &[&str] = &[
     "Qwen2ForSequenceClassification",
     "Qwen3ForSequenceClassification",
     "Gemma2ForSequenceClassification",
+    "Qwen2ForRewardModel",
 ];
 
 /// Which token's hidden state the score head reads, as transformers does.
@@ -285,6 +287,17 @@ pub fn load(
         | "Qwen2ForSequenceClassification"
         | "Qwen3ForSequenceClassification"
         | "Gemma2ForSequenceClassification" => decoder::load(architecture, &raw, vb),
+        // Qwen2.5-Math-RM's class (trust_remote_code): Qwen2 under a two-layer MLP head.
+        "Qwen2ForRewardModel" => decoder::load_with_head(
+            "Qwen2ForSequenceClassification",
+            &raw,
+            vb,
+            &score_head::HeadSpec {
+                name: "score".into(),
+                labels: 1,
+                shape: score_head::HeadShape::ReluMlp,
+            },
+        ),
         name if openrlhf::ARCHITECTURES.contains(&name) => openrlhf::load(&raw, vb),
         other => Err(ModelError::Unsupported(other.to_string())),
     }

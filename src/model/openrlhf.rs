@@ -7,7 +7,8 @@
 
 use candle_nn::VarBuilder;
 
-use super::decoder::{self, Head};
+use super::decoder;
+use super::score_head::{HeadShape, HeadSpec};
 use super::{ModelError, RewardModel};
 
 /// config.json `architectures` entries of OpenRLHF reward models.
@@ -38,8 +39,10 @@ pub fn load(raw: &serde_json::Value, vb: VarBuilder) -> Result<Box<dyn RewardMod
         .map(|(_, architecture)| *architecture)
         .ok_or_else(|| ModelError::UnsupportedBackbone(model_type.to_string()))?;
     let name = head_name(raw, &vb)?;
-    let head = Head {
-        bias: vb.contains_tensor(&format!("{name}.bias")),
+    let head = HeadSpec {
+        shape: HeadShape::Linear {
+            bias: vb.contains_tensor(&format!("{name}.bias")),
+        },
         name,
         labels: 1,
     };

@@ -524,6 +524,8 @@ mod tests {
             "mistral",
             "qwen3",
             "gemma2",
+            "openrlhf-llama",
+            "qwen2-rm",
         ] {
             let scorer = Scorer::load_one(&root.join(name)).expect("load the fixture");
             let packed = scorer.score(&refs).expect("score on packed rows");
@@ -594,7 +596,15 @@ mod tests {
         // On packed rows (CPU, f32) and on the padded layout (GPU, half types).
         for padded in [false, true] {
             PADDED_ONLY.with(|p| p.set(padded));
-            for name in ["llama", "mistral", "qwen2", "qwen3", "gemma2"] {
+            for name in [
+                "llama",
+                "mistral",
+                "qwen2",
+                "qwen3",
+                "gemma2",
+                "openrlhf-llama",
+                "qwen2-rm",
+            ] {
                 let mut scorer = Scorer::load_one(&root.join(name)).expect("load the fixture");
                 scorer.share_prefixes_from(8);
                 let (shared, work) = scorer
