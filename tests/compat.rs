@@ -286,6 +286,32 @@ fn openrlhf_get_reward() {
     }
 }
 
+/// Over-long queries are cut from the start for a decoder: two queries that differ only
+/// before their last 16 tokens get one reward (the end, where the reward is read, is
+/// kept), and it differs from the untruncated reward.
+#[test]
+fn get_reward_keeps_the_end_of_over_long_queries() {
+    let llama = fixture("llama").display().to_string();
+    let server = Server::started(&["--model", &llama, "--max-input-length", "16"]);
+    let ending = "and so the answer to the question is four, as two and two make four in every base above four.";
+    let queries = [
+        format!("Alpha beta gamma delta epsilon zeta eta theta iota kappa. {ending}"),
+        format!("Once upon a time a very different story began right here. {ending}"),
+    ];
+    let (status, cut) = server.post("/get_reward", &json!({ "query": queries }));
+    assert_eq!(status, 200, "{cut}");
+    let cut = cut["rewards"].as_array().unwrap();
+    close(&cut[0], cut[1].as_f64().unwrap(), "same last 16 tokens");
+    let whole = start();
+    let (status, full) = whole.post("/get_reward", &json!({ "query": queries }));
+    assert_eq!(status, 200, "{full}");
+    let full = full["rewards"].as_array().unwrap();
+    assert!(
+        (full[0].as_f64().unwrap() - full[1].as_f64().unwrap()).abs() > 1e-3,
+        "the beginnings matter untruncated: {full:?}"
+    );
+}
+
 #[test]
 fn get_reward_takes_batches_of_thousands() {
     let server = start();
