@@ -144,6 +144,7 @@ parity! {
     deberta_v2_conv => "deberta-v2-conv",
     openrlhf_llama => "openrlhf-llama",
     qwen2_rm => "qwen2-rm",
+    inform_llama => "inform-llama",
 }
 
 /// Real pre-trained weights (too large for the repository): run

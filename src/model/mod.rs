@@ -50,6 +50,7 @@ pub const SUPPORTED: &[&str] = &[
     "Qwen3ForSequenceClassification",
     "Gemma2ForSequenceClassification",
     "Qwen2ForRewardModel",
+    "INFORMForSequenceClassification",
 ];
 
 /// Which token's hidden state the score head reads, as transformers does.
@@ -287,16 +288,19 @@ pub fn load(
         | "Qwen2ForSequenceClassification"
         | "Qwen3ForSequenceClassification"
         | "Gemma2ForSequenceClassification" => decoder::load(architecture, &raw, vb),
-        // Qwen2.5-Math-RM's class (trust_remote_code): Qwen2 under a two-layer MLP head.
+        // Classes of their own (Qwen2.5-Math-RM's remote code, INF-ORM's model card): a
+        // transformers backbone under a two-layer MLP head.
         "Qwen2ForRewardModel" => decoder::load_with_head(
             "Qwen2ForSequenceClassification",
             &raw,
             vb,
-            &score_head::HeadSpec {
-                name: "score".into(),
-                labels: 1,
-                shape: score_head::HeadShape::ReluMlp,
-            },
+            &score_head::HeadSpec::relu_mlp(),
+        ),
+        "INFORMForSequenceClassification" => decoder::load_with_head(
+            "LlamaForSequenceClassification",
+            &raw,
+            vb,
+            &score_head::HeadSpec::relu_mlp(),
         ),
         name if openrlhf::ARCHITECTURES.contains(&name) => openrlhf::load(&raw, vb),
         other => Err(ModelError::Unsupported(other.to_string())),

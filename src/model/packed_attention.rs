@@ -526,6 +526,7 @@ mod tests {
             "gemma2",
             "openrlhf-llama",
             "qwen2-rm",
+            "inform-llama",
         ] {
             let scorer = Scorer::load_one(&root.join(name)).expect("load the fixture");
             let packed = scorer.score(&refs).expect("score on packed rows");
@@ -604,6 +605,7 @@ mod tests {
                 "gemma2",
                 "openrlhf-llama",
                 "qwen2-rm",
+                "inform-llama",
             ] {
                 let mut scorer = Scorer::load_one(&root.join(name)).expect("load the fixture");
                 scorer.share_prefixes_from(8);

@@ -1,7 +1,7 @@
 //! The decoders' score head: what maps the last real token's hidden state to logits.
 //! transformers' *ForSequenceClassification has one bias-free linear layer `score`; reward
-//! models saved by their own classes name or shape it otherwise (OpenRLHF's value head,
-//! Qwen2ForRewardModel's two-layer MLP).
+//! models saved by their own classes name or shape it otherwise (OpenRLHF's value head;
+//! the two-layer MLP of Qwen2ForRewardModel and INFORMForSequenceClassification).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -21,7 +21,7 @@ pub enum HeadShape {
     /// One linear layer: `<name>.weight` (and `<name>.bias` when `bias`).
     Linear { bias: bool },
     /// `Sequential(Linear(h, h), ReLU, Linear(h, labels))`, both with biases:
-    /// `<name>.0.*` and `<name>.2.*` (Qwen2ForRewardModel).
+    /// `<name>.0.*` and `<name>.2.*`.
     ReluMlp,
 }
 
@@ -32,6 +32,16 @@ impl HeadSpec {
             name: "score".into(),
             labels,
             shape: HeadShape::Linear { bias: false },
+        }
+    }
+
+    /// `score` as a two-layer MLP with one output (one reward, whatever config.json's
+    /// num_labels says: the classes that use it are loaded with num_labels 1).
+    pub fn relu_mlp() -> Self {
+        Self {
+            name: "score".into(),
+            labels: 1,
+            shape: HeadShape::ReluMlp,
         }
     }
 }
