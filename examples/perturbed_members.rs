@@ -28,7 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     for k in 0..members {
         let dir = PathBuf::from(out).join(format!("member{k}"));
-        let mut writer = SafetensorsWriter::create(&dir, &tensors, u64::MAX, &Default::default())?;
+        let mut writer =
+            SafetensorsWriter::create(&dir, &tensors, u64::MAX, 0, &Default::default())?;
         let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (k as u64 + 1);
         for t in &tensors {
             let (file, info) = source.tensor(&t.name).ok_or("tensor vanished")?;

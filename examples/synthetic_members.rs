@@ -74,7 +74,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     for m in 0..members {
         let dir = out.join(format!("member{m}"));
-        let mut writer = SafetensorsWriter::create(&dir, &planned, u64::MAX, &Default::default())?;
+        let mut writer =
+            SafetensorsWriter::create(&dir, &planned, u64::MAX, 0, &Default::default())?;
         // The init is the same stream for every member; the noise stream differs.
         let (mut init, mut noise) = (Rng(0x5eed), Rng(1000 + m as u64));
         for t in &planned {

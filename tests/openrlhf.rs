@@ -7,42 +7,24 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::cases::input_of;
+use common::cases::{expected, load_error, scored_cases};
 use common::server::{fixture, Server};
 use common::Stored;
 use serde_json::Value;
-use warm::scorer::Scorer;
 
 const TOLERANCE: f32 = 1e-4;
-
-fn expected() -> Value {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/expected/openrlhf-llama.json");
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
 
 /// A copy of the fixture with config.json edited and each tensor passed through `tensor`.
 fn variant(
     edit: impl FnOnce(&mut Value),
     tensor: impl Fn(String, Stored) -> (String, Stored),
 ) -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("rm");
-    std::fs::create_dir(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture("openrlhf-llama")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-    }
+    let (tmp, dir) = common::fixture_copy("openrlhf-llama");
     let config_path = dir.join("config.json");
     let mut config: Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
     edit(&mut config);
     std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    let weights = dir.join("model.safetensors");
-    let tensors: Vec<_> = common::read_safetensors(&weights)
-        .into_iter()
-        .map(|(name, t)| tensor(name, t))
-        .collect();
-    common::write_safetensors(&weights, &tensors);
+    common::map_safetensors(&dir.join("model.safetensors"), tensor);
     (tmp, dir)
 }
 
@@ -60,11 +42,8 @@ fn unchanged(name: String, t: Stored) -> (String, Stored) {
 
 /// Every fixture case scores as transformers did.
 fn assert_scores_match(dir: &Path, what: &str) {
-    let scorer = Scorer::load_one(dir).unwrap_or_else(|e| panic!("{what}: {e}"));
-    for (i, case) in expected()["cases"].as_array().unwrap().iter().enumerate() {
-        let sequence = scorer.encode(&input_of(case), false, None, true).unwrap();
-        let got = scorer.score(&[&sequence]).unwrap()[0].value;
-        let want = case["score"].as_f64().unwrap() as f32;
+    let expected = expected("openrlhf-llama");
+    for (i, (got, want)) in scored_cases(dir, &expected).into_iter().enumerate() {
         assert!(
             (got - want).abs() < TOLERANCE,
             "{what}, case {i}: {got} vs transformers {want}"
@@ -92,13 +71,6 @@ fn older_openrlhf_layouts_score_alike() {
         head_named("value_head"),
     );
     assert_scores_match(&dir, "LLMForSequenceRegression");
-}
-
-fn load_error(dir: &Path) -> String {
-    match Scorer::load_one(dir) {
-        Ok(_) => panic!("{}: loaded", dir.display()),
-        Err(e) => e.to_string(),
-    }
 }
 
 #[test]
@@ -131,7 +103,7 @@ fn a_missing_head_and_an_unsupported_backbone_are_named() {
 /// a pair with the chat template. Both give transformers' scores.
 #[test]
 fn served_over_get_reward_and_the_native_route() {
-    let expected = expected();
+    let expected = expected("openrlhf-llama");
     let cases = expected["cases"].as_array().unwrap();
     let templated: Vec<&Value> = cases.iter().filter(|c| c["rendered"].is_string()).collect();
     assert!(templated.len() >= 2);
@@ -170,47 +142,24 @@ fn served_over_get_reward_and_the_native_route() {
 fn warm_fuse_averages_openrlhf_members() {
     let (_keep, tripled) = variant(
         |_| {},
-        |name, t| {
-            if name != "score.weight" {
-                return (name, t);
-            }
-            let values: Vec<f32> = common::decode(&t.dtype, &t.bytes)
-                .into_iter()
-                .map(|v| 3.0 * v as f32)
-                .collect();
-            let bytes = common::encode(&t.dtype, &values);
-            (name, Stored { bytes, ..t })
+        |name, t| match name.as_str() {
+            "score.weight" => (name, common::scaled(t, 3.0)),
+            _ => (name, t),
         },
     );
     let out = tempfile::tempdir().unwrap();
     let fused = out.path().join("fused");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_warm"))
-        .args(["fuse", "--model"])
-        .arg(fixture("openrlhf-llama"))
-        .arg("--model")
-        .arg(&tripled)
-        .arg("--output")
-        .arg(&fused)
-        .env_remove("WARM_MODEL")
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    common::warm_fuse(&[&fixture("openrlhf-llama"), &tripled], &fused, &[]);
     let config: Value =
         serde_json::from_slice(&std::fs::read(fused.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"], serde_json::json!(["RewardModel"]));
     assert_eq!(config["value_head_prefix"], "score");
-    let scorer = Scorer::load_one(&fused).unwrap();
-    for (i, case) in expected()["cases"].as_array().unwrap().iter().enumerate() {
-        let sequence = scorer.encode(&input_of(case), false, None, true).unwrap();
-        let got = scorer.score(&[&sequence]).unwrap()[0].value;
-        let want = 2.0 * case["score"].as_f64().unwrap() as f32;
+    let expected = expected("openrlhf-llama");
+    for (i, (got, want)) in scored_cases(&fused, &expected).into_iter().enumerate() {
         assert!(
-            (got - want).abs() < 2.0 * TOLERANCE,
-            "case {i}: {got} vs {want}"
+            (got - 2.0 * want).abs() < 2.0 * TOLERANCE,
+            "case {i}: {got} vs {}",
+            2.0 * want
         );
     }
 }

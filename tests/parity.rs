@@ -145,6 +145,7 @@ parity! {
     openrlhf_llama => "openrlhf-llama",
     qwen2_rm => "qwen2-rm",
     inform_llama => "inform-llama",
+    llamafactory_qwen2 => "llamafactory-qwen2",
 }
 
 /// Real pre-trained weights (too large for the repository): run

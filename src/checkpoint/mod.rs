@@ -17,6 +17,8 @@ use crate::dtype::DType;
 pub const CONFIG_FILE: &str = "config.json";
 pub const SINGLE_WEIGHTS_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Where LLaMA-Factory saves a reward model's value head, apart from the causal LM's weights.
+pub const VALUE_HEAD_FILE: &str = "value_head.safetensors";
 
 /// Tokenizer files that must be identical across the members of a WARM set.
 pub const TOKENIZER_FILES: &[&str] = &[
@@ -122,6 +124,15 @@ impl Checkpoint {
         self.shards.iter().flat_map(|s| s.tensors().iter())
     }
 
+    /// How many tensors the value head's own file holds (0 without one): the last ones in
+    /// file order.
+    pub fn value_head_tensors(&self) -> usize {
+        self.shards
+            .last()
+            .filter(|s| s.path().file_name() == Some(VALUE_HEAD_FILE.as_ref()))
+            .map_or(0, |s| s.tensors().len())
+    }
+
     pub fn parameter_count(&self) -> usize {
         self.tensors_in_file_order().map(TensorInfo::numel).sum()
     }
@@ -201,8 +212,25 @@ impl std::fmt::Debug for Checkpoint {
     }
 }
 
-/// The safetensors files of a checkpoint, in shard order.
+/// The safetensors files of a checkpoint, in shard order, then the value head's file where
+/// there is one.
 fn weight_files(dir: &Path) -> Result<Vec<String>, CheckpointError> {
+    let mut files = model_weight_files(dir)?;
+    if dir.join(VALUE_HEAD_FILE).is_file() {
+        files.push(VALUE_HEAD_FILE.to_string());
+    } else if dir.join("value_head.bin").is_file() {
+        return Err(CheckpointError::MissingFile {
+            dir: dir.to_path_buf(),
+            file: format!(
+                "{VALUE_HEAD_FILE} (found value_head.bin, which warm cannot read: convert it to safetensors)"
+            ),
+        });
+    }
+    Ok(files)
+}
+
+/// The model's own safetensors files (single or sharded), in shard order.
+fn model_weight_files(dir: &Path) -> Result<Vec<String>, CheckpointError> {
     let index_path = dir.join(INDEX_FILE);
     if index_path.is_file() {
         let mut files: Vec<String> = read_index(&index_path)?.into_values().collect();

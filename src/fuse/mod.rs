@@ -125,6 +125,7 @@ pub fn fuse_to_directory(config: &FuseConfig) -> Result<FusionReport, FuseError>
         &config.output,
         &plan.tensors,
         config.max_shard_size,
+        members[0].value_head_tensors(),
         &metadata,
     )?;
     let total = plan_input_bytes(&members, &plan);

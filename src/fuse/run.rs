@@ -418,7 +418,7 @@ mod tests {
             })
             .collect();
         let mut writer =
-            SafetensorsWriter::create(&dir, &planned, u64::MAX, &Default::default()).unwrap();
+            SafetensorsWriter::create(&dir, &planned, u64::MAX, 0, &Default::default()).unwrap();
         for (t, (_, v)) in planned.iter().zip(tensors) {
             writer.put(t, FusedData::F32(v.clone())).unwrap();
         }
@@ -474,7 +474,8 @@ mod tests {
 
         let out = root.path().join("fused");
         let mut writer =
-            SafetensorsWriter::create(&out, &plan.tensors, u64::MAX, &Default::default()).unwrap();
+            SafetensorsWriter::create(&out, &plan.tensors, u64::MAX, 0, &Default::default())
+                .unwrap();
         assert!(writer.takes_parts());
         execute(&members, &plan, &mut writer, &mut progress, &options).unwrap();
         assert_eq!(progress.done(), 2 * input_bytes);

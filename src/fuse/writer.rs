@@ -4,7 +4,8 @@
 //! Above the shard size the weights are split into `model-0000k-of-0000N.safetensors` with
 //! `model.safetensors.index.json`, as transformers' `save_pretrained` does. Files are written
 //! under temporary names and renamed at the end, so a failed fusion leaves no half-written
-//! checkpoint behind.
+//! checkpoint behind. A value head that came in a file of its own (LLaMA-Factory's
+//! value_head.safetensors, where its loader looks) goes out in one too.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -16,7 +17,7 @@ use std::thread::JoinHandle;
 use super::plan::PlannedTensor;
 use super::sink::{FusedData, TensorSink};
 use super::FuseError;
-use crate::checkpoint::{INDEX_FILE, SINGLE_WEIGHTS_FILE};
+use crate::checkpoint::{INDEX_FILE, SINGLE_WEIGHTS_FILE, VALUE_HEAD_FILE};
 
 #[derive(Clone)]
 struct Shard {
@@ -54,18 +55,27 @@ pub struct SafetensorsWriter {
 
 impl SafetensorsWriter {
     /// Lays out the shards for `tensors` (in the order they will be put) under
-    /// `max_shard_bytes` each, with `metadata` stored in every header besides
-    /// `format: pt` (which transformers requires), and starts the writing thread.
+    /// `max_shard_bytes` each, the last `value_head_tensors` of them in VALUE_HEAD_FILE,
+    /// with `metadata` stored in every header besides `format: pt` (which transformers
+    /// requires), and starts the writing thread.
     pub fn create(
         dir: &Path,
         tensors: &[PlannedTensor],
         max_shard_bytes: u64,
+        value_head_tensors: usize,
         metadata: &BTreeMap<String, String>,
     ) -> Result<Self, FuseError> {
         let created_dir = !dir.exists();
         std::fs::create_dir_all(dir).map_err(|e| FuseError::output(dir, e))?;
-        let groups = group_into_shards(tensors, max_shard_bytes);
+        let head_start = tensors.len().saturating_sub(value_head_tensors);
+        let groups = group_into_shards(&tensors[..head_start], max_shard_bytes);
         let count = groups.len();
+        let head = (head_start < tensors.len()).then(|| Shard {
+            file_name: VALUE_HEAD_FILE.to_string(),
+            temp_path: dir.join(format!(".{VALUE_HEAD_FILE}.partial")),
+            header: header_bytes(&tensors[head_start..], metadata),
+            tensors: head_start..tensors.len(),
+        });
         let shards: Vec<Shard> = groups
             .into_iter()
             .enumerate()
@@ -82,6 +92,7 @@ impl SafetensorsWriter {
                     tensors: range,
                 }
             })
+            .chain(head)
             .collect();
         let (sender, receiver) = sync_channel(1);
         let (give_back, returned) = sync_channel(1);
@@ -139,15 +150,23 @@ impl SafetensorsWriter {
             written.push(target);
         }
         let index_path = self.dir.join(INDEX_FILE);
-        if self.shards.len() > 1 {
+        // The index lists the model's shards; a value head's file is found by its name.
+        let model_shards: Vec<&Shard> = self
+            .shards
+            .iter()
+            .filter(|s| s.file_name != VALUE_HEAD_FILE)
+            .collect();
+        if model_shards.len() > 1 {
             let mut weight_map = serde_json::Map::new();
-            for shard in &self.shards {
+            let mut total_size = 0;
+            for shard in &model_shards {
                 for name in &self.names[shard.tensors.clone()] {
                     weight_map.insert(name.clone(), shard.file_name.clone().into());
                 }
+                total_size += self.sizes[shard.tensors.clone()].iter().sum::<u64>();
             }
             let index = serde_json::json!({
-                "metadata": {"total_size": self.sizes.iter().sum::<u64>()},
+                "metadata": {"total_size": total_size},
                 "weight_map": weight_map,
             });
             write_json(&index_path, &index)?;
@@ -355,7 +374,7 @@ mod tests {
         let tensors = [t("a", 4), t("b", 2)];
         let part = |v: &[f32]| FusedData::F32(v.to_vec());
         let mut w =
-            SafetensorsWriter::create(dir.path(), &tensors, u64::MAX, &BTreeMap::new()).unwrap();
+            SafetensorsWriter::create(dir.path(), &tensors, u64::MAX, 0, &BTreeMap::new()).unwrap();
         let err = w.put_part(&tensors[1], part(&[1.0]), false).unwrap_err();
         assert!(err.to_string().contains("out of plan order"), "{err}");
         w.put_part(&tensors[0], part(&[1.0, 2.0]), false).unwrap();

@@ -16,6 +16,7 @@ mod segments;
 mod shared_padding;
 #[cfg(test)]
 mod testing;
+mod value_head;
 mod vexp;
 
 use std::collections::HashMap;
@@ -27,10 +28,12 @@ use crate::checkpoint::ModelConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("unsupported architecture '{0}' (warm serves: {list}, and OpenRLHF's RewardModel)", list = SUPPORTED.join(", "))]
+    #[error("unsupported architecture '{0}' (warm serves: {list}; OpenRLHF's RewardModel; and the causal LMs of these families with a value head, as LLaMA-Factory trains them)", list = SUPPORTED.join(", "))]
     Unsupported(String),
     #[error("an OpenRLHF RewardModel over model_type '{0}': warm serves it over {list}", list = openrlhf::MODEL_TYPES.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", "))]
     UnsupportedBackbone(String),
+    #[error("{0} is a language model: warm serves it as a reward model with a value head (v_head.summary.weight, in {file} as LLaMA-Factory saves reward models), and it has none", file = crate::checkpoint::VALUE_HEAD_FILE)]
+    NoRewardHead(String),
     #[error("config.json: {0}")]
     Config(String),
     #[error("loading the weights: {0}")]
@@ -303,6 +306,12 @@ pub fn load(
             &score_head::HeadSpec::relu_mlp(),
         ),
         name if openrlhf::ARCHITECTURES.contains(&name) => openrlhf::load(&raw, vb),
+        name if value_head::CAUSAL_LMS
+            .iter()
+            .any(|(causal, _)| *causal == name) =>
+        {
+            value_head::load(name, &raw, vb)
+        }
         other => Err(ModelError::Unsupported(other.to_string())),
     }
 }

@@ -527,6 +527,7 @@ mod tests {
             "openrlhf-llama",
             "qwen2-rm",
             "inform-llama",
+            "llamafactory-qwen2",
         ] {
             let scorer = Scorer::load_one(&root.join(name)).expect("load the fixture");
             let packed = scorer.score(&refs).expect("score on packed rows");
@@ -606,6 +607,7 @@ mod tests {
                 "openrlhf-llama",
                 "qwen2-rm",
                 "inform-llama",
+                "llamafactory-qwen2",
             ] {
                 let mut scorer = Scorer::load_one(&root.join(name)).expect("load the fixture");
                 scorer.share_prefixes_from(8);

@@ -149,6 +149,40 @@ pub fn read_checkpoint(dir: &Path) -> BTreeMap<String, Stored> {
     out
 }
 
+/// A copy of the fixture `name` (tests/fixtures/models) in a temporary folder: the folder
+/// guard and the copy's path.
+pub fn fixture_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(name);
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(server::fixture(name)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    (tmp, dir)
+}
+
+/// Rewrites the safetensors file `path` with each tensor passed through `tensor`.
+pub fn map_safetensors(path: &Path, tensor: impl Fn(String, Stored) -> (String, Stored)) {
+    let tensors: Vec<_> = read_safetensors(path)
+        .into_iter()
+        .map(|(name, t)| tensor(name, t))
+        .collect();
+    write_safetensors(path, &tensors);
+}
+
+/// A float tensor with every value multiplied by `factor`.
+pub fn scaled(t: Stored, factor: f32) -> Stored {
+    let values: Vec<f32> = decode(&t.dtype, &t.bytes)
+        .into_iter()
+        .map(|v| factor * v as f32)
+        .collect();
+    Stored {
+        bytes: encode(&t.dtype, &values),
+        ..t
+    }
+}
+
 pub fn config(architecture: &str, hidden: usize) -> serde_json::Value {
     serde_json::json!({
         "architectures": [architecture],
@@ -254,6 +288,27 @@ pub fn stored(tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: &str) -> Vec<(S
 
 pub fn warm_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_warm"))
+}
+
+/// Runs `warm fuse` of `members` into `output` with `extra` flags; panics with its stderr
+/// if it fails.
+pub fn warm_fuse(members: &[&Path], output: &Path, extra: &[&str]) {
+    let mut command = std::process::Command::new(warm_bin());
+    command.arg("fuse").args(extra);
+    for member in members {
+        command.arg("--model").arg(member);
+    }
+    let run = command
+        .arg("--output")
+        .arg(output)
+        .env_remove("WARM_MODEL")
+        .output()
+        .expect("run warm fuse");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
 }
 
 /// A member whose weights are one sparse file: `gib` GiB of zeros that cost no disk but

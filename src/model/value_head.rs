@@ -1,0 +1,48 @@
+//! Reward models as LLaMA-Factory trains them (`stage: rm`, TRL's
+//! AutoModelForCausalLMWithValueHead): config.json is the causal LM's (`LlamaForCausalLM`,
+//! ...), its weights include an `lm_head` that scoring does not use, and the reward head
+//! `v_head.summary` (`Linear(hidden, 1)` with a bias) comes from value_head.safetensors.
+//! TRL applies it to the last layer's normed hidden states; LLaMA-Factory reads the value
+//! at the last real token: what the decoders here compute under another head.
+
+use candle_nn::VarBuilder;
+
+use super::decoder;
+use super::score_head::{HeadShape, HeadSpec};
+use super::{ModelError, RewardModel};
+
+/// Causal-LM classes warm serves under a value head, with the sequence-classification
+/// class of the same family.
+pub const CAUSAL_LMS: &[(&str, &str)] = &[
+    ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+    ("MistralForCausalLM", "MistralForSequenceClassification"),
+    ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+    ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+    ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+];
+
+const HEAD: &str = "v_head.summary";
+
+/// `causal` is config.json's architecture, one of CAUSAL_LMS.
+pub fn load(
+    causal: &str,
+    raw: &serde_json::Value,
+    vb: VarBuilder,
+) -> Result<Box<dyn RewardModel>, ModelError> {
+    let family = CAUSAL_LMS
+        .iter()
+        .find(|(name, _)| *name == causal)
+        .map(|(_, family)| *family)
+        .ok_or_else(|| ModelError::Unsupported(causal.to_string()))?;
+    if !vb.contains_tensor(&format!("{HEAD}.weight")) {
+        return Err(ModelError::NoRewardHead(causal.to_string()));
+    }
+    let head = HeadSpec {
+        name: HEAD.into(),
+        labels: 1,
+        shape: HeadShape::Linear {
+            bias: vb.contains_tensor(&format!("{HEAD}.bias")),
+        },
+    };
+    decoder::load_with_head(family, raw, vb, &head)
+}
