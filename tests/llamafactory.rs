@@ -85,3 +85,48 @@ fn a_causal_lm_without_a_value_head_is_refused_by_name() {
         "{message}"
     );
 }
+
+/// Serving fuses what the model reads: the causal LM's lm_head is left out (the fixture's
+/// embedding table is stored apart), everything else is there.
+#[test]
+fn serving_leaves_the_unread_lm_head_out_of_the_fusion() {
+    let stored = common::read_checkpoint(&fixture(FIXTURE));
+    assert!(stored.contains_key("lm_head.weight"));
+    let (tensors, report) = warm::fuse::fuse_to_tensors(
+        &warm::config::MembersConfig::single(&fixture(FIXTURE)),
+        warm::dtype::FloatDType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(!tensors.contains_key("lm_head.weight"));
+    assert!(tensors.contains_key("model.embed_tokens.weight"));
+    assert!(tensors.contains_key("v_head.summary.weight"));
+    // Every stored tensor but lm_head, plus the value head's two.
+    assert_eq!(tensors.len(), stored.len() - 1 + 2);
+    assert_eq!(report.tensors, tensors.len());
+}
+
+/// An index that lists value_head.safetensors among the shards (written by hand or by
+/// another tool) loads the same: the file is read once.
+#[test]
+fn an_index_naming_the_value_head_file_loads_alike() {
+    let (_keep, dir) = common::fixture_copy(FIXTURE);
+    let mut weight_map = serde_json::Map::new();
+    for file in ["model.safetensors", VALUE_HEAD] {
+        for name in common::read_safetensors(&dir.join(file)).into_keys() {
+            weight_map.insert(name, file.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    for (i, (got, want)) in scored_cases(&dir, &expected(FIXTURE))
+        .into_iter()
+        .enumerate()
+    {
+        assert!((got - want).abs() < 1e-4, "case {i}: {got} vs {want}");
+    }
+}

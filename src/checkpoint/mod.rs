@@ -216,6 +216,10 @@ impl std::fmt::Debug for Checkpoint {
 /// there is one.
 fn weight_files(dir: &Path) -> Result<Vec<String>, CheckpointError> {
     let mut files = model_weight_files(dir)?;
+    if files.iter().any(|f| f == VALUE_HEAD_FILE) {
+        // An index that names it has put it among the shards already.
+        return Ok(files);
+    }
     if dir.join(VALUE_HEAD_FILE).is_file() {
         files.push(VALUE_HEAD_FILE.to_string());
     } else if dir.join("value_head.bin").is_file() {
