@@ -137,11 +137,12 @@ fn served_over_get_reward_and_the_native_route() {
 
 /// WARM over OpenRLHF members: a second member whose head is three times the first's
 /// (same backbone) averages to twice the head, so every reward doubles; the output is still
-/// an OpenRLHF checkpoint (class, value_head_prefix, tensor names).
+/// an OpenRLHF checkpoint (class, value_head_prefix, tensor names), without a reward mean
+/// the members disagree on.
 #[test]
 fn warm_fuse_averages_openrlhf_members() {
     let (_keep, tripled) = variant(
-        |_| {},
+        |c| c["mean"] = 0.5.into(),
         |name, t| match name.as_str() {
             "score.weight" => (name, common::scaled(t, 3.0)),
             _ => (name, t),
@@ -154,6 +155,9 @@ fn warm_fuse_averages_openrlhf_members() {
         serde_json::from_slice(&std::fs::read(fused.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"], serde_json::json!(["RewardModel"]));
     assert_eq!(config["value_head_prefix"], "score");
+    // The members' reward statistics (mean 0.25 and 0.5) describe neither the fused model.
+    assert!(config.get("mean").is_none(), "{config}");
+    assert_eq!(config["std"], 1.75, "equal in every member, so kept");
     let expected = expected("openrlhf-llama");
     for (i, (got, want)) in scored_cases(&fused, &expected).into_iter().enumerate() {
         assert!(

@@ -140,7 +140,7 @@ pub fn fuse_to_directory(config: &FuseConfig) -> Result<FusionReport, FuseError>
     )?
     .into_result()?;
     writer.finish()?;
-    write_companion_files(&members[0], &config.output, config.dtype, &report)?;
+    write_companion_files(&members, &config.output, config.dtype, &report)?;
     Ok(report)
 }
 
@@ -261,22 +261,43 @@ fn is_weight_file(name: &str) -> bool {
         || WEIGHT_SUFFIXES.iter().any(|s| name.ends_with(s))
 }
 
-/// config.json (with `torch_dtype` set to the output type), the tokenizer and other small
-/// files of the first member, and `warm_fusion.json` recording how the model was made.
+/// config.json keys that hold statistics of one member's rewards, not of its weights:
+/// OpenRLHF's train_rm records the mean and standard deviation of the rewards on its
+/// evaluation set, which its `--normalize_reward` subtracts and divides by.
+const REWARD_STATISTICS_KEYS: &[&str] = &["mean", "std"];
+
+/// config.json (the first member's, with `torch_dtype` set to the output type and without
+/// reward statistics the members disagree on), the tokenizer and other small files of the
+/// first member, and `warm_fusion.json` recording how the model was made.
 fn write_companion_files(
-    first: &Checkpoint,
+    members: &[Checkpoint],
     output: &Path,
     dtype: Option<FloatDType>,
     report: &FusionReport,
 ) -> Result<(), FuseError> {
-    let mut config = serde_json::Value::Object(first.config().raw().clone());
+    let first = &members[0];
+    let mut config = first.config().raw().clone();
     let torch_dtype = dtype
         .or_else(|| first.main_dtype().and_then(|d| d.as_fusable()))
         .map(FloatDType::torch_name);
-    if let (Some(name), Some(map)) = (torch_dtype, config.as_object_mut()) {
-        map.insert("torch_dtype".into(), name.into());
+    if let Some(name) = torch_dtype {
+        config.insert("torch_dtype".into(), name.into());
     }
-    writer::write_json(&output.join(CONFIG_FILE), &config)?;
+    for key in REWARD_STATISTICS_KEYS {
+        let value = config.get(*key);
+        if members.iter().any(|m| m.config().raw().get(*key) != value) {
+            // The averaged model's rewards have statistics of their own; any member's
+            // would normalize them wrongly.
+            config.remove(*key);
+            tracing::warn!(
+                "config.json '{key}' differs between the members (each one's reward statistics): left out of the output"
+            );
+        }
+    }
+    writer::write_json(
+        &output.join(CONFIG_FILE),
+        &serde_json::Value::Object(config),
+    )?;
     let entries = std::fs::read_dir(first.dir()).map_err(|e| FuseError::output(first.dir(), e))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
