@@ -130,3 +130,22 @@ fn an_index_naming_the_value_head_file_loads_alike() {
         assert!((got - want).abs() < 1e-4, "case {i}: {got} vs {want}");
     }
 }
+
+/// TRL's own save_pretrained of AutoModelForCausalLMWithValueHead keeps `v_head.*` inside
+/// model.safetensors: that loads alike too.
+#[test]
+fn a_value_head_inside_the_model_file_loads_alike() {
+    let (_keep, dir) = common::fixture_copy(FIXTURE);
+    let mut tensors: Vec<_> = common::read_safetensors(&dir.join("model.safetensors"))
+        .into_iter()
+        .collect();
+    tensors.extend(common::read_safetensors(&dir.join(VALUE_HEAD)));
+    common::write_safetensors(&dir.join("model.safetensors"), &tensors);
+    std::fs::remove_file(dir.join(VALUE_HEAD)).unwrap();
+    for (i, (got, want)) in scored_cases(&dir, &expected(FIXTURE))
+        .into_iter()
+        .enumerate()
+    {
+        assert!((got - want).abs() < 1e-4, "case {i}: {got} vs {want}");
+    }
+}
