@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::cases::{expected, load_error, scored_cases};
+use common::cases::{assert_scores, load_error};
 use common::server::fixture;
 
 const FIXTURE: &str = "llamafactory-qwen2";
@@ -53,16 +53,7 @@ fn warm_fuse_writes_the_value_head_apart_and_averages_it() {
         serde_json::json!(["Qwen2ForCausalLM"])
     );
 
-    for (i, (got, want)) in scored_cases(&fused, &expected(FIXTURE))
-        .into_iter()
-        .enumerate()
-    {
-        assert!(
-            (got - 2.0 * want).abs() < 2e-4,
-            "case {i}: {got} vs {}",
-            2.0 * want
-        );
-    }
+    assert_scores(&fused, FIXTURE, 2.0);
 }
 
 #[test]
@@ -123,12 +114,7 @@ fn an_index_naming_the_value_head_file_loads_alike() {
         serde_json::to_vec(&index).unwrap(),
     )
     .unwrap();
-    for (i, (got, want)) in scored_cases(&dir, &expected(FIXTURE))
-        .into_iter()
-        .enumerate()
-    {
-        assert!((got - want).abs() < 1e-4, "case {i}: {got} vs {want}");
-    }
+    assert_scores(&dir, FIXTURE, 1.0);
 }
 
 /// TRL's own save_pretrained of AutoModelForCausalLMWithValueHead keeps `v_head.*` inside
@@ -142,10 +128,5 @@ fn a_value_head_inside_the_model_file_loads_alike() {
     tensors.extend(common::read_safetensors(&dir.join(VALUE_HEAD)));
     common::write_safetensors(&dir.join("model.safetensors"), &tensors);
     std::fs::remove_file(dir.join(VALUE_HEAD)).unwrap();
-    for (i, (got, want)) in scored_cases(&dir, &expected(FIXTURE))
-        .into_iter()
-        .enumerate()
-    {
-        assert!((got - want).abs() < 1e-4, "case {i}: {got} vs {want}");
-    }
+    assert_scores(&dir, FIXTURE, 1.0);
 }

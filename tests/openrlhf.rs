@@ -5,14 +5,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::cases::{expected, load_error, scored_cases};
+use common::cases::{assert_scores, expected, load_error};
 use common::server::{fixture, Server};
 use common::Stored;
 use serde_json::Value;
-
-const TOLERANCE: f32 = 1e-4;
 
 /// A copy of the fixture with config.json edited and each tensor passed through `tensor`.
 fn variant(
@@ -40,17 +38,6 @@ fn unchanged(name: String, t: Stored) -> (String, Stored) {
     (name, t)
 }
 
-/// Every fixture case scores as transformers did.
-fn assert_scores_match(dir: &Path, what: &str) {
-    let expected = expected("openrlhf-llama");
-    for (i, (got, want)) in scored_cases(dir, &expected).into_iter().enumerate() {
-        assert!(
-            (got - want).abs() < TOLERANCE,
-            "{what}, case {i}: {got} vs transformers {want}"
-        );
-    }
-}
-
 /// Before December 2024 train_rm wrote no `value_head_prefix` and named the head
 /// `value_head`; until mid-2024 the class was `LLMForSequenceRegression`. Each loads and
 /// scores like the fixture.
@@ -60,9 +47,9 @@ fn older_openrlhf_layouts_score_alike() {
         c.as_object_mut().unwrap().remove("value_head_prefix");
     };
     let (_keep, dir) = variant(without_prefix, unchanged);
-    assert_scores_match(&dir, "no value_head_prefix, head score");
+    assert_scores(&dir, "openrlhf-llama", 1.0);
     let (_keep, dir) = variant(without_prefix, head_named("value_head"));
-    assert_scores_match(&dir, "no value_head_prefix, head value_head");
+    assert_scores(&dir, "openrlhf-llama", 1.0);
     let (_keep, dir) = variant(
         |c| {
             c["architectures"] = serde_json::json!(["LLMForSequenceRegression"]);
@@ -70,7 +57,7 @@ fn older_openrlhf_layouts_score_alike() {
         },
         head_named("value_head"),
     );
-    assert_scores_match(&dir, "LLMForSequenceRegression");
+    assert_scores(&dir, "openrlhf-llama", 1.0);
 }
 
 #[test]
@@ -158,12 +145,5 @@ fn warm_fuse_averages_openrlhf_members() {
     // The members' reward statistics (mean 0.25 and 0.5) describe neither the fused model.
     assert!(config.get("mean").is_none(), "{config}");
     assert_eq!(config["std"], 1.75, "equal in every member, so kept");
-    let expected = expected("openrlhf-llama");
-    for (i, (got, want)) in scored_cases(&fused, &expected).into_iter().enumerate() {
-        assert!(
-            (got - 2.0 * want).abs() < 2.0 * TOLERANCE,
-            "case {i}: {got} vs {}",
-            2.0 * want
-        );
-    }
+    assert_scores(&fused, "openrlhf-llama", 2.0);
 }

@@ -15,20 +15,25 @@ pub fn expected(name: &str) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
-/// (warm's score of the checkpoint in `dir`, transformers' score) for each case of
-/// `expected`, scored one at a time.
-pub fn scored_cases(dir: &Path, expected: &Value) -> Vec<(f32, f32)> {
+/// Scores every case of tests/fixtures/expected/`fixture`.json with the checkpoint in `dir`,
+/// one at a time, and checks each is `factor` times transformers' score (to 1e-4, scaled).
+pub fn assert_scores(dir: &Path, fixture: &str, factor: f32) {
     let scorer = Scorer::load_one(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    expected["cases"]
+    for (i, case) in expected(fixture)["cases"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|case| {
-            let sequence = scorer.encode(&input_of(case), false, None, true).unwrap();
-            let got = scorer.score(&[&sequence]).unwrap()[0].value;
-            (got, case["score"].as_f64().unwrap() as f32)
-        })
-        .collect()
+        .enumerate()
+    {
+        let sequence = scorer.encode(&input_of(case), false, None, true).unwrap();
+        let got = scorer.score(&[&sequence]).unwrap()[0].value;
+        let want = factor * case["score"].as_f64().unwrap() as f32;
+        assert!(
+            (got - want).abs() < 1e-4 * factor.abs().max(1.0),
+            "{}, case {i}: {got} vs {want} ({factor} x transformers)",
+            dir.display()
+        );
+    }
 }
 
 /// A case's input: `text`, a `pair` or a `chat`.
