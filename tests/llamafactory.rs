@@ -53,7 +53,7 @@ fn warm_fuse_writes_the_value_head_apart_and_averages_it() {
         serde_json::json!(["Qwen2ForCausalLM"])
     );
 
-    assert_scores(&fused, FIXTURE, 2.0);
+    assert_scores(&fused, FIXTURE, 2.0, 1e-4);
 }
 
 #[test]
@@ -114,7 +114,7 @@ fn an_index_naming_the_value_head_file_loads_alike() {
         serde_json::to_vec(&index).unwrap(),
     )
     .unwrap();
-    assert_scores(&dir, FIXTURE, 1.0);
+    assert_scores(&dir, FIXTURE, 1.0, 1e-4);
 }
 
 /// TRL's own save_pretrained of AutoModelForCausalLMWithValueHead keeps `v_head.*` inside
@@ -128,5 +128,27 @@ fn a_value_head_inside_the_model_file_loads_alike() {
     tensors.extend(common::read_safetensors(&dir.join(VALUE_HEAD)));
     common::write_safetensors(&dir.join("model.safetensors"), &tensors);
     std::fs::remove_file(dir.join(VALUE_HEAD)).unwrap();
-    assert_scores(&dir, FIXTURE, 1.0);
+    assert_scores(&dir, FIXTURE, 1.0, 1e-4);
+}
+
+/// LLaMA-Factory creates the value head in float32 and never casts it, while the model is
+/// exported in bf16: such a member loads, and scores as transformers' f32 did within what
+/// bf16 weights allow.
+#[test]
+fn a_bf16_model_with_an_f32_value_head_loads() {
+    let (_keep, dir) = common::fixture_copy(FIXTURE);
+    common::map_safetensors(&dir.join("model.safetensors"), |name, t| {
+        let values: Vec<f32> = common::decode(&t.dtype, &t.bytes)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        let bytes = common::encode("BF16", &values);
+        let t = common::Stored {
+            dtype: "BF16".into(),
+            bytes,
+            ..t
+        };
+        (name, t)
+    });
+    assert_scores(&dir, FIXTURE, 1.0, 0.05);
 }

@@ -47,9 +47,9 @@ fn older_openrlhf_layouts_score_alike() {
         c.as_object_mut().unwrap().remove("value_head_prefix");
     };
     let (_keep, dir) = variant(without_prefix, unchanged);
-    assert_scores(&dir, "openrlhf-llama", 1.0);
+    assert_scores(&dir, "openrlhf-llama", 1.0, 1e-4);
     let (_keep, dir) = variant(without_prefix, head_named("value_head"));
-    assert_scores(&dir, "openrlhf-llama", 1.0);
+    assert_scores(&dir, "openrlhf-llama", 1.0, 1e-4);
     let (_keep, dir) = variant(
         |c| {
             c["architectures"] = serde_json::json!(["LLMForSequenceRegression"]);
@@ -57,7 +57,7 @@ fn older_openrlhf_layouts_score_alike() {
         },
         head_named("value_head"),
     );
-    assert_scores(&dir, "openrlhf-llama", 1.0);
+    assert_scores(&dir, "openrlhf-llama", 1.0, 1e-4);
 }
 
 #[test]
@@ -145,5 +145,5 @@ fn warm_fuse_averages_openrlhf_members() {
     // The members' reward statistics (mean 0.25 and 0.5) describe neither the fused model.
     assert!(config.get("mean").is_none(), "{config}");
     assert_eq!(config["std"], 1.75, "equal in every member, so kept");
-    assert_scores(&fused, "openrlhf-llama", 2.0);
+    assert_scores(&fused, "openrlhf-llama", 2.0, 1e-4);
 }

@@ -16,8 +16,9 @@ pub fn expected(name: &str) -> Value {
 }
 
 /// Scores every case of tests/fixtures/expected/`fixture`.json with the checkpoint in `dir`,
-/// one at a time, and checks each is `factor` times transformers' score (to 1e-4, scaled).
-pub fn assert_scores(dir: &Path, fixture: &str, factor: f32) {
+/// one at a time, and checks each is `factor` times transformers' score, to `tolerance`
+/// (relative above 1 in magnitude, absolute below).
+pub fn assert_scores(dir: &Path, fixture: &str, factor: f32, tolerance: f32) {
     let scorer = Scorer::load_one(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     for (i, case) in expected(fixture)["cases"]
         .as_array()
@@ -29,7 +30,7 @@ pub fn assert_scores(dir: &Path, fixture: &str, factor: f32) {
         let got = scorer.score(&[&sequence]).unwrap()[0].value;
         let want = factor * case["score"].as_f64().unwrap() as f32;
         assert!(
-            (got - want).abs() < 1e-4 * factor.abs().max(1.0),
+            (got - want).abs() < tolerance * want.abs().max(1.0),
             "{}, case {i}: {got} vs {want} ({factor} x transformers)",
             dir.display()
         );
