@@ -147,3 +147,19 @@ fn warm_fuse_averages_openrlhf_members() {
     assert_eq!(config["std"], 1.75, "equal in every member, so kept");
     assert_scores(&fused, "openrlhf-llama", 2.0, 1e-4);
 }
+
+/// A member saved before train_rm wrote `value_head_prefix` and one saved after, with the
+/// same head tensor, can be averaged: the tensor names decide, not the key.
+#[test]
+fn members_with_and_without_value_head_prefix_fuse() {
+    let (_keep, older) = variant(
+        |c| {
+            c.as_object_mut().unwrap().remove("value_head_prefix");
+        },
+        unchanged,
+    );
+    let out = tempfile::tempdir().unwrap();
+    let fused = out.path().join("fused");
+    common::warm_fuse(&[&fixture("openrlhf-llama"), &older], &fused, &[]);
+    assert_scores(&fused, "openrlhf-llama", 1.0, 1e-4);
+}

@@ -48,7 +48,6 @@ pub const STRUCTURAL_KEYS: &[&str] = &[
     "pooler_hidden_size",
     "pooler_hidden_act",
     "problem_type",
-    "value_head_prefix",
 ];
 
 /// Keys that say nothing about the weights and are not reported when they differ.
