@@ -56,8 +56,6 @@ pub struct Scorer {
     max_length: usize,
     /// config.json's `vocab_size` (the embedding's rows, checked at load), when given.
     embedding_rows: Option<usize>,
-    /// Rows of the token-type embedding, when the model reads token type ids.
-    type_rows: Option<usize>,
     pooling: Pooling,
     report: FusionReport,
 }
@@ -122,7 +120,6 @@ impl Scorer {
             labels,
             problem_type,
             pooling: models[0].pooling(),
-            type_rows: models[0].token_type_rows(),
             max_length: max_input_length.map_or(model_max, |m| m.min(model_max)),
             embedding_rows: config
                 .raw()
@@ -220,7 +217,7 @@ impl Scorer {
                 return Err(TextError::BeyondEmbedding { id, rows });
             }
         }
-        if let Some(rows) = self.type_rows {
+        if let Some(rows) = self.models[0].token_type_rows() {
             if let Some(&id) = encoded.type_ids.iter().find(|&&id| id as usize >= rows) {
                 return Err(TextError::TypeBeyondEmbedding { id, rows });
             }

@@ -60,10 +60,6 @@ struct Config {
     attn_logit_softcapping: Option<f64>,
     #[serde(default)]
     pad_token_id: Option<u32>,
-    #[serde(default)]
-    num_labels: Option<usize>,
-    #[serde(default)]
-    id2label: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 fn default_eps() -> f64 {
@@ -179,22 +175,9 @@ pub struct DecoderModel {
     min_shared_prefix: usize,
 }
 
-/// transformers' `architecture` (a *ForSequenceClassification class) from config.json.
+/// The backbone of `architecture`'s family (a *ForSequenceClassification class) under
+/// `head`.
 pub fn load(
-    architecture: &str,
-    raw: &serde_json::Value,
-    vb: VarBuilder,
-) -> std::result::Result<Box<dyn RewardModel>, ModelError> {
-    let cfg: Config = parse_config(raw)?;
-    let labels = cfg
-        .num_labels
-        .or(cfg.id2label.as_ref().map(|m| m.len()))
-        .unwrap_or(2);
-    load_with_head(architecture, raw, vb, &HeadSpec::classification(labels))
-}
-
-/// The backbone of `architecture`'s family under another score head.
-pub fn load_with_head(
     architecture: &str,
     raw: &serde_json::Value,
     vb: VarBuilder,

@@ -290,29 +290,31 @@ pub fn load(
         | "MistralForSequenceClassification"
         | "Qwen2ForSequenceClassification"
         | "Qwen3ForSequenceClassification"
-        | "Gemma2ForSequenceClassification" => decoder::load(architecture, &raw, vb),
+        | "Gemma2ForSequenceClassification" => decoder::load(
+            architecture,
+            &raw,
+            vb,
+            &score_head::HeadSpec::classification(config.num_labels()),
+        ),
         // Classes of their own (Qwen2.5-Math-RM's remote code, INF-ORM's model card): a
         // transformers backbone under a two-layer MLP head.
-        "Qwen2ForRewardModel" => decoder::load_with_head(
+        "Qwen2ForRewardModel" => decoder::load(
             "Qwen2ForSequenceClassification",
             &raw,
             vb,
             &score_head::HeadSpec::relu_mlp(),
         ),
-        "INFORMForSequenceClassification" => decoder::load_with_head(
+        "INFORMForSequenceClassification" => decoder::load(
             "LlamaForSequenceClassification",
             &raw,
             vb,
             &score_head::HeadSpec::relu_mlp(),
         ),
         name if openrlhf::ARCHITECTURES.contains(&name) => openrlhf::load(&raw, vb),
-        name if value_head::CAUSAL_LMS
-            .iter()
-            .any(|(causal, _)| *causal == name) =>
-        {
-            value_head::load(name, &raw, vb)
-        }
-        other => Err(ModelError::Unsupported(other.to_string())),
+        other => match value_head::family(other) {
+            Some(family) => value_head::load(other, family, &raw, vb),
+            None => Err(ModelError::Unsupported(other.to_string())),
+        },
     }
 }
 

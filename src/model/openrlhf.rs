@@ -46,7 +46,7 @@ pub fn load(raw: &serde_json::Value, vb: VarBuilder) -> Result<Box<dyn RewardMod
         name,
         labels: 1,
     };
-    decoder::load_with_head(architecture, raw, vb, &head)
+    decoder::load(architecture, raw, vb, &head)
 }
 
 /// `value_head_prefix` from config.json (written since December 2024), else the first

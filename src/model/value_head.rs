@@ -13,7 +13,7 @@ use super::{ModelError, RewardModel};
 
 /// Causal-LM classes warm serves under a value head, with the sequence-classification
 /// class of the same family.
-pub const CAUSAL_LMS: &[(&str, &str)] = &[
+const CAUSAL_LMS: &[(&str, &str)] = &[
     ("LlamaForCausalLM", "LlamaForSequenceClassification"),
     ("MistralForCausalLM", "MistralForSequenceClassification"),
     ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
@@ -23,17 +23,21 @@ pub const CAUSAL_LMS: &[(&str, &str)] = &[
 
 const HEAD: &str = "v_head.summary";
 
-/// `causal` is config.json's architecture, one of CAUSAL_LMS.
-pub fn load(
-    causal: &str,
-    raw: &serde_json::Value,
-    vb: VarBuilder,
-) -> Result<Box<dyn RewardModel>, ModelError> {
-    let family = CAUSAL_LMS
+/// The sequence-classification class of `causal`'s family, when warm serves it.
+pub fn family(causal: &str) -> Option<&'static str> {
+    CAUSAL_LMS
         .iter()
         .find(|(name, _)| *name == causal)
         .map(|(_, family)| *family)
-        .ok_or_else(|| ModelError::Unsupported(causal.to_string()))?;
+}
+
+/// `causal` (config.json's architecture) under its value head, as `family` computes.
+pub fn load(
+    causal: &str,
+    family: &str,
+    raw: &serde_json::Value,
+    vb: VarBuilder,
+) -> Result<Box<dyn RewardModel>, ModelError> {
     if !vb.contains_tensor(&format!("{HEAD}.weight")) {
         return Err(ModelError::NoRewardHead(causal.to_string()));
     }
@@ -44,5 +48,5 @@ pub fn load(
             bias: vb.contains_tensor(&format!("{HEAD}.bias")),
         },
     };
-    decoder::load_with_head(family, raw, vb, &head)
+    decoder::load(family, raw, vb, &head)
 }
