@@ -142,6 +142,24 @@ impl Segments {
             .collect()
     }
 
+    /// The row of each input's token at `positions[input]` (in a shared prefix or in the
+    /// input's own segment).
+    pub fn rows_at(&self, positions: &[usize]) -> Vec<u32> {
+        self.ends
+            .iter()
+            .zip(positions)
+            .map(|(&end, &position)| {
+                let (prefix_start, prefix_len) = self.prefix_rows(end);
+                let row = if position < prefix_len {
+                    prefix_start + position
+                } else {
+                    self.starts[end] + position - prefix_len
+                };
+                row as u32
+            })
+            .collect()
+    }
+
     /// Rows saved by sharing: the inputs' tokens less the packed rows.
     pub fn rows_saved(&self, sequences: &[&Sequence]) -> usize {
         let tokens: usize = sequences.iter().map(|s| s.ids.len()).sum();
@@ -430,6 +448,15 @@ mod tests {
                 let got: Vec<usize> = rows.iter().map(|&r| positions[r]).collect();
                 assert_eq!(got, (0..input.ids.len()).collect::<Vec<_>>(), "input {i}");
                 assert_eq!(last_rows[i] as usize, start + len - 1);
+            }
+            // rows_at finds each input's token at any position, in a prefix or its own rows.
+            let longest = inputs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+            for p in 0..longest {
+                let at: Vec<usize> = inputs.iter().map(|s| p.min(s.ids.len() - 1)).collect();
+                for (i, row) in segments.rows_at(&at).into_iter().enumerate() {
+                    assert_eq!(ids[row as usize], inputs[i].ids[at[i]], "input {i} at {p}");
+                    assert_eq!(positions[row as usize], at[i], "input {i} at {p}");
+                }
             }
             // Every row belongs to an input: no segment is left unused.
             let used: usize = (0..segments.count())
