@@ -100,12 +100,12 @@ impl Scorer {
         let models = tensor_sets
             .into_iter()
             .map(|tensors| {
-                model::load(&config, tensors, candle_dtype, device).map_err(|source| {
-                    LoadError::Model {
+                model::load(&config, tensors, candle_dtype, device, encoder.tokenizer()).map_err(
+                    |source| LoadError::Model {
                         dir: first.display().to_string(),
                         source,
-                    }
-                })
+                    },
+                )
             })
             .collect::<Result<Vec<_>, _>>()?;
         let model_max = models[0].max_input_length();
@@ -221,6 +221,9 @@ impl Scorer {
             if let Some(&id) = encoded.type_ids.iter().find(|&&id| id as usize >= rows) {
                 return Err(TextError::TypeBeyondEmbedding { id, rows });
             }
+        }
+        if let Some(problem) = self.models[0].input_error(&encoded.ids) {
+            return Err(TextError::Unscorable(problem));
         }
         Ok(Sequence {
             ids: encoded.ids,

@@ -103,6 +103,20 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
             .unwrap();
         assert_eq!(seq.ids, ids_of(&t["ids"]), "{name} truncation case {i}");
     }
+    // Inputs the model refuses on their own (ArmoRM: no prompt's end in them).
+    for (i, case) in expected["unscorable"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        match scorer.encode(&input_of(case), false, None, true) {
+            Err(TextError::Unscorable(message)) => {
+                assert!(message.contains("prompt ends"), "{name}: {message}")
+            }
+            other => panic!("{name} unscorable case {i}: expected a refusal, got {other:?}"),
+        }
+    }
     for t in expected["template_errors"].as_array().into_iter().flatten() {
         let messages: Vec<Message> = serde_json::from_value(t["messages"].clone()).unwrap();
         match scorer.encode(&Input::Messages(messages), false, None, true) {
@@ -146,6 +160,7 @@ parity! {
     qwen2_rm => "qwen2-rm",
     inform_llama => "inform-llama",
     llamafactory_qwen2 => "llamafactory-qwen2",
+    armo_llama => "armo-llama",
 }
 
 /// Real pre-trained weights (too large for the repository): run

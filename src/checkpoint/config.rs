@@ -48,6 +48,10 @@ pub const STRUCTURAL_KEYS: &[&str] = &[
     "pooler_hidden_size",
     "pooler_hidden_act",
     "problem_type",
+    "num_objectives",
+    "gating_temperature",
+    "gating_hidden_dim",
+    "gating_n_hidden",
 ];
 
 /// Keys that say nothing about the weights and are not reported when they differ.

@@ -350,14 +350,15 @@ impl DecoderModel {
     /// Logits `[b, labels]` and what was computed.
     fn forward(&self, sequences: &[&Sequence]) -> Result<(Tensor, Work)> {
         let device: Device = self.embed.embeddings().device().clone();
+        let prompts = self.score.prompt_positions(sequences)?;
         if packed_attention::applies(&device, self.embed.embeddings().dtype()) {
-            return self.forward_packed(sequences, &device);
+            return self.forward_packed(sequences, prompts, &device);
         }
         if self.min_shared_prefix > 0 {
             let (segments, ids) = Segments::share_prefixes(sequences, self.min_shared_prefix);
             let shared = segments.rows_saved(sequences);
             if shared > 0 {
-                return self.forward_shared_padded(&segments, ids, shared, &device);
+                return self.forward_shared_padded(&segments, ids, shared, prompts, &device);
             }
         }
         let batch = PaddedBatch::new(sequences, self.pad_id, &device)?;
@@ -380,8 +381,15 @@ impl DecoderModel {
             };
             x = self.layer_forward(layer, &x, mask, &packing)?;
         }
-        let rows = packing.last_rows(&x)?;
-        let logits = self.score.forward(&self.norm.forward(&rows)?)?;
+        let prompt_rows = prompts.map(|positions| {
+            let starts = batch.lengths.iter().scan(0, |start, &len| {
+                let here = *start;
+                *start += len;
+                Some(here)
+            });
+            starts.zip(positions).map(|(s, p)| (s + p) as u32).collect()
+        });
+        let logits = self.read_out(&x, &packing.last_rows(&x)?, prompt_rows)?;
         Ok((logits, unshared_work(BatchLayout::Padded, sequences)))
     }
 
@@ -393,6 +401,7 @@ impl DecoderModel {
         segments: &Segments,
         ids: Vec<u32>,
         shared: usize,
+        prompts: Option<Vec<usize>>,
         device: &Device,
     ) -> Result<(Tensor, Work)> {
         let total = ids.len();
@@ -424,8 +433,8 @@ impl DecoderModel {
             x = self.shared_layer_forward(layer, &x, &layout, &rotation, &heads)?;
         }
         let last_rows = Tensor::from_vec(segments.last_rows(), segments.inputs(), device)?;
-        let rows = x.index_select(&last_rows, 0)?;
-        let logits = self.score.forward(&self.norm.forward(&rows)?)?;
+        let last = x.index_select(&last_rows, 0)?;
+        let logits = self.read_out(&x, &last, prompts.map(|p| segments.rows_at(&p)))?;
         Ok((
             logits,
             Work {
@@ -437,7 +446,12 @@ impl DecoderModel {
 
     /// On the CPU in f32 everything, attention included, runs on the packed rows, and a
     /// start that inputs share is packed (and computed) once.
-    fn forward_packed(&self, sequences: &[&Sequence], device: &Device) -> Result<(Tensor, Work)> {
+    fn forward_packed(
+        &self,
+        sequences: &[&Sequence],
+        prompts: Option<Vec<usize>>,
+        device: &Device,
+    ) -> Result<(Tensor, Work)> {
         let (segments, ids) = Segments::share_prefixes(sequences, self.min_shared_prefix);
         let shared = segments.rows_saved(sequences);
         if shared > 0 {
@@ -447,21 +461,41 @@ impl DecoderModel {
                 "shared prefixes computed once"
             );
         }
+        let prompt_rows = prompts.map(|p| segments.rows_at(&p));
         let rows = PackedRows::new(segments, device)?;
         let total = ids.len();
         let mut x = self.embed_rows(&Tensor::from_vec(ids, total, device)?)?;
+        // The last layer computes the last rows alone, unless the head reads other rows too.
+        let last_only = prompt_rows.is_none() && !self.layers.is_empty();
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = self.packed_layer_forward(layer, &x, &rows, i == last)?;
+            x = self.packed_layer_forward(layer, &x, &rows, last_only && i == last)?;
         }
-        if self.layers.is_empty() {
-            x = x.index_select(&rows.last_rows, 0)?;
-        }
+        let last_rows = if last_only {
+            x.clone()
+        } else {
+            x.index_select(&rows.last_rows, 0)?
+        };
         let work = Work {
             tokens: total,
             shared,
         };
-        Ok((self.score.forward(&self.norm.forward(&x)?)?, work))
+        Ok((self.read_out(&x, &last_rows, prompt_rows)?, work))
+    }
+
+    /// The score head on the last rows `last` `[b, h]` and, for a head that reads them, the
+    /// rows `prompt_rows` of `x` `[t, h]` where the prompts end.
+    fn read_out(&self, x: &Tensor, last: &Tensor, prompt_rows: Option<Vec<u32>>) -> Result<Tensor> {
+        let prompt = match prompt_rows {
+            Some(rows) => {
+                let count = rows.len();
+                let rows = Tensor::from_vec(rows, count, x.device())?;
+                Some(self.norm.forward(&x.index_select(&rows, 0)?)?)
+            }
+            None => None,
+        };
+        self.score
+            .forward(&self.norm.forward(last)?, prompt.as_ref())
     }
 
     /// Token embeddings of packed ids `[t]` -> `[t, h]`.
@@ -647,6 +681,10 @@ impl RewardModel for DecoderModel {
 
     fn num_labels(&self) -> usize {
         self.num_labels
+    }
+
+    fn input_error(&self, ids: &[u32]) -> Option<String> {
+        self.score.input_error(ids)
     }
 
     fn share_prefixes_from(&mut self, tokens: usize) {

@@ -6,6 +6,7 @@ mod deberta;
 mod decoder;
 mod dense;
 mod gated;
+mod gating_head;
 mod gelu;
 mod layers;
 mod openrlhf;
@@ -36,6 +37,8 @@ pub enum ModelError {
     NoRewardHead(String),
     #[error("config.json: {0}")]
     Config(String),
+    #[error("tokenizer.json: {0}")]
+    Tokenizer(String),
     #[error("loading the weights: {0}")]
     Load(String),
     #[error("forward pass: {0}")]
@@ -54,6 +57,7 @@ pub const SUPPORTED: &[&str] = &[
     "Gemma2ForSequenceClassification",
     "Qwen2ForRewardModel",
     "INFORMForSequenceClassification",
+    "LlamaForRewardModelWithGating",
 ];
 
 /// Which token's hidden state the score head reads, as transformers does.
@@ -245,6 +249,11 @@ pub trait RewardModel: Send + Sync {
     fn token_type_rows(&self) -> Option<usize> {
         None
     }
+    /// Why the model cannot score `ids`, if it cannot (ArmoRM needs the prompt's end in
+    /// them), so that such an input is refused on its own.
+    fn input_error(&self, _ids: &[u32]) -> Option<String> {
+        None
+    }
     /// Inputs of one batch that begin with at least `tokens` equal tokens compute those
     /// once (0: never). Only causal models can; the others ignore it.
     fn share_prefixes_from(&mut self, _tokens: usize) {}
@@ -268,12 +277,14 @@ pub fn unshared_work(layout: BatchLayout, sequences: &[&Sequence]) -> Work {
 /// Shared starts shorter than this are not worth a segment of their own.
 pub const DEFAULT_MIN_SHARED_PREFIX: usize = 16;
 
-/// Builds the model named by config.json's `architectures` from `tensors`.
+/// Builds the model named by config.json's `architectures` from `tensors`; `tokenizer` is
+/// the checkpoint's, for a model that finds its place in the text by token ids (ArmoRM).
 pub fn load(
     config: &ModelConfig,
     tensors: HashMap<String, Tensor>,
     dtype: DType,
     device: &Device,
+    tokenizer: &tokenizers::Tokenizer,
 ) -> Result<Box<dyn RewardModel>, ModelError> {
     let architecture = config
         .architecture()
@@ -309,6 +320,13 @@ pub fn load(
             &raw,
             vb,
             &score_head::HeadSpec::relu_mlp(),
+        ),
+        // ArmoRM (RLHFlow's remote code): a Llama under gated multi-objective regression.
+        "LlamaForRewardModelWithGating" => decoder::load(
+            "LlamaForSequenceClassification",
+            &raw,
+            vb,
+            &score_head::HeadSpec::gating(gating_head::GatingSpec::new(&raw, tokenizer)?),
         ),
         name if openrlhf::ARCHITECTURES.contains(&name) => openrlhf::load(&raw, vb),
         other => match value_head::family(other) {

@@ -636,6 +636,85 @@ mod tests {
     }
 
     #[test]
+    fn armo_reads_the_prompt_end_alike_in_every_layout() {
+        // ArmoRM's gate reads the hidden state where the prompt ends: inside a shared
+        // prompt (best-of-N), in an input's own rows (a prompt only partly shared), and at
+        // the last of two occurrences (two turns).
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let expected: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(fixtures.join("expected/armo-llama.json")).expect("expected"),
+        )
+        .expect("json");
+        let end: Vec<u32> =
+            serde_json::from_value(expected["prompt_end_ids"].clone()).expect("prompt_end_ids");
+        let filler = |seed: usize, len: usize| -> Vec<u32> {
+            (0..len)
+                .map(|p| 5 + ((p * 11 + seed * 7) % 90) as u32)
+                .collect()
+        };
+        let prompt: Vec<u32> = [vec![600], filler(0, 20), end.clone()].concat();
+        let mut inputs: Vec<Vec<u32>> = [3usize, 9, 1]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| [prompt.clone(), filler(i + 1, len), vec![605]].concat())
+            .collect();
+        // Shares the first 21 tokens only: its prompt end is in its own rows.
+        inputs.push([&prompt[..21], &filler(9, 6), &end, &filler(4, 5), &[605]].concat());
+        // Two turns after the shared prompt: the gate reads the second prompt end.
+        inputs.push([&prompt[..], &filler(5, 4), &end, &filler(6, 7), &[605]].concat());
+        let sequences: Vec<Sequence> = inputs
+            .into_iter()
+            .map(|ids| Sequence {
+                type_ids: vec![0; ids.len()],
+                ids,
+            })
+            .collect();
+        let refs: Vec<&Sequence> = sequences.iter().collect();
+        let dir = fixtures.join("models/armo-llama");
+        let mut scorer = Scorer::load_one(&dir).expect("load the fixture");
+        let alone: Vec<f32> = refs
+            .iter()
+            .map(|s| scorer.score(&[s]).expect("score alone")[0].value)
+            .collect();
+        for padded in [false, true] {
+            PADDED_ONLY.with(|p| p.set(padded));
+            for min_shared in [8, 0] {
+                scorer.share_prefixes_from(min_shared);
+                let (scores, work) = scorer.score_batch(&refs).expect("score the batch");
+                assert_eq!(work.shared > 0, min_shared > 0, "padded {padded}");
+                for (i, (s, a)) in scores.iter().zip(&alone).enumerate() {
+                    assert!(
+                        (s.value - a).abs() < 1e-5,
+                        "padded {padded}, shared from {min_shared}, input {i}: {} vs {a} alone",
+                        s.value
+                    );
+                }
+            }
+        }
+        PADDED_ONLY.with(|p| p.set(false));
+        for dtype in [FloatDType::BF16, FloatDType::F16] {
+            let members = crate::config::MembersConfig::single(&dir);
+            let mut half = Scorer::load(
+                &members,
+                crate::scorer::Combine::Weights,
+                dtype,
+                &Device::Cpu,
+                None,
+            )
+            .expect("load in a half type");
+            half.share_prefixes_from(8);
+            let scores = half.score(&refs).expect("score in a half type");
+            for (i, (s, a)) in scores.iter().zip(&alone).enumerate() {
+                assert!(
+                    (s.value - a).abs() < 5e-2,
+                    "{dtype:?} input {i}: {} vs {a} in f32",
+                    s.value
+                );
+            }
+        }
+    }
+
+    #[test]
     fn half_type_models_share_prompts_within_their_rounding() {
         // bf16 and f16 take the padded layout on any device: with prompts shared, scores
         // stay as close to f32's as without.

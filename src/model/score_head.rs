@@ -1,13 +1,16 @@
 //! The decoders' score head: what maps the last real token's hidden state to logits.
 //! transformers' *ForSequenceClassification has one bias-free linear layer `score`; reward
 //! models saved by their own classes name or shape it otherwise (OpenRLHF's value head;
-//! the two-layer MLP of Qwen2ForRewardModel and INFORMForSequenceClassification).
+//! the two-layer MLP of Qwen2ForRewardModel and INFORMForSequenceClassification; ArmoRM's
+//! gated objectives, which also read where the prompt ends).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::dense::Dense;
+use super::gating_head::{GatingHead, GatingSpec};
 use super::layers::linear;
+use super::Sequence;
 
 /// Where the head's tensors are and how they are arranged.
 pub struct HeadSpec {
@@ -23,6 +26,9 @@ pub enum HeadShape {
     /// `Sequential(Linear(h, h), ReLU, Linear(h, labels))`, both with biases:
     /// `<name>.0.*` and `<name>.2.*`.
     ReluMlp,
+    /// ArmoRM's regression layer and gating network (src/model/gating_head.rs), from the
+    /// checkpoint's root whatever `name` says.
+    Gating(GatingSpec),
 }
 
 impl HeadSpec {
@@ -44,31 +50,81 @@ impl HeadSpec {
             shape: HeadShape::ReluMlp,
         }
     }
+
+    /// ArmoRM's gated objectives, one reward.
+    pub fn gating(spec: GatingSpec) -> Self {
+        Self {
+            name: String::new(),
+            labels: 1,
+            shape: HeadShape::Gating(spec),
+        }
+    }
 }
 
 pub enum ScoreHead {
     Linear(Dense),
     ReluMlp { hidden: Dense, out: Dense },
+    Gating(GatingHead),
 }
 
 impl ScoreHead {
     pub fn load(vb: VarBuilder, hidden: usize, spec: &HeadSpec) -> Result<Self> {
-        let vb = vb.pp(&spec.name);
-        Ok(match spec.shape {
-            HeadShape::Linear { bias } => Self::Linear(linear(vb, hidden, spec.labels, bias)?),
-            HeadShape::ReluMlp => Self::ReluMlp {
-                hidden: linear(vb.pp("0"), hidden, hidden, true)?,
-                out: linear(vb.pp("2"), hidden, spec.labels, true)?,
-            },
+        Ok(match &spec.shape {
+            HeadShape::Linear { bias } => {
+                Self::Linear(linear(vb.pp(&spec.name), hidden, spec.labels, *bias)?)
+            }
+            HeadShape::ReluMlp => {
+                let vb = vb.pp(&spec.name);
+                Self::ReluMlp {
+                    hidden: linear(vb.pp("0"), hidden, hidden, true)?,
+                    out: linear(vb.pp("2"), hidden, spec.labels, true)?,
+                }
+            }
+            HeadShape::Gating(gating) => Self::Gating(GatingHead::load(vb, hidden, gating)?),
         })
     }
-}
 
-impl Module for ScoreHead {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Why `ids` cannot be scored by this head, if they cannot.
+    pub fn input_error(&self, ids: &[u32]) -> Option<String> {
         match self {
-            Self::Linear(layer) => layer.forward(x),
-            Self::ReluMlp { hidden, out } => out.forward(&hidden.forward(x)?.relu()?),
+            Self::Gating(head) => head.input_error(ids),
+            Self::Linear(_) | Self::ReluMlp { .. } => None,
+        }
+    }
+
+    /// Where each input's prompt ends, when the head reads it (None: it reads the last
+    /// token alone).
+    pub fn prompt_positions(&self, sequences: &[&Sequence]) -> Result<Option<Vec<usize>>> {
+        let Self::Gating(head) = self else {
+            return Ok(None);
+        };
+        sequences
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                head.prompt_end(&s.ids).ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "input {i}: {}",
+                        head.input_error(&s.ids).unwrap_or_default()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// Logits `[b, labels]` from the normed hidden states at the last tokens, and at the
+    /// prompts' ends for a head that reads them.
+    pub fn forward(&self, last: &Tensor, prompt: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Self::Linear(layer) => layer.forward(last),
+            Self::ReluMlp { hidden, out } => out.forward(&hidden.forward(last)?.relu()?),
+            Self::Gating(head) => match prompt {
+                Some(prompt) => head.forward(last, prompt),
+                None => Err(candle_core::Error::Msg(
+                    "the gating head needs the prompts' hidden states".into(),
+                )),
+            },
         }
     }
 }

@@ -162,13 +162,22 @@ fn load(state: &AppState) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     scorer.share_prefixes_from(config.min_shared_prefix);
     let report = scorer.report().clone();
+    // A prompt and response where the model can format one (ArmoRM scores nothing else),
+    // else plain text.
+    let pair = crate::text::Input::Pair {
+        prompt: "warm-up".into(),
+        response: "ready".into(),
+    };
     let warmup = scorer
-        .encode(
-            &crate::text::Input::Text("warm-up".into()),
-            true,
-            None,
-            true,
-        )
+        .encode(&pair, true, None, true)
+        .or_else(|_| {
+            scorer.encode(
+                &crate::text::Input::Text("warm-up".into()),
+                true,
+                None,
+                true,
+            )
+        })
         .map_err(|e| format!("warm-up input: {e}"))?;
     scorer
         .score(&[&warmup])

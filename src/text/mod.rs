@@ -36,6 +36,9 @@ pub enum TextError {
     /// The same for token type ids (a pair template giving a type the model lacks).
     #[error("the tokenizer gave token type id {id}, beyond the model's {rows} token types (tokenizer.json's post-processor and config.json's type_vocab_size disagree)")]
     TypeBeyondEmbedding { id: u32, rows: usize },
+    /// The model cannot score the input as encoded (ArmoRM without a prompt's end).
+    #[error("{0}")]
+    Unscorable(String),
 }
 
 /// Loads the encoder of a checkpoint folder: tokenizer.json plus the chat template and
