@@ -101,6 +101,9 @@ pub struct ServeConfig {
     pub max_concurrent_requests: usize,
     pub max_input_length: Option<usize>,
     pub auto_truncate: bool,
+    /// Standardize rewards with config.json's `mean` and `std` (OpenRLHF's
+    /// `--normalize_reward`).
+    pub normalize_reward: bool,
     /// Inputs of one batch sharing at least this many first tokens compute them once
     /// (decoder models; 0: never).
     pub min_shared_prefix: usize,

@@ -16,6 +16,7 @@ pub mod fuse;
 #[cfg(feature = "cuda")]
 pub mod kernels;
 pub mod model;
+pub mod reward_stats;
 pub mod scorer;
 pub mod server;
 pub mod text;

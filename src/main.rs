@@ -130,6 +130,10 @@ struct ServeArgs {
     /// Truncate long inputs instead of refusing them (422).
     #[arg(long, env = "WARM_AUTO_TRUNCATE")]
     auto_truncate: bool,
+    /// Standardize rewards with the `mean` and `std` in config.json, as OpenRLHF's
+    /// serve_rm --normalize_reward does: (reward - mean) / std.
+    #[arg(long, env = "WARM_NORMALIZE_REWARD")]
+    normalize_reward: bool,
     /// Inputs of one batch that begin with at least this many equal tokens (one prompt,
     /// several responses) compute them once: decoder models, on any device. 0: never.
     #[arg(long, env = "WARM_MIN_SHARED_PREFIX", default_value_t = warm::model::DEFAULT_MIN_SHARED_PREFIX)]
@@ -268,6 +272,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_concurrent_requests: args.max_concurrent_requests,
         max_input_length: args.max_input_length,
         auto_truncate: args.auto_truncate,
+        normalize_reward: args.normalize_reward,
         min_shared_prefix: args.min_shared_prefix,
         tokenization_workers: workers,
         payload_limit: usize::try_from(args.payload_limit)?,

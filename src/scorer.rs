@@ -10,6 +10,7 @@ use crate::config::MembersConfig;
 use crate::dtype::FloatDType;
 use crate::fuse::{self, FuseError, FusionReport};
 use crate::model::{self, ModelError, Pooling, RewardModel, Sequence, Work};
+use crate::reward_stats::{RewardStats, StatsError};
 use crate::text::{self, Direction, EncodeOptions, Input, TextEncoder, TextError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -58,6 +59,8 @@ pub struct Scorer {
     embedding_rows: Option<usize>,
     pooling: Pooling,
     report: FusionReport,
+    /// Per model, the statistics its logits are standardized with (`--normalize-reward`).
+    stats: Option<Vec<RewardStats>>,
 }
 
 impl Scorer {
@@ -129,7 +132,40 @@ impl Scorer {
             models,
             weights,
             report,
+            stats: None,
         })
+    }
+
+    /// Standardizes every logit with the reward statistics in the members' config.json,
+    /// as OpenRLHF's `--normalize_reward` does: the fused model's (which every member must
+    /// share), or with ENS each member's own, before the members are combined.
+    pub fn normalize_rewards(&mut self, members: &MembersConfig) -> Result<(), StatsError> {
+        let stats = if self.models.len() == 1 {
+            vec![RewardStats::of_fused(&members.dirs)?]
+        } else {
+            members
+                .dirs
+                .iter()
+                .map(|dir| RewardStats::of(dir))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        self.stats = Some(stats);
+        Ok(())
+    }
+
+    /// The statistics rewards are standardized with, per model (None: raw rewards).
+    pub fn reward_stats(&self) -> Option<&[RewardStats]> {
+        self.stats.as_deref()
+    }
+
+    /// Model `index`'s logits, standardized when `--normalize-reward` asks.
+    fn standardized(&self, index: usize, mut logits: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+        if let Some(stats) = self.stats.as_ref().and_then(|all| all.get(index)) {
+            for value in logits.iter_mut().flatten() {
+                *value = stats.standardize(*value);
+            }
+        }
+        logits
     }
 
     /// One checkpoint folder as a plain single reward model, f32 on the CPU.
@@ -253,8 +289,8 @@ impl Scorer {
     pub fn score_batch(&self, sequences: &[&Sequence]) -> Result<(Vec<Score>, Work), ModelError> {
         if self.models.len() == 1 {
             let forward = self.models[0].logits(sequences)?;
-            let scores = forward
-                .logits
+            let scores = self
+                .standardized(0, forward.logits)
                 .into_iter()
                 .map(|logits| Score {
                     value: logits.first().copied().unwrap_or(f32::NAN),
@@ -270,7 +306,11 @@ impl Scorer {
             .map(|m| m.logits(sequences))
             .collect::<Result<Vec<_>, _>>()?;
         let work = forwards[0].work;
-        let per_member: Vec<Vec<Vec<f32>>> = forwards.into_iter().map(|f| f.logits).collect();
+        let per_member: Vec<Vec<Vec<f32>>> = forwards
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| self.standardized(i, f.logits))
+            .collect();
         let scores = (0..sequences.len())
             .map(|i| {
                 let labels = per_member[0][i].len();

@@ -163,3 +163,95 @@ fn members_with_and_without_value_head_prefix_fuse() {
     common::warm_fuse(&[&fixture("openrlhf-llama"), &older], &fused, &[]);
     assert_scores(&fused, "openrlhf-llama", 1.0, 1e-4);
 }
+
+/// `--normalize-reward`, as OpenRLHF's serve_rm --normalize_reward (its example remote RM
+/// script uses it): every reward becomes (reward - mean) / std with config.json's
+/// statistics (the fixture's: 0.25 and 1.75).
+#[test]
+fn normalize_reward_standardizes_with_the_config_statistics() {
+    let expected = expected("openrlhf-llama");
+    let cases: Vec<&Value> = expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["rendered"].is_string())
+        .collect();
+    let server = Server::started(&[
+        "--model",
+        &fixture("openrlhf-llama").display().to_string(),
+        "--normalize-reward",
+    ]);
+    let queries: Vec<&str> = cases
+        .iter()
+        .map(|c| c["rendered"].as_str().unwrap())
+        .collect();
+    let (status, body) = server.post("/get_reward", &serde_json::json!({ "query": queries }));
+    assert_eq!(status, 200, "{body}");
+    for (case, got) in cases.iter().zip(body["rewards"].as_array().unwrap()) {
+        let raw = case["score"].as_f64().unwrap() as f32;
+        let want = (raw - 0.25) / 1.75;
+        let got = got.as_f64().unwrap() as f32;
+        assert!((got - want).abs() < 1e-4, "{got} vs {want} (raw {raw})");
+    }
+    let (_, info) = server.get("/info");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(
+        info["reward_statistics"],
+        serde_json::json!([{"mean": 0.25, "std": 1.75}]),
+        "{info}"
+    );
+}
+
+/// With ENS each member is standardized by its own statistics before the members are
+/// averaged; averaging weights, whose statistics are unknown when the members' differ,
+/// refuses to start with one message naming both.
+#[test]
+fn normalize_reward_per_member_and_refused_for_a_fusion_of_differing_members() {
+    let (_keep, shifted) = variant(|c| c["mean"] = 0.5.into(), unchanged);
+    let members = warm::config::MembersConfig {
+        dirs: vec![fixture("openrlhf-llama"), shifted.clone()],
+        weights: None,
+        allow_unrelated_members: false,
+    };
+    let mut ens = warm::scorer::Scorer::load(
+        &members,
+        warm::scorer::Combine::Predictions,
+        warm::dtype::FloatDType::F32,
+        &candle_core::Device::Cpu,
+        None,
+    )
+    .unwrap();
+    ens.normalize_rewards(&members).unwrap();
+    let case = &expected("openrlhf-llama")["cases"][3];
+    let sequence = ens
+        .encode(&common::cases::input_of(case), false, None, true)
+        .unwrap();
+    let got = ens.score(&[&sequence]).unwrap()[0].value;
+    let raw = case["score"].as_f64().unwrap() as f32;
+    let want = ((raw - 0.25) / 1.75 + (raw - 0.5) / 1.75) / 2.0;
+    assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+
+    let out = std::process::Command::new(common::warm_bin())
+        .args([
+            "serve",
+            "--normalize-reward",
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+        ])
+        .arg("--model")
+        .arg(fixture("openrlhf-llama"))
+        .arg("--model")
+        .arg(&shifted)
+        .env_remove("WARM_MODEL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--normalize-reward: the members' reward statistics differ")
+            && stderr.contains("mean 0.5, std 1.75"),
+        "{stderr}"
+    );
+}

@@ -161,6 +161,11 @@ fn load(state: &AppState) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     scorer.share_prefixes_from(config.min_shared_prefix);
+    if config.normalize_reward {
+        scorer
+            .normalize_rewards(&config.members)
+            .map_err(|e| e.to_string())?;
+    }
     let report = scorer.report().clone();
     // A prompt and response where the model can format one (ArmoRM scores nothing else),
     // else plain text.
@@ -216,6 +221,10 @@ fn load(state: &AppState) -> Result<(), String> {
         })).collect::<Vec<_>>(),
         "has_chat_template": scorer.has_chat_template(),
         "num_labels": scorer.num_labels(),
+        "reward_statistics": scorer.reward_stats().map(|all| all.iter().map(|s| serde_json::json!({
+            "mean": s.mean,
+            "std": s.std,
+        })).collect::<Vec<_>>()),
         "limits": {
             "max_input_length": scorer.max_input_length(),
             "max_batch_tokens": config.max_batch_tokens,

@@ -1,0 +1,174 @@
+//! OpenRLHF's `--normalize_reward`: rewards standardized with the `mean` and `std` that
+//! `train_rm` writes into config.json (the statistics of its eval set's rewards), as
+//! `(reward - mean) / std` in f32, the way OpenRLHF's RewardModel applies its buffers.
+
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::{CheckpointError, ModelConfig, CONFIG_FILE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    #[error(transparent)]
+    Config(#[from] CheckpointError),
+    #[error("--normalize-reward: {0}: config.json has no reward statistics ('mean' and 'std', which OpenRLHF's train_rm writes; `warm fuse` leaves them out when the members' differ)")]
+    Missing(PathBuf),
+    #[error("--normalize-reward: {path}: config.json's '{key}' is {value}: it must be a finite number{rule}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        rule: &'static str,
+    },
+    #[error("--normalize-reward: the members' reward statistics differ ({first}: mean {first_stats}; {other}: mean {other_stats}), and those of their average are unknown: serve with --combine predictions (each member standardized by its own), or set the averaged model's in a `warm fuse` output's config.json")]
+    Differ {
+        first: PathBuf,
+        first_stats: RewardStats,
+        other: PathBuf,
+        other_stats: RewardStats,
+    },
+}
+
+/// A reward model's reward statistics, from its config.json.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RewardStats {
+    pub mean: f32,
+    pub std: f32,
+}
+
+impl std::fmt::Display for RewardStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}, std {}", self.mean, self.std)
+    }
+}
+
+impl RewardStats {
+    /// The statistics in `dir`/config.json; both keys are required (OpenRLHF reads `std`
+    /// whenever `mean` is there).
+    pub fn of(dir: &Path) -> Result<Self, StatsError> {
+        let config = ModelConfig::read(&dir.join(CONFIG_FILE))?;
+        let raw = config.raw();
+        if raw.get("mean").is_none() && raw.get("std").is_none() {
+            return Err(StatsError::Missing(dir.to_path_buf()));
+        }
+        let number = |key: &'static str, rule: &'static str| {
+            let value = raw.get(key);
+            match value.and_then(serde_json::Value::as_f64) {
+                Some(v) if v.is_finite() => Ok(v as f32),
+                _ => Err(StatsError::Invalid {
+                    path: dir.to_path_buf(),
+                    key,
+                    value: value.map_or_else(|| "absent".into(), ToString::to_string),
+                    rule,
+                }),
+            }
+        };
+        let stats = Self {
+            mean: number("mean", "")?,
+            std: number("std", " above 0")?,
+        };
+        if stats.std > 0.0 {
+            Ok(stats)
+        } else {
+            Err(StatsError::Invalid {
+                path: dir.to_path_buf(),
+                key: "std",
+                value: stats.std.to_string(),
+                rule: " above 0",
+            })
+        }
+    }
+
+    /// The statistics of one fused model: every member's, which must agree.
+    pub fn of_fused(dirs: &[PathBuf]) -> Result<Self, StatsError> {
+        let mut all = dirs.iter().map(|dir| Self::of(dir).map(|s| (dir, s)));
+        let Some(first) = all.next() else {
+            return Err(StatsError::Missing(PathBuf::new()));
+        };
+        let (first_dir, first_stats) = first?;
+        for next in all {
+            let (dir, stats) = next?;
+            if stats != first_stats {
+                return Err(StatsError::Differ {
+                    first: first_dir.clone(),
+                    first_stats,
+                    other: dir.clone(),
+                    other_stats: stats,
+                });
+            }
+        }
+        Ok(first_stats)
+    }
+
+    pub fn standardize(&self, value: f32) -> f32 {
+        (value - self.mean) / self.std
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(root: &Path, name: &str, config: serde_json::Value) -> PathBuf {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(CONFIG_FILE), config.to_string()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn statistics_are_read_checked_and_applied_in_f32() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let a = member(root, "a", serde_json::json!({"mean": 0.25, "std": 1.75}));
+        let stats = RewardStats::of(&a).unwrap();
+        assert_eq!(stats.standardize(2.0), (2.0f32 - 0.25) / 1.75);
+
+        let none = member(root, "none", serde_json::json!({"hidden_size": 8}));
+        let message = RewardStats::of(&none).unwrap_err().to_string();
+        assert!(message.contains("no reward statistics"), "{message}");
+
+        for (name, config, key) in [
+            (
+                "no-std",
+                serde_json::json!({"mean": 0.5}),
+                "'std' is absent",
+            ),
+            (
+                "zero",
+                serde_json::json!({"mean": 0.5, "std": 0}),
+                "'std' is 0",
+            ),
+            (
+                "text",
+                serde_json::json!({"mean": "x", "std": 1}),
+                "'mean' is \"x\"",
+            ),
+        ] {
+            let dir = member(root, name, config);
+            let message = RewardStats::of(&dir).unwrap_err().to_string();
+            assert!(message.contains(key), "{message}");
+        }
+    }
+
+    #[test]
+    fn fused_members_must_agree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let a = member(root, "a", serde_json::json!({"mean": 0.25, "std": 1.75}));
+        let b = member(root, "b", serde_json::json!({"mean": 0.25, "std": 1.75}));
+        let c = member(root, "c", serde_json::json!({"mean": 0.5, "std": 1.75}));
+        let agreed = RewardStats::of_fused(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!(
+            agreed,
+            RewardStats {
+                mean: 0.25,
+                std: 1.75
+            }
+        );
+        let message = RewardStats::of_fused(&[a, b, c]).unwrap_err().to_string();
+        assert!(
+            message.contains("differ") && message.contains("mean 0.5, std 1.75"),
+            "{message}"
+        );
+    }
+}
