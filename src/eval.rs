@@ -13,6 +13,7 @@ use crate::config::MembersConfig;
 use crate::dtype::FloatDType;
 use crate::engine::{plan_batches, BatchLimits, Item};
 use crate::model::Sequence;
+use crate::reward_stats::RewardStats;
 use crate::scorer::{weighted_mean_std, Combine, LoadError, Scorer};
 use crate::text::{Input, Message};
 
@@ -36,6 +37,8 @@ pub enum EvalError {
     Load(#[from] LoadError),
     #[error("pair {index}: {reason}")]
     Score { index: usize, reason: String },
+    #[error("{0}")]
+    Stats(String),
 }
 
 /// One preference pair as two inputs to score.
@@ -44,20 +47,25 @@ pub struct Pair {
     pub rejected: Input,
 }
 
+/// One model's results on the pairs.
 #[derive(Debug, Clone, Serialize)]
-pub struct Accuracy {
+pub struct ModelEval {
     pub name: String,
     pub accuracy: f64,
     /// Pairs where the chosen response scored strictly higher.
     pub correct: usize,
+    /// The mean and sample standard deviation of every chosen and rejected reward: what
+    /// OpenRLHF's train_rm records as config.json's `mean` and `std`.
+    pub reward_mean: Option<f32>,
+    pub reward_std: Option<f32>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
     pub pairs: usize,
-    pub members: Vec<Accuracy>,
-    pub warm: Accuracy,
-    pub ens: Accuracy,
+    pub members: Vec<ModelEval>,
+    pub warm: ModelEval,
+    pub ens: ModelEval,
 }
 
 /// Reads JSON lines of `{"prompt", "chosen", "rejected"}`: strings (a prompt/response
@@ -164,17 +172,52 @@ fn score_all(
     Ok(scores)
 }
 
-fn accuracy(name: String, chosen_rejected: &[f64]) -> Accuracy {
+fn model_eval(name: String, chosen_rejected: &[f64]) -> ModelEval {
     let pairs = chosen_rejected.len() / 2;
     let correct = chosen_rejected
         .chunks_exact(2)
         .filter(|c| c[0] > c[1])
         .count();
-    Accuracy {
+    let stats = RewardStats::measure(chosen_rejected);
+    ModelEval {
         name,
         accuracy: correct as f64 / pairs.max(1) as f64,
         correct,
+        reward_mean: stats.map(|s| s.mean),
+        reward_std: stats.map(|s| s.std),
     }
+}
+
+/// The checkpoint `--write-reward-stats` writes into: the one evaluated.
+pub fn reward_stats_target(members: &MembersConfig) -> Result<&Path, EvalError> {
+    match members.dirs.as_slice() {
+        [dir] => Ok(dir),
+        dirs => Err(EvalError::Stats(format!(
+            "--write-reward-stats writes into one checkpoint's config.json, and {} models \
+             were given: fuse them with `warm fuse` and evaluate the output",
+            dirs.len()
+        ))),
+    }
+}
+
+/// Records the reward statistics of `report`'s weight-averaged model in the config.json of
+/// the one checkpoint evaluated (a `warm fuse` output, or one model), for
+/// `--normalize-reward` and OpenRLHF's `--normalize_reward`.
+pub fn record_reward_stats(
+    members: &MembersConfig,
+    report: &EvalReport,
+) -> Result<RewardStats, EvalError> {
+    let dir = reward_stats_target(members)?;
+    let (Some(mean), Some(std)) = (report.warm.reward_mean, report.warm.reward_std) else {
+        return Err(EvalError::Stats(
+            "--write-reward-stats needs at least one preference pair".into(),
+        ));
+    };
+    let stats = RewardStats { mean, std };
+    stats
+        .write(dir)
+        .map_err(|e| EvalError::Stats(e.to_string()))?;
+    Ok(stats)
 }
 
 /// Scores the pairs with each member alone, with the fused model (WARM), and with the
@@ -196,11 +239,11 @@ pub fn evaluate(
         let single = MembersConfig::single(dir);
         let scorer = Scorer::load(&single, Combine::Weights, dtype, &device, None)?;
         let scores = score_all(&scorer, &inputs, batch_tokens)?;
-        member_acc.push(accuracy(dir.display().to_string(), &scores));
+        member_acc.push(model_eval(dir.display().to_string(), &scores));
         member_scores.push(scores);
     }
     let fused = Scorer::load(members, Combine::Weights, dtype, &device, None)?;
-    let warm = accuracy(
+    let warm = model_eval(
         "WARM (weight average)".into(),
         &score_all(&fused, &inputs, batch_tokens)?,
     );
@@ -220,6 +263,6 @@ pub fn evaluate(
         pairs: pairs.len(),
         members: member_acc,
         warm,
-        ens: accuracy("ENS (mean of predictions)".into(), &ens_scores),
+        ens: model_eval("ENS (mean of predictions)".into(), &ens_scores),
     })
 }

@@ -169,6 +169,11 @@ struct EvalArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Write the mean and standard deviation of the rewards into the config.json of the
+    /// one model evaluated (a `warm fuse` output), as OpenRLHF's train_rm does after
+    /// evaluating: what --normalize-reward standardizes with.
+    #[arg(long)]
+    write_reward_stats: bool,
     /// Tokens per forward pass: sequences x longest when padded, the real tokens on packed
     /// rows (decoders and encoders on the CPU in f32); a prompt shared by a batch's inputs
     /// counts once.
@@ -326,7 +331,20 @@ fn run_fuse(args: FuseArgs) -> anyhow::Result<ExitCode> {
 fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let pairs = warm::eval::read_pairs(&args.pairs)?;
     let members = args.members.into_config()?;
+    if args.write_reward_stats {
+        // Refused before minutes of scoring.
+        warm::eval::reward_stats_target(&members)?;
+    }
     let report = warm::eval::evaluate(&members, &pairs, FloatDType::F32, args.max_batch_tokens)?;
+    if args.write_reward_stats {
+        let stats = warm::eval::record_reward_stats(&members, &report)?;
+        eprintln!(
+            "wrote reward mean {} and std {} into {}",
+            stats.mean,
+            stats.std,
+            members.dirs[0].join("config.json").display()
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -336,10 +354,18 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
         report.pairs,
         args.pairs.display()
     );
-    println!("| model | pairwise accuracy | correct |");
-    println!("|---|---|---|");
+    println!("| model | pairwise accuracy | correct | reward mean | reward std |");
+    println!("|---|---|---|---|---|");
+    let stat = |v: Option<f32>| v.map_or_else(|| "-".into(), |v| format!("{v:.4}"));
     for a in report.members.iter().chain([&report.warm, &report.ens]) {
-        println!("| {} | {:.4} | {} |", a.name, a.accuracy, a.correct);
+        println!(
+            "| {} | {:.4} | {} | {} | {} |",
+            a.name,
+            a.accuracy,
+            a.correct,
+            stat(a.reward_mean),
+            stat(a.reward_std)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

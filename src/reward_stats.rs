@@ -102,6 +102,39 @@ impl RewardStats {
     pub fn standardize(&self, value: f32) -> f32 {
         (value - self.mean) / self.std
     }
+
+    /// The statistics OpenRLHF's train_rm records after each evaluation: the mean and the
+    /// sample standard deviation (n - 1) of every chosen and rejected reward, the standard
+    /// deviation at least 1e-8, rounded to f32 as its tensors hold them. None for fewer
+    /// than two rewards.
+    pub fn measure(rewards: &[f64]) -> Option<Self> {
+        let n = rewards.len();
+        if n < 2 {
+            return None;
+        }
+        let mean = rewards.iter().sum::<f64>() / n as f64;
+        let variance = rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+        Some(Self {
+            mean: mean as f32,
+            std: (variance.sqrt() as f32).max(1e-8),
+        })
+    }
+
+    /// Writes the statistics into `dir`/config.json as `mean` and `std` (where OpenRLHF
+    /// reads them), keeping every other key; the file is replaced whole.
+    pub fn write(&self, dir: &Path) -> Result<(), CheckpointError> {
+        let path = dir.join(CONFIG_FILE);
+        let mut raw = ModelConfig::read(&path)?.raw().clone();
+        raw.insert("mean".into(), f64::from(self.mean).into());
+        raw.insert("std".into(), f64::from(self.std).into());
+        let mut text = serde_json::to_string_pretty(&raw).map_err(|e| {
+            CheckpointError::invalid(&path, format!("cannot write config.json: {e}"))
+        })?;
+        text.push('\n');
+        let staged = dir.join(".config.json.warm-tmp");
+        std::fs::write(&staged, text).map_err(|e| CheckpointError::io(&staged, e))?;
+        std::fs::rename(&staged, &path).map_err(|e| CheckpointError::io(&path, e))
+    }
 }
 
 #[cfg(test)]
@@ -148,6 +181,33 @@ mod tests {
             let message = RewardStats::of(&dir).unwrap_err().to_string();
             assert!(message.contains(key), "{message}");
         }
+    }
+
+    #[test]
+    fn measured_as_openrlhf_and_written_where_it_reads_them() {
+        // torch.std of [1, 2, 3, 6] is the sample deviation: sqrt(14 / 3).
+        let stats = RewardStats::measure(&[1.0, 2.0, 3.0, 6.0]).unwrap();
+        assert_eq!(stats.mean, 3.0);
+        assert_eq!(stats.std, (14.0f64 / 3.0).sqrt() as f32);
+        assert_eq!(RewardStats::measure(&[2.0, 2.0]).unwrap().std, 1e-8);
+        assert!(RewardStats::measure(&[1.0]).is_none());
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = member(
+            tmp.path(),
+            "m",
+            serde_json::json!({"hidden_size": 8, "mean": 9}),
+        );
+        stats.write(&dir).unwrap();
+        assert_eq!(RewardStats::of(&dir).unwrap(), stats);
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(CONFIG_FILE)).unwrap()).unwrap();
+        assert_eq!(config["hidden_size"], 8);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no staged file left"
+        );
     }
 
     #[test]

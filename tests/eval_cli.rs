@@ -142,3 +142,89 @@ fn eval_reports_member_warm_and_ens_accuracy() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// OpenRLHF members whose reward statistics differ fuse into a checkpoint without them;
+/// `warm eval --write-reward-stats` measures the fused model's as OpenRLHF's train_rm does
+/// (mean and sample standard deviation of every chosen and rejected reward) and writes
+/// them where `--normalize-reward` reads them. Several models are refused before scoring.
+#[test]
+fn write_reward_stats_records_the_fused_models_statistics() {
+    let (_keep, shifted) = common::fixture_copy("openrlhf-llama");
+    let config_path = shifted.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["mean"] = 0.5.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let fused = tmp.path().join("fused");
+    let original = fixture("openrlhf-llama");
+    common::warm_fuse(&[&original, &shifted], &fused, &[]);
+    assert!(warm::reward_stats::RewardStats::of(&fused).is_err());
+
+    let pairs_path = tmp.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs_path,
+        [
+            r#"{"prompt": "What is 2+2?", "chosen": "4", "rejected": "5, or maybe 22"}"#,
+            r#"{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "London"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let eval = |models: &[&std::path::Path]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_warm"));
+        command.args(["eval", "--json", "--write-reward-stats"]);
+        for m in models {
+            command.arg("--model").arg(m);
+        }
+        command
+            .arg("--pairs")
+            .arg(&pairs_path)
+            .env_remove("WARM_MODEL")
+            .output()
+            .unwrap()
+    };
+    let out = eval(&[&fused]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    // The statistics straight from the library's scores.
+    let scorer = Scorer::load_one(&fused).unwrap();
+    let rewards: Vec<f64> = warm::eval::read_pairs(&pairs_path)
+        .unwrap()
+        .iter()
+        .flat_map(|p| [&p.chosen, &p.rejected])
+        .map(|input| {
+            let sequence = scorer.encode(input, true, None, true).unwrap();
+            f64::from(scorer.score(&[&sequence]).unwrap()[0].value)
+        })
+        .collect();
+    let n = rewards.len() as f64;
+    let mean = rewards.iter().sum::<f64>() / n;
+    let std = (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    let stats = warm::reward_stats::RewardStats::of(&fused).unwrap();
+    assert!(
+        (f64::from(stats.mean) - mean).abs() < 1e-5,
+        "{stats} vs {mean}"
+    );
+    assert!(
+        (f64::from(stats.std) - std).abs() < 1e-5,
+        "{stats} vs {std}"
+    );
+    assert_eq!(
+        report["warm"]["reward_mean"].as_f64().unwrap() as f32,
+        stats.mean
+    );
+
+    let out = eval(&[&original, &shifted]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("one checkpoint's config.json, and 2 models"),
+        "{stderr}"
+    );
+}
