@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use common::cases::{assert_scores, expected, load_error};
 use common::server::{fixture, Server};
-use common::Stored;
+use common::{unchanged, Stored};
 use serde_json::{json, Value};
 
 /// A copy of the fixture with config.json edited and each tensor passed through `tensor`.
@@ -17,17 +17,7 @@ fn variant(
     edit: impl FnOnce(&mut Value),
     tensor: impl Fn(String, Stored) -> (String, Stored),
 ) -> (tempfile::TempDir, PathBuf) {
-    let (tmp, dir) = common::fixture_copy("armo-llama");
-    let config_path = dir.join("config.json");
-    let mut config: Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-    edit(&mut config);
-    std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    common::map_safetensors(&dir.join("model.safetensors"), tensor);
-    (tmp, dir)
-}
-
-fn unchanged(name: String, t: Stored) -> (String, Stored) {
-    (name, t)
+    common::fixture_variant("armo-llama", edit, tensor)
 }
 
 /// Pairs and conversations score as transformers does, on the native route and on

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use common::cases::{assert_scores, expected, load_error};
 use common::server::{fixture, Server};
-use common::Stored;
+use common::{unchanged, Stored};
 use serde_json::Value;
 
 /// A copy of the fixture with config.json edited and each tensor passed through `tensor`.
@@ -17,13 +17,7 @@ fn variant(
     edit: impl FnOnce(&mut Value),
     tensor: impl Fn(String, Stored) -> (String, Stored),
 ) -> (tempfile::TempDir, PathBuf) {
-    let (tmp, dir) = common::fixture_copy("openrlhf-llama");
-    let config_path = dir.join("config.json");
-    let mut config: Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-    edit(&mut config);
-    std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    common::map_safetensors(&dir.join("model.safetensors"), tensor);
-    (tmp, dir)
+    common::fixture_variant("openrlhf-llama", edit, tensor)
 }
 
 /// Renames the head `score.weight` to `head.weight`.
@@ -32,10 +26,6 @@ fn head_named(head: &'static str) -> impl Fn(String, Stored) -> (String, Stored)
         "score.weight" => (format!("{head}.weight"), t),
         _ => (name, t),
     }
-}
-
-fn unchanged(name: String, t: Stored) -> (String, Stored) {
-    (name, t)
 }
 
 /// Before December 2024 train_rm wrote no `value_head_prefix` and named the head
@@ -231,24 +221,14 @@ fn normalize_reward_per_member_and_refused_for_a_fusion_of_differing_members() {
     let want = ((raw - 0.25) / 1.75 + (raw - 0.5) / 1.75) / 2.0;
     assert!((got - want).abs() < 1e-4, "{got} vs {want}");
 
-    let out = std::process::Command::new(common::warm_bin())
-        .args([
-            "serve",
-            "--normalize-reward",
-            "--port",
-            "0",
-            "--host",
-            "127.0.0.1",
-        ])
-        .arg("--model")
-        .arg(fixture("openrlhf-llama"))
-        .arg("--model")
-        .arg(&shifted)
-        .env_remove("WARM_MODEL")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let original = fixture("openrlhf-llama");
+    let stderr = common::server::start_failure(&[
+        "--normalize-reward".as_ref(),
+        "--model".as_ref(),
+        original.as_os_str(),
+        "--model".as_ref(),
+        shifted.as_os_str(),
+    ]);
     assert!(
         stderr.contains("--normalize-reward: the members' reward statistics differ")
             && stderr.contains("mean 0.5, std 1.75"),

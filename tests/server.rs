@@ -405,21 +405,8 @@ fn ensemble_mode_reports_uncertainty() {
 
 #[test]
 fn startup_failure_is_one_message_and_a_failing_exit() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warm"))
-        .args([
-            "serve",
-            "--model",
-            "/nonexistent/model",
-            "--port",
-            "0",
-            "--host",
-            "127.0.0.1",
-        ])
-        .env_remove("WARM_MODEL")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr =
+        common::server::start_failure(&["--model".as_ref(), "/nonexistent/model".as_ref()]);
     assert!(
         stderr.contains("/nonexistent/model: not a directory"),
         "{stderr}"

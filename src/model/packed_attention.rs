@@ -635,6 +635,18 @@ mod tests {
         PADDED_ONLY.with(|p| p.set(false));
     }
 
+    /// The checkpoint in `dir` computing in `dtype` on the CPU.
+    fn load_in(dir: &std::path::Path, dtype: FloatDType) -> Scorer {
+        Scorer::load(
+            &crate::config::MembersConfig::single(dir),
+            crate::scorer::Combine::Weights,
+            dtype,
+            &Device::Cpu,
+            None,
+        )
+        .expect("load in a half type")
+    }
+
     #[test]
     fn armo_reads_the_prompt_end_alike_in_every_layout() {
         // ArmoRM's gate reads the hidden state where the prompt ends: inside a shared
@@ -693,15 +705,7 @@ mod tests {
         }
         PADDED_ONLY.with(|p| p.set(false));
         for dtype in [FloatDType::BF16, FloatDType::F16] {
-            let members = crate::config::MembersConfig::single(&dir);
-            let mut half = Scorer::load(
-                &members,
-                crate::scorer::Combine::Weights,
-                dtype,
-                &Device::Cpu,
-                None,
-            )
-            .expect("load in a half type");
+            let mut half = load_in(&dir, dtype);
             half.share_prefixes_from(8);
             let scores = half.score(&refs).expect("score in a half type");
             for (i, (s, a)) in scores.iter().zip(&alone).enumerate() {
@@ -740,15 +744,7 @@ mod tests {
             .map(|s| s.value)
             .collect();
         for dtype in [FloatDType::BF16, FloatDType::F16] {
-            let members = crate::config::MembersConfig::single(&dir);
-            let mut scorer = Scorer::load(
-                &members,
-                crate::scorer::Combine::Weights,
-                dtype,
-                &Device::Cpu,
-                None,
-            )
-            .expect("load in a half type");
+            let mut scorer = load_in(&dir, dtype);
             let mut errors = Vec::new();
             for min_shared in [8, 0] {
                 scorer.share_prefixes_from(min_shared);

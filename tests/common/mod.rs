@@ -162,6 +162,28 @@ pub fn fixture_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
     (tmp, dir)
 }
 
+/// A copy of the fixture `name` with config.json edited by `edit` and each tensor of
+/// model.safetensors passed through `tensor` (see [`unchanged`]).
+pub fn fixture_variant(
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+    tensor: impl Fn(String, Stored) -> (String, Stored),
+) -> (tempfile::TempDir, PathBuf) {
+    let (tmp, dir) = fixture_copy(name);
+    let config_path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    map_safetensors(&dir.join("model.safetensors"), tensor);
+    (tmp, dir)
+}
+
+/// Every tensor as it was, for [`fixture_variant`].
+pub fn unchanged(name: String, t: Stored) -> (String, Stored) {
+    (name, t)
+}
+
 /// Rewrites the safetensors file `path` with each tensor passed through `tensor`.
 pub fn map_safetensors(path: &Path, tensor: impl Fn(String, Stored) -> (String, Stored)) {
     let tensors: Vec<_> = read_safetensors(path)

@@ -19,6 +19,21 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Runs `warm serve ARGS` expecting it to fail at start-up: checks the exit code is 1 and
+/// returns its stderr.
+pub fn start_failure(args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_warm"))
+        .arg("serve")
+        .args(args)
+        .args(["--port", "0", "--host", "127.0.0.1"])
+        .env_remove("WARM_MODEL")
+        .output()
+        .expect("run warm serve");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
 impl Server {
     /// Starts `warm serve ARGS --port 0 --json-logs` and waits until it listens.
     pub fn start(args: &[&str]) -> Self {
