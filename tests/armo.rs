@@ -151,3 +151,56 @@ fn what_cannot_load_is_named() {
     let message = load_error(&dir);
     assert!(message.contains("reward_transform_matrix"), "{message}");
 }
+
+/// Truncation keeps the end of a conversation: when it cuts the prompt's end away, the
+/// input is refused with a message saying so, and a limit that keeps it scores.
+#[test]
+fn truncation_that_drops_the_prompt_end_is_refused() {
+    let expected = expected("armo-llama");
+    let long_pair = expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "pair")
+        .max_by_key(|c| c["ids"].as_array().unwrap().len())
+        .unwrap()
+        .clone();
+    let ids: Vec<u64> = serde_json::from_value(long_pair["ids"].clone()).unwrap();
+    let end: Vec<u64> = serde_json::from_value(expected["prompt_end_ids"].clone()).unwrap();
+    let at = ids
+        .windows(end.len())
+        .rposition(|w| w == end.as_slice())
+        .unwrap();
+    // Tokens from the prompt's end to the last one: the limit of 40 below cuts it.
+    assert!(
+        ids.len() - at > 40,
+        "{} tokens, prompt end at {at}",
+        ids.len()
+    );
+    let input = json!({"prompt": long_pair["prompt"], "response": long_pair["response"]});
+    let server = Server::started(&["--model", &fixture("armo-llama").display().to_string()]);
+    let (status, body) = server.post(
+        "/v1/score",
+        &json!({"inputs": [input.clone()], "truncate": true}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let want = long_pair["score"].as_f64().unwrap();
+    assert!(
+        (body["scores"][0].as_f64().unwrap() - want).abs() < 1e-4,
+        "{body}"
+    );
+    drop(server);
+    let server = Server::started(&[
+        "--model",
+        &fixture("armo-llama").display().to_string(),
+        "--max-input-length",
+        "40",
+    ]);
+    let (status, body) = server.post("/v1/score", &json!({"inputs": [input], "truncate": true}));
+    assert_eq!(status, 422, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("keep that point when truncating"),
+        "{body}"
+    );
+}

@@ -183,6 +183,27 @@ fn normalize_reward_standardizes_with_the_config_statistics() {
         let got = got.as_f64().unwrap() as f32;
         assert!((got - want).abs() < 1e-4, "{got} vs {want} (raw {raw})");
     }
+    // The native route too (a pair, formatted as /get_reward's text was), and TEI's
+    // /predict applies its sigmoid to the standardized reward.
+    let pair = cases.iter().find(|c| c["kind"] == "pair").unwrap();
+    let raw = pair["score"].as_f64().unwrap() as f32;
+    let standardized = (raw - 0.25) / 1.75;
+    let input = serde_json::json!({"prompt": pair["prompt"], "response": pair["response"]});
+    let (status, native) = server.post("/v1/score", &serde_json::json!({ "inputs": [input] }));
+    assert_eq!(status, 200, "{native}");
+    let got = native["scores"][0].as_f64().unwrap() as f32;
+    assert!(
+        (got - standardized).abs() < 1e-4,
+        "{native} vs {standardized}"
+    );
+    let text = pair["rendered"].as_str().unwrap();
+    let (_, plain) = server.post("/v1/score", &serde_json::json!({ "inputs": [text] }));
+    let (status, tei) = server.post("/predict", &serde_json::json!({ "inputs": text }));
+    assert_eq!(status, 200, "{tei}");
+    let plain = plain["scores"][0].as_f64().unwrap() as f32;
+    let sigmoid = 1.0 / (1.0 + (-plain).exp());
+    let got = tei[0]["score"].as_f64().unwrap() as f32;
+    assert!((got - sigmoid).abs() < 1e-5, "{tei} vs sigmoid({plain})");
     let (_, info) = server.get("/info");
     let info: Value = serde_json::from_str(&info).unwrap();
     assert_eq!(
