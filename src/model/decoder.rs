@@ -26,6 +26,42 @@ use super::{
     PaddedBatch, Pooling, RewardModel, Sequence, Work,
 };
 
+/// A decoder family under the names checkpoints give it: config.json's `model_type`, its
+/// causal-LM class and its sequence-classification class (the name [`load`] takes).
+pub struct Family {
+    pub model_type: &'static str,
+    pub causal_lm: &'static str,
+    pub classification: &'static str,
+}
+
+pub const FAMILIES: &[Family] = &[
+    Family {
+        model_type: "llama",
+        causal_lm: "LlamaForCausalLM",
+        classification: "LlamaForSequenceClassification",
+    },
+    Family {
+        model_type: "mistral",
+        causal_lm: "MistralForCausalLM",
+        classification: "MistralForSequenceClassification",
+    },
+    Family {
+        model_type: "qwen2",
+        causal_lm: "Qwen2ForCausalLM",
+        classification: "Qwen2ForSequenceClassification",
+    },
+    Family {
+        model_type: "qwen3",
+        causal_lm: "Qwen3ForCausalLM",
+        classification: "Qwen3ForSequenceClassification",
+    },
+    Family {
+        model_type: "gemma2",
+        causal_lm: "Gemma2ForCausalLM",
+        classification: "Gemma2ForSequenceClassification",
+    },
+];
+
 #[derive(serde::Deserialize)]
 struct Config {
     vocab_size: usize,
@@ -381,14 +417,8 @@ impl DecoderModel {
             };
             x = self.layer_forward(layer, &x, mask, &packing)?;
         }
-        let prompt_rows = prompts.map(|positions| {
-            let starts = batch.lengths.iter().scan(0, |start, &len| {
-                let here = *start;
-                *start += len;
-                Some(here)
-            });
-            starts.zip(positions).map(|(s, p)| (s + p) as u32).collect()
-        });
+        // The packed rows are the inputs' tokens one after another: plain segments.
+        let prompt_rows = prompts.map(|p| Segments::plain(&batch.lengths).rows_at(&p));
         let logits = self.read_out(&x, &packing.last_rows(&x)?, prompt_rows)?;
         Ok((logits, unshared_work(BatchLayout::Padded, sequences)))
     }

@@ -31,7 +31,7 @@ use crate::checkpoint::ModelConfig;
 pub enum ModelError {
     #[error("unsupported architecture '{0}' (warm serves: {list}; OpenRLHF's RewardModel; and the causal LMs of these families with a value head, as LLaMA-Factory trains them)", list = SUPPORTED.join(", "))]
     Unsupported(String),
-    #[error("an OpenRLHF RewardModel over model_type '{0}': warm serves it over {list}", list = openrlhf::MODEL_TYPES.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", "))]
+    #[error("an OpenRLHF RewardModel over model_type '{0}': warm serves it over {list}", list = decoder::FAMILIES.iter().map(|family| family.model_type).collect::<Vec<_>>().join(", "))]
     UnsupportedBackbone(String),
     #[error("{0} is a language model: warm serves it as a reward model with a value head (v_head.summary.weight, in {file} as LLaMA-Factory saves reward models), and it has none", file = crate::checkpoint::VALUE_HEAD_FILE)]
     NoRewardHead(String),

@@ -14,15 +14,6 @@ use super::{ModelError, RewardModel};
 /// config.json `architectures` entries of OpenRLHF reward models.
 pub const ARCHITECTURES: &[&str] = &["RewardModel", "LLMForSequenceRegression"];
 
-/// The decoder families warm serves under an OpenRLHF head, by `model_type`.
-pub const MODEL_TYPES: &[(&str, &str)] = &[
-    ("llama", "LlamaForSequenceClassification"),
-    ("mistral", "MistralForSequenceClassification"),
-    ("qwen2", "Qwen2ForSequenceClassification"),
-    ("qwen3", "Qwen3ForSequenceClassification"),
-    ("gemma2", "Gemma2ForSequenceClassification"),
-];
-
 /// Head names OpenRLHF has used, tried in order when config.json does not say.
 const HEAD_NAMES: &[&str] = &["score", "value_head"];
 
@@ -33,10 +24,10 @@ pub fn load(raw: &serde_json::Value, vb: VarBuilder) -> Result<Box<dyn RewardMod
         .ok_or_else(|| {
             ModelError::Config("an OpenRLHF RewardModel needs 'model_type' (its backbone)".into())
         })?;
-    let architecture = MODEL_TYPES
+    let architecture = decoder::FAMILIES
         .iter()
-        .find(|(name, _)| *name == model_type)
-        .map(|(_, architecture)| *architecture)
+        .find(|family| family.model_type == model_type)
+        .map(|family| family.classification)
         .ok_or_else(|| ModelError::UnsupportedBackbone(model_type.to_string()))?;
     let name = head_name(raw, &vb)?;
     let head = HeadSpec {

@@ -11,24 +11,14 @@ use super::decoder;
 use super::score_head::{HeadShape, HeadSpec};
 use super::{ModelError, RewardModel};
 
-/// Causal-LM classes warm serves under a value head, with the sequence-classification
-/// class of the same family.
-const CAUSAL_LMS: &[(&str, &str)] = &[
-    ("LlamaForCausalLM", "LlamaForSequenceClassification"),
-    ("MistralForCausalLM", "MistralForSequenceClassification"),
-    ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
-    ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
-    ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
-];
-
 const HEAD: &str = "v_head.summary";
 
 /// The sequence-classification class of `causal`'s family, when warm serves it.
 pub fn family(causal: &str) -> Option<&'static str> {
-    CAUSAL_LMS
+    decoder::FAMILIES
         .iter()
-        .find(|(name, _)| *name == causal)
-        .map(|(_, family)| *family)
+        .find(|family| family.causal_lm == causal)
+        .map(|family| family.classification)
 }
 
 /// `causal` (config.json's architecture) under its value head, as `family` computes.
