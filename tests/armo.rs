@@ -87,8 +87,7 @@ fn warm_fuse_averages_armo_members() {
     let out = tempfile::tempdir().unwrap();
     let fused = out.path().join("fused");
     common::warm_fuse(&[&fixture("armo-llama"), &tripled], &fused, &[]);
-    let config: Value =
-        serde_json::from_slice(&std::fs::read(fused.join("config.json")).unwrap()).unwrap();
+    let config = common::read_config(&fused);
     assert_eq!(
         config["architectures"],
         json!(["LlamaForRewardModelWithGating"])

@@ -149,12 +149,11 @@ fn eval_reports_member_warm_and_ens_accuracy() {
 /// them where `--normalize-reward` reads them. Several models are refused before scoring.
 #[test]
 fn write_reward_stats_records_the_fused_models_statistics() {
-    let (_keep, shifted) = common::fixture_copy("openrlhf-llama");
-    let config_path = shifted.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-    config["mean"] = 0.5.into();
-    std::fs::write(&config_path, config.to_string()).unwrap();
+    let (_keep, shifted) = common::fixture_variant(
+        "openrlhf-llama",
+        |c| c["mean"] = 0.5.into(),
+        common::unchanged,
+    );
     let tmp = tempfile::tempdir().unwrap();
     let fused = tmp.path().join("fused");
     let original = fixture("openrlhf-llama");

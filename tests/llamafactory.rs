@@ -46,8 +46,7 @@ fn warm_fuse_writes_the_value_head_apart_and_averages_it() {
         "every model tensor is in the index"
     );
     assert!(model.keys().all(|k| !k.starts_with("v_head.")));
-    let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fused.join("config.json")).unwrap()).unwrap();
+    let config = common::read_config(&fused);
     assert_eq!(
         config["architectures"],
         serde_json::json!(["Qwen2ForCausalLM"])

@@ -128,8 +128,7 @@ fn warm_fuse_averages_openrlhf_members() {
     let out = tempfile::tempdir().unwrap();
     let fused = out.path().join("fused");
     common::warm_fuse(&[&fixture("openrlhf-llama"), &tripled], &fused, &[]);
-    let config: Value =
-        serde_json::from_slice(&std::fs::read(fused.join("config.json")).unwrap()).unwrap();
+    let config = common::read_config(&fused);
     assert_eq!(config["architectures"], serde_json::json!(["RewardModel"]));
     assert_eq!(config["value_head_prefix"], "score");
     // The members' reward statistics (mean 0.25 and 0.5) describe neither the fused model.

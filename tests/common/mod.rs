@@ -170,13 +170,20 @@ pub fn fixture_variant(
     tensor: impl Fn(String, Stored) -> (String, Stored),
 ) -> (tempfile::TempDir, PathBuf) {
     let (tmp, dir) = fixture_copy(name);
-    let config_path = dir.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    let mut config = read_config(&dir);
     edit(&mut config);
-    std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
     map_safetensors(&dir.join("model.safetensors"), tensor);
     (tmp, dir)
+}
+
+/// `dir`/config.json.
+pub fn read_config(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap()
 }
 
 /// Every tensor as it was, for [`fixture_variant`].
