@@ -19,6 +19,8 @@ pub enum StatsError {
         value: String,
         rule: &'static str,
     },
+    #[error("--normalize-reward: a process reward model's scores are probabilities (its weakest step's), which OpenRLHF's statistics do not standardize")]
+    Probabilities,
     #[error("--normalize-reward: the members' reward statistics differ ({first}: mean {first_stats}; {other}: mean {other_stats}), and those of their average are unknown: serve with --combine predictions (each member standardized by its own), or set the averaged model's in a `warm fuse` output's config.json")]
     Differ {
         first: PathBuf,

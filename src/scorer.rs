@@ -39,12 +39,15 @@ pub enum LoadError {
 }
 
 /// One input's score: the reward (first logit), with ENS the spread of the members'
-/// rewards, and every label's logit (the members' weighted mean with ENS).
+/// rewards, and every label's logit (the members' weighted mean with ENS). A process
+/// reward model's reward is its weakest step's, and `steps` holds every step's (the
+/// members' weighted mean with ENS).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Score {
     pub value: f32,
     pub uncertainty: Option<f32>,
     pub logits: Vec<f32>,
+    pub steps: Option<Vec<f32>>,
 }
 
 pub struct Scorer {
@@ -140,6 +143,9 @@ impl Scorer {
     /// as OpenRLHF's `--normalize_reward` does: the fused model's (which every member must
     /// share), or with ENS each member's own, before the members are combined.
     pub fn normalize_rewards(&mut self, members: &MembersConfig) -> Result<(), StatsError> {
+        if self.step_tag().is_some() {
+            return Err(StatsError::Probabilities);
+        }
         let stats = if self.models.len() == 1 {
             vec![RewardStats::of_fused(&members.dirs)?]
         } else {
@@ -166,6 +172,27 @@ impl Scorer {
             }
         }
         logits
+    }
+
+    /// Input `input`'s step rewards, the members' weighted mean step by step (the members
+    /// share the tokenizer, so they read the same steps).
+    fn mean_steps(&self, member_steps: &[Option<Vec<Vec<f32>>>], input: usize) -> Option<Vec<f32>> {
+        let of_input: Vec<&Vec<f32>> = member_steps
+            .iter()
+            .map(|steps| steps.as_ref().and_then(|s| s.get(input)))
+            .collect::<Option<_>>()?;
+        let count = of_input.first()?.len();
+        Some(
+            (0..count)
+                .map(|step| {
+                    let values: Vec<f64> = of_input
+                        .iter()
+                        .map(|s| s.get(step).map_or(f64::NAN, |&v| f64::from(v)))
+                        .collect();
+                    weighted_mean_std(&values, &self.weights).0 as f32
+                })
+                .collect(),
+        )
     }
 
     /// One checkpoint folder as a plain single reward model, f32 on the CPU.
@@ -203,6 +230,12 @@ impl Scorer {
 
     pub fn has_chat_template(&self) -> bool {
         self.encoder.has_chat_template()
+    }
+
+    /// The text that ends each step, when the model is a process reward model (its
+    /// scores are then probabilities, its weakest step's).
+    pub fn step_tag(&self) -> Option<&'static str> {
+        self.models[0].step_tag()
     }
 
     /// The default truncation side: keep the end of the response for decoders, the start
@@ -289,6 +322,7 @@ impl Scorer {
     pub fn score_batch(&self, sequences: &[&Sequence]) -> Result<(Vec<Score>, Work), ModelError> {
         if self.models.len() == 1 {
             let forward = self.models[0].logits(sequences)?;
+            let mut steps = forward.steps.map(Vec::into_iter);
             let scores = self
                 .standardized(0, forward.logits)
                 .into_iter()
@@ -296,6 +330,7 @@ impl Scorer {
                     value: logits.first().copied().unwrap_or(f32::NAN),
                     uncertainty: None,
                     logits,
+                    steps: steps.as_mut().and_then(Iterator::next),
                 })
                 .collect();
             return Ok((scores, forward.work));
@@ -306,11 +341,11 @@ impl Scorer {
             .map(|m| m.logits(sequences))
             .collect::<Result<Vec<_>, _>>()?;
         let work = forwards[0].work;
-        let per_member: Vec<Vec<Vec<f32>>> = forwards
+        let (per_member, member_steps): (Vec<Vec<Vec<f32>>>, Vec<_>) = forwards
             .into_iter()
             .enumerate()
-            .map(|(i, f)| self.standardized(i, f.logits))
-            .collect();
+            .map(|(i, f)| (self.standardized(i, f.logits), f.steps))
+            .unzip();
         let scores = (0..sequences.len())
             .map(|i| {
                 let labels = per_member[0][i].len();
@@ -332,6 +367,7 @@ impl Scorer {
                     value: mean as f32,
                     uncertainty: Some(std as f32),
                     logits,
+                    steps: self.mean_steps(&member_steps, i),
                 }
             })
             .collect();

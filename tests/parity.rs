@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use common::cases::input_of;
 use serde_json::Value;
 use warm::model::Sequence;
-use warm::scorer::Scorer;
+use warm::scorer::{Score, Scorer};
 use warm::text::{Direction, Input, Message, TextError};
 
 const TOLERANCE: f32 = 1e-4;
@@ -56,12 +56,14 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
             .encode(&input_of(case), false, None, true)
             .unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
         assert_eq!(seq.ids, ids_of(&case["ids"]), "{name} case {i}: token ids");
-        let got = scorer.score(&[&seq]).unwrap()[0].value;
+        let scored = scorer.score(&[&seq]).unwrap().remove(0);
+        let got = scored.value;
         let want = case["score"].as_f64().unwrap() as f32;
         assert!(
             (got - want).abs() < TOLERANCE,
             "{name} case {i}: score {got} vs transformers {want}"
         );
+        assert_steps(name, &format!("case {i}"), &scored, &case["step_scores"]);
         worst_single = worst_single.max((got - want).abs());
         sequences.push(seq);
     }
@@ -78,6 +80,12 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
             (got.value - want).abs() < TOLERANCE,
             "{name} batch case {i}: {} vs {want}",
             got.value
+        );
+        assert_steps(
+            name,
+            &format!("batch case {i}"),
+            got,
+            &expected["batch_step_scores"][i],
         );
         worst_batch = worst_batch.max((got.value - want).abs());
     }
@@ -103,7 +111,9 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
             .unwrap();
         assert_eq!(seq.ids, ids_of(&t["ids"]), "{name} truncation case {i}");
     }
-    // Inputs the model refuses on their own (ArmoRM: no prompt's end in them).
+    // Inputs the model refuses on their own (ArmoRM: no prompt's end in them; a process
+    // reward model: no step tag).
+    let refusal = expected["step_tag"].as_str().unwrap_or("prompt ends");
     for (i, case) in expected["unscorable"]
         .as_array()
         .into_iter()
@@ -112,7 +122,7 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
     {
         match scorer.encode(&input_of(case), false, None, true) {
             Err(TextError::Unscorable(message)) => {
-                assert!(message.contains("prompt ends"), "{name}: {message}")
+                assert!(message.contains(refusal), "{name}: {message}")
             }
             other => panic!("{name} unscorable case {i}: expected a refusal, got {other:?}"),
         }
@@ -132,6 +142,30 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
         "{name}: {} cases, max |diff| single {worst_single:.2e}, batched {worst_batch:.2e}",
         cases.len()
     );
+}
+
+/// A process reward model's step rewards against transformers' (`want`: null for the
+/// other models, which have none).
+fn assert_steps(name: &str, case: &str, got: &Score, want: &Value) {
+    let Some(want) = want.as_array() else {
+        assert_eq!(
+            got.steps, None,
+            "{name} {case}: step rewards from a model without"
+        );
+        return;
+    };
+    let steps = got
+        .steps
+        .as_ref()
+        .unwrap_or_else(|| panic!("{name} {case}: no step rewards"));
+    assert_eq!(steps.len(), want.len(), "{name} {case}: steps");
+    for (step, (got, want)) in steps.iter().zip(want).enumerate() {
+        let want = want.as_f64().unwrap() as f32;
+        assert!(
+            (got - want).abs() < TOLERANCE,
+            "{name} {case} step {step}: {got} vs transformers {want}"
+        );
+    }
 }
 
 macro_rules! parity {
@@ -161,6 +195,7 @@ parity! {
     inform_llama => "inform-llama",
     llamafactory_qwen2 => "llamafactory-qwen2",
     armo_llama => "armo-llama",
+    qwen2_prm => "qwen2-prm",
 }
 
 /// Real pre-trained weights (too large for the repository): run

@@ -246,6 +246,7 @@ fn answer(p: &mut Pending, error: Option<EngineError>) {
                         value: f32::NAN,
                         uncertainty: None,
                         logits: Vec::new(),
+                        steps: None,
                     })
                 })
                 .collect(),

@@ -756,6 +756,7 @@ impl RewardModel for DebertaModel {
     fn logits(&self, sequences: &[&Sequence]) -> std::result::Result<Forward, ModelError> {
         Ok(Forward {
             logits: logits_to_rows(&self.forward(sequences)?)?,
+            steps: None,
             work: unshared_work(self.batch_layout(), sequences),
         })
     }

@@ -18,7 +18,7 @@ use super::layers::{
     attention, causal_mask, embedding, linear, split_heads, Packing, RmsNorm, Rotary, RowRotation,
 };
 use super::packed_attention::{self, KeySpan, Queries, Spec};
-use super::score_head::{HeadSpec, ScoreHead};
+use super::score_head::{HeadOutput, HeadSpec, ScoreHead};
 use super::segments::Segments;
 use super::shared_padding::{Heads, SharedPadding};
 use super::{
@@ -383,18 +383,18 @@ impl DecoderModel {
         })
     }
 
-    /// Logits `[b, labels]` and what was computed.
-    fn forward(&self, sequences: &[&Sequence]) -> Result<(Tensor, Work)> {
+    /// The score head's output and what was computed.
+    fn forward(&self, sequences: &[&Sequence]) -> Result<(HeadOutput, Work)> {
         let device: Device = self.embed.embeddings().device().clone();
-        let prompts = self.score.prompt_positions(sequences)?;
+        let read = self.score.read_positions(sequences)?;
         if packed_attention::applies(&device, self.embed.embeddings().dtype()) {
-            return self.forward_packed(sequences, prompts, &device);
+            return self.forward_packed(sequences, read, &device);
         }
         if self.min_shared_prefix > 0 {
             let (segments, ids) = Segments::share_prefixes(sequences, self.min_shared_prefix);
             let shared = segments.rows_saved(sequences);
             if shared > 0 {
-                return self.forward_shared_padded(&segments, ids, shared, prompts, &device);
+                return self.forward_shared_padded(&segments, ids, shared, read, &device);
             }
         }
         let batch = PaddedBatch::new(sequences, self.pad_id, &device)?;
@@ -418,9 +418,9 @@ impl DecoderModel {
             x = self.layer_forward(layer, &x, mask, &packing)?;
         }
         // The packed rows are the inputs' tokens one after another: plain segments.
-        let prompt_rows = prompts.map(|p| Segments::plain(&batch.lengths).rows_at(&p));
-        let logits = self.read_out(&x, &packing.last_rows(&x)?, prompt_rows)?;
-        Ok((logits, unshared_work(BatchLayout::Padded, sequences)))
+        let read_rows = read.map(|p| ReadRows::new(&Segments::plain(&batch.lengths), &p));
+        let output = self.read_out(&x, &packing.last_rows(&x)?, read_rows)?;
+        Ok((output, unshared_work(BatchLayout::Padded, sequences)))
     }
 
     /// The padded layout (GPU, half types) for a batch whose inputs share prompts: dense
@@ -431,9 +431,9 @@ impl DecoderModel {
         segments: &Segments,
         ids: Vec<u32>,
         shared: usize,
-        prompts: Option<Vec<usize>>,
+        read: Option<Vec<Vec<usize>>>,
         device: &Device,
-    ) -> Result<(Tensor, Work)> {
+    ) -> Result<(HeadOutput, Work)> {
         let total = ids.len();
         tracing::debug!(
             shared,
@@ -464,9 +464,9 @@ impl DecoderModel {
         }
         let last_rows = Tensor::from_vec(segments.last_rows(), segments.inputs(), device)?;
         let last = x.index_select(&last_rows, 0)?;
-        let logits = self.read_out(&x, &last, prompts.map(|p| segments.rows_at(&p)))?;
+        let output = self.read_out(&x, &last, read.map(|p| ReadRows::new(segments, &p)))?;
         Ok((
-            logits,
+            output,
             Work {
                 tokens: layout.padded_rows(),
                 shared,
@@ -479,9 +479,9 @@ impl DecoderModel {
     fn forward_packed(
         &self,
         sequences: &[&Sequence],
-        prompts: Option<Vec<usize>>,
+        read: Option<Vec<Vec<usize>>>,
         device: &Device,
-    ) -> Result<(Tensor, Work)> {
+    ) -> Result<(HeadOutput, Work)> {
         let (segments, ids) = Segments::share_prefixes(sequences, self.min_shared_prefix);
         let shared = segments.rows_saved(sequences);
         if shared > 0 {
@@ -491,12 +491,12 @@ impl DecoderModel {
                 "shared prefixes computed once"
             );
         }
-        let prompt_rows = prompts.map(|p| segments.rows_at(&p));
+        let read_rows = read.map(|p| ReadRows::new(&segments, &p));
         let rows = PackedRows::new(segments, device)?;
         let total = ids.len();
         let mut x = self.embed_rows(&Tensor::from_vec(ids, total, device)?)?;
         // The last layer computes the last rows alone, unless the head reads other rows too.
-        let last_only = prompt_rows.is_none() && !self.layers.is_empty();
+        let last_only = read_rows.is_none() && !self.layers.is_empty();
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             x = self.packed_layer_forward(layer, &x, &rows, last_only && i == last)?;
@@ -510,22 +510,25 @@ impl DecoderModel {
             tokens: total,
             shared,
         };
-        Ok((self.read_out(&x, &last_rows, prompt_rows)?, work))
+        Ok((self.read_out(&x, &last_rows, read_rows)?, work))
     }
 
     /// The score head on the last rows `last` `[b, h]` and, for a head that reads them, the
-    /// rows `prompt_rows` of `x` `[t, h]` where the prompts end.
-    fn read_out(&self, x: &Tensor, last: &Tensor, prompt_rows: Option<Vec<u32>>) -> Result<Tensor> {
-        let prompt = match prompt_rows {
-            Some(rows) => {
+    /// rows `read` of `x` `[t, h]` (where prompts end, or steps).
+    fn read_out(&self, x: &Tensor, last: &Tensor, read: Option<ReadRows>) -> Result<HeadOutput> {
+        let read = match read {
+            Some(ReadRows { rows, counts }) => {
                 let count = rows.len();
                 let rows = Tensor::from_vec(rows, count, x.device())?;
-                Some(self.norm.forward(&x.index_select(&rows, 0)?)?)
+                Some((self.norm.forward(&x.index_select(&rows, 0)?)?, counts))
             }
             None => None,
         };
-        self.score
-            .forward(&self.norm.forward(last)?, prompt.as_ref())
+        self.score.forward(
+            &self.norm.forward(last)?,
+            read.as_ref()
+                .map(|(rows, counts)| (rows, counts.as_slice())),
+        )
     }
 
     /// Token embeddings of packed ids `[t]` -> `[t, h]`.
@@ -685,6 +688,22 @@ impl PackedRows {
     }
 }
 
+/// The rows a score head reads besides the last ones, input after input, and how many of
+/// them are each input's.
+struct ReadRows {
+    rows: Vec<u32>,
+    counts: Vec<usize>,
+}
+
+impl ReadRows {
+    fn new(segments: &Segments, positions: &[Vec<usize>]) -> Self {
+        Self {
+            rows: segments.rows_at(positions),
+            counts: positions.iter().map(Vec::len).collect(),
+        }
+    }
+}
+
 /// A per-head norm (Qwen3's q/k norms) on packed rows `[t, heads * head_dim]`.
 fn per_head(norm: &RmsNorm, x: &Tensor, head_dim: usize) -> Result<Tensor> {
     let (rows, width) = x.dims2()?;
@@ -694,9 +713,10 @@ fn per_head(norm: &RmsNorm, x: &Tensor, head_dim: usize) -> Result<Tensor> {
 
 impl RewardModel for DecoderModel {
     fn logits(&self, sequences: &[&Sequence]) -> std::result::Result<Forward, ModelError> {
-        let (logits, work) = self.forward(sequences)?;
+        let (output, work) = self.forward(sequences)?;
         Ok(Forward {
-            logits: logits_to_rows(&logits)?,
+            logits: logits_to_rows(&output.logits)?,
+            steps: output.steps,
             work,
         })
     }
@@ -715,6 +735,10 @@ impl RewardModel for DecoderModel {
 
     fn input_error(&self, ids: &[u32]) -> Option<String> {
         self.score.input_error(ids)
+    }
+
+    fn step_tag(&self) -> Option<&'static str> {
+        self.score.step_tag()
     }
 
     fn share_prefixes_from(&mut self, tokens: usize) {

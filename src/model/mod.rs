@@ -15,6 +15,7 @@ mod relative_position;
 mod score_head;
 mod segments;
 mod shared_padding;
+mod step_head;
 #[cfg(test)]
 mod testing;
 mod value_head;
@@ -58,6 +59,7 @@ pub const SUPPORTED: &[&str] = &[
     "Qwen2ForRewardModel",
     "INFORMForSequenceClassification",
     "LlamaForRewardModelWithGating",
+    "Qwen2ForProcessRewardModel",
 ];
 
 /// Which token's hidden state the score head reads, as transformers does.
@@ -228,9 +230,11 @@ pub struct Work {
     pub shared: usize,
 }
 
-/// A forward pass's result: logits [batch][num_labels] and what it computed.
+/// A forward pass's result: logits [batch][num_labels], each input's step rewards (a
+/// process reward model), and what it computed.
 pub struct Forward {
     pub logits: Vec<Vec<f32>>,
+    pub steps: Option<Vec<Vec<f32>>>,
     pub work: Work,
 }
 
@@ -252,6 +256,11 @@ pub trait RewardModel: Send + Sync {
     /// Why the model cannot score `ids`, if it cannot (ArmoRM needs the prompt's end in
     /// them), so that such an input is refused on its own.
     fn input_error(&self, _ids: &[u32]) -> Option<String> {
+        None
+    }
+    /// The text that ends each step when the model is a process reward model: it scores
+    /// every step so tagged (its reward is its weakest step's).
+    fn step_tag(&self) -> Option<&'static str> {
         None
     }
     /// Inputs of one batch that begin with at least `tokens` equal tokens compute those
@@ -327,6 +336,14 @@ pub fn load(
             &raw,
             vb,
             &score_head::HeadSpec::gating(gating_head::GatingSpec::new(&raw, tokenizer)?),
+        ),
+        // Qwen2.5-Math-PRM (its remote code): a Qwen2 under a two-class MLP read at every
+        // step tag.
+        "Qwen2ForProcessRewardModel" => decoder::load(
+            "Qwen2ForSequenceClassification",
+            &raw,
+            vb,
+            &score_head::HeadSpec::steps(step_head::StepSpec::new(tokenizer)?),
         ),
         name if openrlhf::ARCHITECTURES.contains(&name) => openrlhf::load(&raw, vb),
         other => match value_head::family(other) {

@@ -493,7 +493,7 @@ mod tests {
     use crate::model::layers::{attention, causal_mask, padding_mask, split_heads, Packing};
     use crate::model::testing::{max_diff, rows_for, seeded};
     use crate::model::Sequence;
-    use crate::scorer::Scorer;
+    use crate::scorer::{Score, Scorer};
 
     thread_local! {
         /// Set by a test to make the models on its thread take the padded layout.
@@ -674,6 +674,47 @@ mod tests {
         inputs.push([&prompt[..21], &filler(9, 6), &end, &filler(4, 5), &[605]].concat());
         // Two turns after the shared prompt: the gate reads the second prompt end.
         inputs.push([&prompt[..], &filler(5, 4), &end, &filler(6, 7), &[605]].concat());
+        assert_every_layout_scores_as_alone(&fixtures.join("models/armo-llama"), inputs);
+    }
+
+    #[test]
+    fn prm_reads_every_step_alike_in_every_layout() {
+        // A process reward model reads every step tag: in a shared prompt (the same first
+        // steps), in an input's own rows, several per input.
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let expected: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(fixtures.join("expected/qwen2-prm.json")).expect("expected"),
+        )
+        .expect("json");
+        let tag = expected["step_tag_id"].as_u64().expect("step_tag_id") as u32;
+        let filler = |seed: usize, len: usize| -> Vec<u32> {
+            (0..len)
+                .map(|p| 5 + ((p * 13 + seed * 5) % 90) as u32)
+                .collect()
+        };
+        let prompt: Vec<u32> = [filler(0, 12), vec![tag], filler(1, 8), vec![tag]].concat();
+        let inputs = vec![
+            [prompt.clone(), filler(2, 3), vec![tag]].concat(),
+            [
+                prompt.clone(),
+                filler(3, 9),
+                vec![tag],
+                filler(4, 2),
+                vec![tag, 7],
+            ]
+            .concat(),
+            // No tag of its own: its steps are all in the shared prompt.
+            [prompt.clone(), filler(5, 4)].concat(),
+            // Shares the first 10 tokens only: every tag is in its own rows.
+            [&prompt[..10], &filler(6, 5), &[tag], &filler(7, 6), &[tag]].concat(),
+        ];
+        assert_every_layout_scores_as_alone(&fixtures.join("models/qwen2-prm"), inputs);
+    }
+
+    /// Scores `inputs` in one batch in each layout (packed and padded, prompts shared and
+    /// not; bf16 and f16 within their rounding) and checks each input's reward and step
+    /// rewards equal those it gets alone.
+    fn assert_every_layout_scores_as_alone(dir: &std::path::Path, inputs: Vec<Vec<u32>>) {
         let sequences: Vec<Sequence> = inputs
             .into_iter()
             .map(|ids| Sequence {
@@ -682,39 +723,42 @@ mod tests {
             })
             .collect();
         let refs: Vec<&Sequence> = sequences.iter().collect();
-        let dir = fixtures.join("models/armo-llama");
-        let mut scorer = Scorer::load_one(&dir).expect("load the fixture");
-        let alone: Vec<f32> = refs
+        let mut scorer = Scorer::load_one(dir).expect("load the fixture");
+        let alone: Vec<Score> = refs
             .iter()
-            .map(|s| scorer.score(&[s]).expect("score alone")[0].value)
+            .map(|s| scorer.score(&[s]).expect("score alone").remove(0))
             .collect();
+        let assert_alike = |scores: &[Score], tolerance: f32, layout: &str| {
+            for (i, (s, a)) in scores.iter().zip(&alone).enumerate() {
+                let steps = |s: &Score| s.steps.clone().unwrap_or_default();
+                assert_eq!(steps(s).len(), steps(a).len(), "{layout}, input {i}");
+                for (got, want) in std::iter::once(s.value)
+                    .chain(steps(s))
+                    .zip(std::iter::once(a.value).chain(steps(a)))
+                {
+                    assert!(
+                        (got - want).abs() < tolerance,
+                        "{layout}, input {i}: {got} vs {want} alone"
+                    );
+                }
+            }
+        };
         for padded in [false, true] {
             PADDED_ONLY.with(|p| p.set(padded));
             for min_shared in [8, 0] {
                 scorer.share_prefixes_from(min_shared);
                 let (scores, work) = scorer.score_batch(&refs).expect("score the batch");
                 assert_eq!(work.shared > 0, min_shared > 0, "padded {padded}");
-                for (i, (s, a)) in scores.iter().zip(&alone).enumerate() {
-                    assert!(
-                        (s.value - a).abs() < 1e-5,
-                        "padded {padded}, shared from {min_shared}, input {i}: {} vs {a} alone",
-                        s.value
-                    );
-                }
+                let layout = format!("padded {padded}, shared from {min_shared}");
+                assert_alike(&scores, 1e-5, &layout);
             }
         }
         PADDED_ONLY.with(|p| p.set(false));
         for dtype in [FloatDType::BF16, FloatDType::F16] {
-            let mut half = load_in(&dir, dtype);
+            let mut half = load_in(dir, dtype);
             half.share_prefixes_from(8);
             let scores = half.score(&refs).expect("score in a half type");
-            for (i, (s, a)) in scores.iter().zip(&alone).enumerate() {
-                assert!(
-                    (s.value - a).abs() < 5e-2,
-                    "{dtype:?} input {i}: {} vs {a} in f32",
-                    s.value
-                );
-            }
+            assert_alike(&scores, 5e-2, &format!("{dtype:?}"));
         }
     }
 

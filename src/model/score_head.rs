@@ -2,7 +2,8 @@
 //! transformers' *ForSequenceClassification has one bias-free linear layer `score`; reward
 //! models saved by their own classes name or shape it otherwise (OpenRLHF's value head;
 //! the two-layer MLP of Qwen2ForRewardModel and INFORMForSequenceClassification; ArmoRM's
-//! gated objectives, which also read where the prompt ends).
+//! gated objectives, which also read where the prompt ends; a process reward model's
+//! per-step head, which reads every step's end).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -10,6 +11,7 @@ use candle_nn::VarBuilder;
 use super::dense::Dense;
 use super::gating_head::{GatingHead, GatingSpec};
 use super::layers::linear;
+use super::step_head::{StepHead, StepSpec};
 use super::Sequence;
 
 /// Where the head's tensors are and how they are arranged.
@@ -29,6 +31,9 @@ pub enum HeadShape {
     /// ArmoRM's regression layer and gating network (src/model/gating_head.rs), from the
     /// checkpoint's root whatever `name` says.
     Gating(GatingSpec),
+    /// A process reward model's two-class MLP `<name>.0.*`, `<name>.2.*`, read at every
+    /// step tag (src/model/step_head.rs).
+    Steps(StepSpec),
 }
 
 impl HeadSpec {
@@ -59,12 +64,29 @@ impl HeadSpec {
             shape: HeadShape::Gating(spec),
         }
     }
+
+    /// A process reward model's per-step head; one score per input (its weakest step).
+    pub fn steps(spec: StepSpec) -> Self {
+        Self {
+            name: "score".into(),
+            labels: 1,
+            shape: HeadShape::Steps(spec),
+        }
+    }
+}
+
+/// What the head computed: logits `[b, labels]`, and each input's step rewards for a
+/// process reward model.
+pub struct HeadOutput {
+    pub logits: Tensor,
+    pub steps: Option<Vec<Vec<f32>>>,
 }
 
 pub enum ScoreHead {
     Linear(Dense),
     ReluMlp { hidden: Dense, out: Dense },
     Gating(GatingHead),
+    Steps(StepHead),
 }
 
 impl ScoreHead {
@@ -81,6 +103,9 @@ impl ScoreHead {
                 }
             }
             HeadShape::Gating(gating) => Self::Gating(GatingHead::load(vb, hidden, gating)?),
+            HeadShape::Steps(steps) => {
+                Self::Steps(StepHead::load(vb.pp(&spec.name), hidden, steps)?)
+            }
         })
     }
 
@@ -88,24 +113,28 @@ impl ScoreHead {
     pub fn input_error(&self, ids: &[u32]) -> Option<String> {
         match self {
             Self::Gating(head) => head.input_error(ids),
+            Self::Steps(head) => head.input_error(ids),
             Self::Linear(_) | Self::ReluMlp { .. } => None,
         }
     }
 
-    /// Where each input's prompt ends, when the head reads it (None: it reads the last
-    /// token alone).
-    pub fn prompt_positions(&self, sequences: &[&Sequence]) -> Result<Option<Vec<usize>>> {
-        let Self::Gating(head) = self else {
-            return Ok(None);
+    /// The positions of each input that the head reads besides its last token: where the
+    /// prompt ends (ArmoRM), every step tag (a process reward model). None: the last token
+    /// alone.
+    pub fn read_positions(&self, sequences: &[&Sequence]) -> Result<Option<Vec<Vec<usize>>>> {
+        let find: &dyn Fn(&[u32]) -> Option<Vec<usize>> = match self {
+            Self::Gating(head) => &|ids| head.prompt_end(ids).map(|p| vec![p]),
+            Self::Steps(head) => &|ids| Some(head.tag_positions(ids)).filter(|p| !p.is_empty()),
+            Self::Linear(_) | Self::ReluMlp { .. } => return Ok(None),
         };
         sequences
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                head.prompt_end(&s.ids).ok_or_else(|| {
+                find(&s.ids).ok_or_else(|| {
                     candle_core::Error::Msg(format!(
                         "input {i}: {}",
-                        head.input_error(&s.ids).unwrap_or_default()
+                        self.input_error(&s.ids).unwrap_or_default()
                     ))
                 })
             })
@@ -113,18 +142,35 @@ impl ScoreHead {
             .map(Some)
     }
 
-    /// Logits `[b, labels]` from the normed hidden states at the last tokens, and at the
-    /// prompts' ends for a head that reads them.
-    pub fn forward(&self, last: &Tensor, prompt: Option<&Tensor>) -> Result<Tensor> {
-        match self {
-            Self::Linear(layer) => layer.forward(last),
-            Self::ReluMlp { hidden, out } => out.forward(&hidden.forward(last)?.relu()?),
-            Self::Gating(head) => match prompt {
-                Some(prompt) => head.forward(last, prompt),
-                None => Err(candle_core::Error::Msg(
-                    "the gating head needs the prompts' hidden states".into(),
-                )),
-            },
-        }
+    /// The head on the normed hidden states at the last tokens `last` `[b, h]` and, for a
+    /// head that reads them, at the positions `read_positions` gave (`read` `[n, h]`, in
+    /// input order, `counts[i]` of input i).
+    pub fn forward(&self, last: &Tensor, read: Option<(&Tensor, &[usize])>) -> Result<HeadOutput> {
+        let logits = match (self, read) {
+            (Self::Linear(layer), _) => layer.forward(last)?,
+            (Self::ReluMlp { hidden, out }, _) => out.forward(&hidden.forward(last)?.relu()?)?,
+            (Self::Gating(head), Some((prompt, _))) => head.forward(last, prompt)?,
+            (Self::Steps(head), Some((tags, counts))) => {
+                let (logits, steps) = head.forward(tags, counts)?;
+                return Ok(HeadOutput {
+                    logits,
+                    steps: Some(steps),
+                });
+            }
+            (Self::Gating(_) | Self::Steps(_), None) => {
+                return Err(candle_core::Error::Msg(
+                    "the score head needs the hidden states at the positions it reads".into(),
+                ))
+            }
+        };
+        Ok(HeadOutput {
+            logits,
+            steps: None,
+        })
+    }
+
+    /// The text that ends each step, for a process reward model.
+    pub fn step_tag(&self) -> Option<&'static str> {
+        matches!(self, Self::Steps(_)).then_some(super::step_head::STEP_TAG)
     }
 }

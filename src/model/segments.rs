@@ -142,20 +142,23 @@ impl Segments {
             .collect()
     }
 
-    /// The row of each input's token at `positions[input]` (in a shared prefix or in the
-    /// input's own segment).
-    pub fn rows_at(&self, positions: &[usize]) -> Vec<u32> {
+    /// The rows of each input's tokens at `positions[input]` (in a shared prefix or in the
+    /// input's own segment), input after input.
+    pub fn rows_at(&self, positions: &[Vec<usize>]) -> Vec<u32> {
         self.ends
             .iter()
             .zip(positions)
-            .map(|(&end, &position)| {
+            .flat_map(|(&end, at)| {
                 let (prefix_start, prefix_len) = self.prefix_rows(end);
-                let row = if position < prefix_len {
-                    prefix_start + position
-                } else {
-                    self.starts[end] + position - prefix_len
-                };
-                row as u32
+                let own_start = self.starts[end];
+                at.iter().map(move |&position| {
+                    let row = if position < prefix_len {
+                        prefix_start + position
+                    } else {
+                        own_start + position - prefix_len
+                    };
+                    row as u32
+                })
             })
             .collect()
     }
@@ -452,11 +455,35 @@ mod tests {
             // rows_at finds each input's token at any position, in a prefix or its own rows.
             let longest = inputs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
             for p in 0..longest {
-                let at: Vec<usize> = inputs.iter().map(|s| p.min(s.ids.len() - 1)).collect();
+                let at: Vec<Vec<usize>> = inputs
+                    .iter()
+                    .map(|s| vec![p.min(s.ids.len() - 1)])
+                    .collect();
                 for (i, row) in segments.rows_at(&at).into_iter().enumerate() {
-                    assert_eq!(ids[row as usize], inputs[i].ids[at[i]], "input {i} at {p}");
-                    assert_eq!(positions[row as usize], at[i], "input {i} at {p}");
+                    assert_eq!(
+                        ids[row as usize], inputs[i].ids[at[i][0]],
+                        "input {i} at {p}"
+                    );
+                    assert_eq!(positions[row as usize], at[i][0], "input {i} at {p}");
                 }
+            }
+            // ... and several positions of an input at once, input after input: every
+            // third position of each, none for some.
+            let at: Vec<Vec<usize>> = inputs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i % 3..s.ids.len()).step_by(3).collect())
+                .collect();
+            let rows = segments.rows_at(&at);
+            let wanted: Vec<(usize, usize)> = at
+                .iter()
+                .enumerate()
+                .flat_map(|(i, a)| a.iter().map(move |&p| (i, p)))
+                .collect();
+            assert_eq!(rows.len(), wanted.len());
+            for (&row, &(i, p)) in rows.iter().zip(&wanted) {
+                assert_eq!(ids[row as usize], inputs[i].ids[p], "input {i} at {p}");
+                assert_eq!(positions[row as usize], p, "input {i} at {p}");
             }
             // Every row belongs to an input: no segment is left unused.
             let used: usize = (0..segments.count())

@@ -31,11 +31,15 @@ pub struct Usage {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ScoreResponse {
-    /// Raw reward logits, one per input.
+    /// Raw reward logits, one per input (a process reward model's weakest step reward).
     pub scores: Vec<f32>,
     /// With `--combine predictions`: the members' weighted standard deviation per input.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uncertainty: Option<Vec<f32>>,
+    /// A process reward model's: each input's step rewards, in order (`scores` holds the
+    /// weakest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_scores: Option<Vec<Vec<f32>>>,
     pub model: String,
     pub usage: Usage,
 }
@@ -62,6 +66,9 @@ pub struct RerankResult {
     pub score: f32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uncertainty: Option<f32>,
+    /// A process reward model's step rewards (`score` is the weakest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_scores: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

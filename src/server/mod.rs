@@ -168,16 +168,17 @@ fn load(state: &AppState) -> Result<(), String> {
     }
     let report = scorer.report().clone();
     // A prompt and response where the model can format one (ArmoRM scores nothing else),
-    // else plain text.
+    // else plain text; one step for a process reward model.
+    let step_end = scorer.step_tag().unwrap_or_default();
     let pair = crate::text::Input::Pair {
         prompt: "warm-up".into(),
-        response: "ready".into(),
+        response: format!("ready{step_end}"),
     };
     let warmup = scorer
         .encode(&pair, true, None, true)
         .or_else(|_| {
             scorer.encode(
-                &crate::text::Input::Text("warm-up".into()),
+                &crate::text::Input::Text(format!("warm-up{step_end}")),
                 true,
                 None,
                 true,
@@ -221,6 +222,7 @@ fn load(state: &AppState) -> Result<(), String> {
         })).collect::<Vec<_>>(),
         "has_chat_template": scorer.has_chat_template(),
         "num_labels": scorer.num_labels(),
+        "step_tag": scorer.step_tag(),
         "reward_statistics": scorer.reward_stats().map(|all| all.iter().map(|s| serde_json::json!({
             "mean": s.mean,
             "std": s.std,

@@ -43,6 +43,11 @@ pub async fn score_value(state: &Arc<AppState>, body: Value) -> Result<Response,
                 .map(|s| s.uncertainty.unwrap_or(0.0))
                 .collect()
         }),
+        step_scores: outcome
+            .scores
+            .iter()
+            .map(|s| s.steps.clone())
+            .collect::<Option<Vec<_>>>(),
         model: state.model_name.clone(),
         usage: Usage {
             prompt_tokens: outcome.prompt_tokens,
@@ -101,6 +106,7 @@ pub async fn rerank_value(state: &Arc<AppState>, body: Value) -> Result<Response
             index,
             score: s.value,
             uncertainty: s.uncertainty,
+            step_scores: s.steps.clone(),
         })
         .collect();
     results.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));

@@ -23,6 +23,15 @@ pub use openrlhf::get_reward;
 pub use tei::predict;
 pub use vllm::{classify, score as vllm_score};
 
+/// Whether the scores are probabilities already (a process reward model's weakest step):
+/// the routes then apply no activation unless a request asks for one.
+fn scores_are_probabilities(state: &AppState) -> bool {
+    state
+        .ready
+        .get()
+        .is_some_and(|r| r.scorer.step_tag().is_some())
+}
+
 fn has(body: &Value, key: &str) -> bool {
     body.get(key).is_some()
 }

@@ -119,7 +119,7 @@ pub async fn predict_body(state: &Arc<AppState>, body: Value) -> Result<Response
         ..ScoringRequest::new(inputs)
     };
     let outcome = pipeline::run(state, "tei_predict", request).await?;
-    let activation = if req.raw_scores {
+    let activation = if req.raw_scores || super::scores_are_probabilities(state) {
         Activation::None
     } else {
         Activation::for_labels(num_labels(state))
@@ -180,7 +180,7 @@ pub async fn rerank_body(state: &Arc<AppState>, body: Value) -> Result<Response,
         ..ScoringRequest::new(inputs)
     };
     let outcome = pipeline::run(state, "tei_rerank", request).await?;
-    let activation = if req.raw_scores {
+    let activation = if req.raw_scores || super::scores_are_probabilities(state) {
         Activation::None
     } else {
         Activation::Sigmoid
@@ -243,6 +243,7 @@ pub async fn text_classification_body(
         }
     };
     let activation = match req.parameters.function_to_apply.as_deref() {
+        None if super::scores_are_probabilities(state) => Activation::None,
         None => {
             let problem_type = state
                 .ready

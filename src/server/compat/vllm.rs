@@ -185,11 +185,10 @@ async fn classify_inner(
         ),
         None => (1, None, Vec::new()),
     };
-    // vLLM: on by default, except for regression models.
-    let on = req
-        .flags
-        .requested()
-        .unwrap_or(problem_type.as_deref() != Some("regression"));
+    // vLLM: on by default, except for regression models (and probabilities, here).
+    let on = req.flags.requested().unwrap_or(
+        problem_type.as_deref() != Some("regression") && !super::scores_are_probabilities(state),
+    );
     let activation = match (on, problem_type.as_deref()) {
         (false, _) => Activation::None,
         (true, Some("multi_label_classification")) => Activation::Sigmoid,
@@ -255,9 +254,13 @@ fn score_pairs(queries: Vec<String>, documents: Vec<String>) -> Result<Vec<Input
     }
 }
 
-/// Sigmoid of the reward unless switched off (vLLM's score head ignores `problem_type`).
-fn score_activation(flags: &ActivationFlags) -> Activation {
-    if flags.requested().unwrap_or(true) {
+/// Sigmoid of the reward unless switched off (vLLM's score head ignores `problem_type`), or
+/// unless the scores are probabilities already and no activation was asked for.
+fn score_activation(state: &AppState, flags: &ActivationFlags) -> Activation {
+    if flags
+        .requested()
+        .unwrap_or(!super::scores_are_probabilities(state))
+    {
         Activation::Sigmoid
     } else {
         Activation::None
@@ -297,7 +300,7 @@ async fn score_inner(
         ..ScoringRequest::new(inputs)
     };
     let outcome = pipeline::run(state, "vllm_score", request).await?;
-    let activation = score_activation(&req.flags);
+    let activation = score_activation(state, &req.flags);
     let data: Vec<Value> = outcome
         .scores
         .iter()
@@ -340,7 +343,7 @@ async fn rerank_inner(
         ..ScoringRequest::new(inputs)
     };
     let outcome = pipeline::run(state, "vllm_rerank", request).await?;
-    let activation = score_activation(&req.flags);
+    let activation = score_activation(state, &req.flags);
     let mut ranked: Vec<(usize, f32)> = outcome
         .scores
         .iter()

@@ -1,0 +1,331 @@
+//! Process reward models (Qwen2.5-Math-PRM's `Qwen2ForProcessRewardModel`): the fixture
+//! tests/fixtures/models/qwen2-prm is checked for parity, step by step, in tests/parity.rs;
+//! these tests serve it over HTTP (every step's reward, the weakest as the score, no
+//! activation on the compat routes), combine two members both ways, truncate steps away,
+//! and name what is wrong with a checkpoint or a request it cannot take.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::cases::{expected, input_of, load_error};
+use common::server::{fixture, Server};
+use common::{unchanged, Stored};
+use serde_json::{json, Value};
+use warm::scorer::Scorer;
+use warm::text::{Direction, TextError};
+
+const TOLERANCE: f64 = 1e-4;
+
+fn variant(
+    edit: impl FnOnce(&mut Value),
+    tensor: impl Fn(String, Stored) -> (String, Stored),
+) -> (tempfile::TempDir, PathBuf) {
+    common::fixture_variant("qwen2-prm", edit, tensor)
+}
+
+/// The fixture's cases as native inputs.
+fn native_inputs(cases: &[Value]) -> Vec<Value> {
+    cases
+        .iter()
+        .map(|c| match c["kind"].as_str().unwrap() {
+            "pair" => json!({"prompt": c["prompt"], "response": c["response"]}),
+            "text" => c["text"].clone(),
+            _ => json!({"messages": c["messages"]}),
+        })
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn assert_close(got: &[f64], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: {got:?} vs {want:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < TOLERANCE, "{what}: {got:?} vs {want:?}");
+    }
+}
+
+/// The step rewards of every case, one at a time, by the library.
+fn steps_of(dir: &Path, cases: &[Value]) -> Vec<Vec<f64>> {
+    let scorer = Scorer::load_one(dir).unwrap();
+    cases
+        .iter()
+        .map(|case| {
+            let sequence = scorer.encode(&input_of(case), false, None, true).unwrap();
+            let score = scorer.score(&[&sequence]).unwrap().remove(0);
+            score.steps.unwrap().into_iter().map(f64::from).collect()
+        })
+        .collect()
+}
+
+/// One request with every case: each input's step rewards as transformers computes them,
+/// its weakest as the score; rerank returns the steps beside each score; an input without
+/// a step tag is refused with its index and the tag named, and the server goes on.
+#[test]
+fn served_steps_score_and_untagged_inputs_are_refused() {
+    let expected = expected("qwen2-prm");
+    let cases = expected["cases"].as_array().unwrap();
+    let server = Server::started(&["--model", &fixture("qwen2-prm").display().to_string()]);
+
+    let inputs = native_inputs(cases);
+    let (status, body) = server.post("/v1/score", &json!({ "inputs": inputs }));
+    assert_eq!(status, 200, "{body}");
+    for (i, case) in cases.iter().enumerate() {
+        let steps = floats(&body["step_scores"][i]);
+        assert_close(&steps, &floats(&case["step_scores"]), &format!("case {i}"));
+        let weakest = steps.iter().copied().fold(f64::INFINITY, f64::min);
+        assert_close(&[body["scores"][i].as_f64().unwrap()], &[weakest], "score");
+        assert_close(&[weakest], &[case["score"].as_f64().unwrap()], "score");
+    }
+
+    // Best-of-N over the responses of the chat cases that share a prompt.
+    let shared: Vec<&Value> = cases
+        .iter()
+        .filter(|c| c["messages"].as_array().is_some_and(|m| m.len() == 3))
+        .collect();
+    let messages = &shared[0]["messages"].as_array().unwrap()[..2];
+    let responses: Vec<&Value> = shared
+        .iter()
+        .map(|c| &c["messages"][2]["content"])
+        .collect();
+    let (status, body) = server.post(
+        "/v1/rerank",
+        &json!({"messages": messages, "responses": responses}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), shared.len());
+    for result in results {
+        let case = shared[result["index"].as_u64().unwrap() as usize];
+        assert_close(
+            &floats(&result["step_scores"]),
+            &floats(&case["step_scores"]),
+            "rerank steps",
+        );
+        assert_close(
+            &[result["score"].as_f64().unwrap()],
+            &[case["score"].as_f64().unwrap()],
+            "rerank score",
+        );
+    }
+
+    let untagged = expected["unscorable"][0]["text"].as_str().unwrap();
+    let (status, body) = server.post(
+        "/v1/score",
+        &json!({ "inputs": [inputs[0].clone(), untagged] }),
+    );
+    assert_eq!(status, 422, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("inputs[1]:") && message.contains("<extra_0>"),
+        "{body}"
+    );
+    let (status, _) = server.post("/v1/score", &json!({ "inputs": [inputs[0].clone()] }));
+    assert_eq!(status, 200);
+    let (_, info) = server.get("/info");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["architecture"], "Qwen2ForProcessRewardModel", "{info}");
+    assert_eq!(info["step_tag"], "<extra_0>", "{info}");
+}
+
+/// The compat routes answer the weakest step's reward, a probability already, without
+/// their default activation (a sigmoid over a probability would squeeze every reward into
+/// [0.5, 0.73]); an activation a request asks for by name is still applied.
+#[test]
+fn compat_routes_return_the_probability_as_it_is() {
+    let expected = expected("qwen2-prm");
+    let cases = expected["cases"].as_array().unwrap();
+    let rendered: Vec<&str> = cases
+        .iter()
+        .map(|c| c["rendered"].as_str().or(c["text"].as_str()).unwrap())
+        .collect();
+    let want: Vec<f64> = cases.iter().map(|c| c["score"].as_f64().unwrap()).collect();
+    let server = Server::started(&["--model", &fixture("qwen2-prm").display().to_string()]);
+
+    let (status, body) = server.post("/get_reward", &json!({ "query": rendered }));
+    assert_eq!(status, 200, "{body}");
+    assert_close(&floats(&body["rewards"]), &want, "/get_reward");
+
+    let (status, body) = server.post("/predict", &json!({ "inputs": rendered[0] }));
+    assert_eq!(status, 200, "{body}");
+    assert_close(
+        &[body[0]["score"].as_f64().unwrap()],
+        &want[..1],
+        "/predict",
+    );
+
+    let (status, body) = server.post(
+        "/classify",
+        &json!({"model": "warm", "input": rendered[..2]}),
+    );
+    assert_eq!(status, 200, "{body}");
+    for (i, item) in body["data"].as_array().unwrap().iter().enumerate() {
+        assert_close(&floats(&item["probs"]), &want[i..=i], "/classify");
+    }
+    let (status, body) = server.post(
+        "/classify",
+        &json!({"model": "warm", "input": rendered[..1], "use_activation": true}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let sigmoid = 1.0 / (1.0 + (-want[0]).exp());
+    assert_close(
+        &floats(&body["data"][0]["probs"]),
+        &[sigmoid],
+        "/classify asked",
+    );
+}
+
+/// ENS of two members: each step's reward is the members' mean, the score the mean of
+/// their weakest steps, the uncertainty their spread. WARM of a member whose output layer
+/// is three times the first's: the average's logits double, so each step's reward is
+/// sigmoid(2 logit(p)) of the first member's p.
+#[test]
+fn members_combine_by_predictions_and_by_weights() {
+    let expected = expected("qwen2-prm");
+    let cases = expected["cases"].as_array().unwrap();
+    let (_keep, tripled) = variant(
+        |_| {},
+        |name, t| match name.as_str() {
+            "score.2.weight" | "score.2.bias" => (name, common::scaled(t, 3.0)),
+            _ => (name, t),
+        },
+    );
+    let first: Vec<Vec<f64>> = cases.iter().map(|c| floats(&c["step_scores"])).collect();
+    let second = steps_of(&tripled, cases);
+    let server = Server::started(&[
+        "--model",
+        &fixture("qwen2-prm").display().to_string(),
+        "--model",
+        &tripled.display().to_string(),
+        "--combine",
+        "predictions",
+    ]);
+    let (status, body) = server.post("/v1/score", &json!({ "inputs": native_inputs(cases) }));
+    assert_eq!(status, 200, "{body}");
+    let min = |s: &[f64]| s.iter().copied().fold(f64::INFINITY, f64::min);
+    for (i, (a, b)) in first.iter().zip(&second).enumerate() {
+        let mean: Vec<f64> = a.iter().zip(b).map(|(x, y)| (x + y) / 2.0).collect();
+        assert_close(&floats(&body["step_scores"][i]), &mean, "ENS steps");
+        let (ma, mb) = (min(a), min(b));
+        assert_close(
+            &[body["scores"][i].as_f64().unwrap()],
+            &[(ma + mb) / 2.0],
+            "ENS score",
+        );
+        assert_close(
+            &[body["uncertainty"][i].as_f64().unwrap()],
+            &[(ma - mb).abs() / 2.0],
+            "ENS uncertainty",
+        );
+    }
+
+    let out = tempfile::tempdir().unwrap();
+    let fused = out.path().join("fused");
+    common::warm_fuse(&[&fixture("qwen2-prm"), &tripled], &fused, &[]);
+    let logit = |p: f64| (p / (1.0 - p)).ln();
+    for (got, want) in steps_of(&fused, cases).iter().zip(&first) {
+        let doubled: Vec<f64> = want
+            .iter()
+            .map(|&p| 1.0 / (1.0 + (-2.0 * logit(p)).exp()))
+            .collect();
+        assert_close(got, &doubled, "WARM steps");
+    }
+}
+
+/// Truncation keeps the steps whose tags survive (from the end, by default for a decoder);
+/// an input truncated down to no tag is refused.
+#[test]
+fn truncation_keeps_the_tagged_steps_that_remain() {
+    let expected = expected("qwen2-prm");
+    let case = expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|c| c["step_scores"].as_array().unwrap().len())
+        .unwrap()
+        .clone();
+    let ids: Vec<u64> = case["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let tag = expected["step_tag_id"].as_u64().unwrap();
+    let tags: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == tag).collect();
+    assert!(tags.len() >= 3, "{tags:?}");
+    let scorer = Scorer::load_one(&fixture("qwen2-prm")).unwrap();
+    let input = input_of(&case);
+
+    // Keep the end from just after the first tag: every tag but the first stays.
+    let keep = ids.len() - tags[0] - 1;
+    let sequence = scorer
+        .encode_limited(&input, keep, true, Some(Direction::Left), true)
+        .unwrap();
+    let score = scorer.score(&[&sequence]).unwrap().remove(0);
+    assert_eq!(score.steps.map(|s| s.len()), Some(tags.len() - 1));
+
+    // Keep the start up to the first tag, exclusive: none stays.
+    match scorer.encode_limited(&input, tags[0], true, Some(Direction::Right), true) {
+        Err(TextError::Unscorable(message)) => assert!(message.contains("<extra_0>"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn what_cannot_load_or_serve_is_named() {
+    // The step tag must be one token: Qwen2's own tokenizer splits it.
+    let (_keep, dir) = variant(|_| {}, unchanged);
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("qwen2").join(file), dir.join(file)).unwrap();
+    }
+    let message = load_error(&dir);
+    assert!(
+        message.contains("tokenizer") && message.contains("<extra_0>"),
+        "{message}"
+    );
+
+    // A head of one output, as Qwen2ForRewardModel has, is not a two-class step head.
+    let (_keep, dir) = variant(
+        |_| {},
+        |name, t| match name.as_str() {
+            "score.2.weight" | "score.2.bias" => (name, first_row(t)),
+            _ => (name, t),
+        },
+    );
+    let message = load_error(&dir);
+    assert!(message.contains("score.2"), "{message}");
+
+    // OpenRLHF's statistics standardize raw rewards, not probabilities.
+    let (_keep, dir) = variant(
+        |c| {
+            c["mean"] = 0.5.into();
+            c["std"] = 0.1.into();
+        },
+        unchanged,
+    );
+    let stderr = common::server::start_failure(&[
+        "--model".as_ref(),
+        dir.as_os_str(),
+        "--normalize-reward".as_ref(),
+    ]);
+    assert!(stderr.contains("process reward model"), "{stderr}");
+}
+
+/// The first row of a float tensor (its first output, for a linear layer's weight or bias).
+fn first_row(t: Stored) -> Stored {
+    let rows = t.shape[0];
+    let width = t.bytes.len() / rows;
+    let mut shape = t.shape.clone();
+    shape[0] = 1;
+    Stored {
+        bytes: t.bytes[..width].to_vec(),
+        shape,
+        ..t
+    }
+}
