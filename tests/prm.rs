@@ -134,6 +134,124 @@ fn served_steps_score_and_untagged_inputs_are_refused() {
     assert_eq!(info["step_tag"], "<extra_0>", "{info}");
 }
 
+/// A response may be sent as its steps (`{"prompt"|"messages", "steps"}`, and a list of
+/// steps per response in rerank): warm joins and ends them with the tag, and the scores
+/// equal those of the tagged text. Steps for a model that is not a process reward model,
+/// an empty list, a step holding the tag, and `steps` beside `response` are refused.
+#[test]
+fn responses_may_be_sent_as_steps() {
+    let expected = expected("qwen2-prm");
+    let cases = expected["cases"].as_array().unwrap();
+    let tag = expected["step_tag"].as_str().unwrap();
+    let steps_of_case = |c: &Value, key: &str| -> Vec<String> {
+        let text = c[key].as_str().unwrap();
+        let steps: Vec<String> = text.split(tag).map(str::to_string).collect();
+        assert_eq!(steps.last().map(String::as_str), Some(""), "{text}");
+        steps[..steps.len() - 1].to_vec()
+    };
+    let mut inputs = Vec::new();
+    let mut want = Vec::new();
+    for c in cases {
+        match c["kind"].as_str().unwrap() {
+            "pair" => {
+                inputs.push(json!({"prompt": c["prompt"], "steps": steps_of_case(c, "response")}))
+            }
+            "chat" => {
+                let messages = c["messages"].as_array().unwrap();
+                let (last, before) = messages.split_last().unwrap();
+                inputs.push(json!({"messages": before, "steps": steps_of_case(last, "content")}));
+            }
+            _ => continue,
+        }
+        want.push(c);
+    }
+    let server = Server::started(&["--model", &fixture("qwen2-prm").display().to_string()]);
+    let (status, body) = server.post("/v1/score", &json!({ "inputs": inputs }));
+    assert_eq!(status, 200, "{body}");
+    for (i, c) in want.iter().enumerate() {
+        assert_close(
+            &floats(&body["step_scores"][i]),
+            &floats(&c["step_scores"]),
+            &format!("steps input {i}"),
+        );
+    }
+
+    let chats: Vec<&Value> = want
+        .iter()
+        .copied()
+        .filter(|c| c["messages"].as_array().is_some_and(|m| m.len() == 3))
+        .collect();
+    let messages = &chats[0]["messages"].as_array().unwrap()[..2];
+    let responses: Vec<Vec<String>> = chats
+        .iter()
+        .map(|c| steps_of_case(&c["messages"][2], "content"))
+        .collect();
+    let (status, body) = server.post(
+        "/v1/rerank",
+        &json!({"messages": messages, "responses": responses}),
+    );
+    assert_eq!(status, 200, "{body}");
+    for result in body["results"].as_array().unwrap() {
+        let case = chats[result["index"].as_u64().unwrap() as usize];
+        assert_close(
+            &floats(&result["step_scores"]),
+            &floats(&case["step_scores"]),
+            "rerank by steps",
+        );
+    }
+
+    for (input, status, words) in [
+        (json!({"prompt": "2+2?", "steps": []}), 400, "empty"),
+        (
+            json!({"prompt": "2+2?", "steps": ["4", "so 4<extra_0>"]}),
+            400,
+            "step 1 holds the step tag",
+        ),
+        (
+            json!({"prompt": "2+2?", "steps": ["4"], "response": "4"}),
+            400,
+            "not both",
+        ),
+        (
+            json!({"prompt": "2+2?", "steps": "4"}),
+            400,
+            "list of strings",
+        ),
+    ] {
+        let (got, body) = server.post("/v1/score", &json!({ "inputs": ["x<extra_0>", input] }));
+        assert_eq!(got, status, "{body}");
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("inputs[1]:") && message.contains(words),
+            "{body}"
+        );
+    }
+    let (got, body) = server.post(
+        "/v1/rerank",
+        &json!({"prompt": "2+2?", "responses": ["4<extra_0>", []]}),
+    );
+    assert_eq!(got, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("responses[1]:"),
+        "{body}"
+    );
+
+    let outcome_model = Server::started(&["--model", &fixture("qwen2").display().to_string()]);
+    let (got, body) = outcome_model.post(
+        "/v1/score",
+        &json!({ "inputs": [{"prompt": "2+2?", "steps": ["4"]}] }),
+    );
+    assert_eq!(got, 422, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("inputs[0]:") && message.contains("not a process reward model"),
+        "{body}"
+    );
+}
+
 /// The compat routes answer the weakest step's reward, a probability already, without
 /// their default activation (a sigmoid over a probability would squeeze every reward into
 /// [0.5, 0.73]); an activation a request asks for by name is still applied.
@@ -178,6 +296,97 @@ fn compat_routes_return_the_probability_as_it_is() {
         &floats(&body["data"][0]["probs"]),
         &[sigmoid],
         "/classify asked",
+    );
+}
+
+/// vLLM's `/pooling` as its STEP pooler answers for Qwen2.5-Math-PRM: per input, one
+/// `[p_negative, p_positive]` pair per step tag, as floats or base64 float32; from texts
+/// (`input`) or a conversation (`messages`). A model that is not a process reward model,
+/// and raw logits, are refused in vLLM's error shape.
+#[test]
+fn vllm_pooling_returns_each_steps_class_probabilities() {
+    use base64::Engine;
+
+    let expected = expected("qwen2-prm");
+    let cases = expected["cases"].as_array().unwrap();
+    let chat = cases.iter().find(|c| c["kind"] == "chat").unwrap();
+    let pairs_of = |data: &Value| -> Vec<f64> {
+        let pairs = data.as_array().unwrap_or_else(|| panic!("{data}"));
+        pairs
+            .iter()
+            .map(|pair| {
+                let [n, p] = floats(pair)[..] else {
+                    panic!("not a pair: {pair}")
+                };
+                assert!((n + p - 1.0).abs() < 1e-6, "{pair}");
+                p
+            })
+            .collect()
+    };
+    let server = Server::started(&["--model", &fixture("qwen2-prm").display().to_string()]);
+
+    let rendered: Vec<&str> = cases[..2]
+        .iter()
+        .map(|c| c["rendered"].as_str().unwrap())
+        .collect();
+    let (status, body) = server.post(
+        "/pooling",
+        &json!({"model": "qwen2-prm", "input": rendered}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "list");
+    assert!(body["id"].as_str().unwrap().starts_with("pool-"), "{body}");
+    for (i, case) in cases[..2].iter().enumerate() {
+        let item = &body["data"][i];
+        assert_eq!(
+            (item["index"].as_u64(), &item["object"]),
+            (Some(i as u64), &json!("pooling"))
+        );
+        assert_close(
+            &pairs_of(&item["data"]),
+            &floats(&case["step_scores"]),
+            "/pooling",
+        );
+    }
+
+    let (status, body) = server.post(
+        "/pooling",
+        &json!({"model": "qwen2-prm", "messages": chat["messages"], "encoding_format": "base64"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(body["data"][0]["data"].as_str().unwrap())
+        .unwrap();
+    let values: Vec<f64> = bytes
+        .chunks_exact(4)
+        .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+        .collect();
+    let positive: Vec<f64> = values.chunks_exact(2).map(|pair| pair[1]).collect();
+    assert_close(&positive, &floats(&chat["step_scores"]), "/pooling base64");
+
+    let (status, body) = server.post(
+        "/pooling",
+        &json!({"input": rendered[0], "use_activation": false}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("logits"),
+        "{body}"
+    );
+
+    let outcome_model = Server::started(&["--model", &fixture("qwen2").display().to_string()]);
+    let (status, body) = outcome_model.post("/pooling", &json!({"input": "Hello"}));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["type"], "BadRequestError", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/classify"),
+        "{body}"
     );
 }
 

@@ -11,7 +11,8 @@ pub struct ChatMessage {
 }
 
 /// `POST /v1/score`. Each input is a pre-formatted string, `{"prompt", "response"}`, or
-/// `{"messages": [...]}`.
+/// `{"messages": [...]}`; for a process reward model, `{"prompt", "steps": [...]}` or
+/// `{"messages", "steps"}` give the response as its steps.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ScoreRequest {
     #[schema(value_type = Vec<Object>, example = json!(["text", {"prompt": "2+2?", "response": "4"}]))]
@@ -51,13 +52,21 @@ pub struct RerankRequest {
     pub prompt: Option<String>,
     #[serde(default)]
     pub messages: Option<Vec<ChatMessage>>,
-    pub responses: Vec<String>,
+    pub responses: Vec<Candidate>,
     #[serde(default)]
     pub top_n: Option<usize>,
     #[serde(default)]
     pub truncate: Option<bool>,
     #[serde(default)]
     pub truncation_direction: Option<String>,
+}
+
+/// A response to rank: its text, or (a process reward model) its steps.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Candidate {
+    Text(String),
+    Steps(Vec<String>),
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -134,6 +143,7 @@ pub enum ScoringErrors {
         ScoreRequest,
         ScoreResponse,
         RerankRequest,
+        Candidate,
         RerankResponse,
         RerankResult,
         Usage,

@@ -287,6 +287,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/rerank", post(compat::rerank))
         .route("/classify", post(compat::classify))
         .route("/v1/classify", post(compat::classify))
+        .route("/pooling", post(compat::pooling))
         .route("/score", post(compat::vllm_score))
         .route("/get_reward", post(compat::get_reward))
         .route("/info", get(native::info))

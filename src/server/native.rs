@@ -10,7 +10,8 @@ use axum::Json;
 use utoipa::OpenApi;
 
 use super::api::{
-    ApiDoc, RerankRequest, RerankResponse, RerankResult, ScoreRequest, ScoreResponse, Usage,
+    ApiDoc, Candidate, RerankRequest, RerankResponse, RerankResult, ScoreRequest, ScoreResponse,
+    Usage,
 };
 use super::error::ApiError;
 use super::pipeline::{self, parse_direction, parse_input, ScoringRequest};
@@ -25,7 +26,7 @@ pub async fn score_value(state: &Arc<AppState>, body: Value) -> Result<Response,
         .inputs
         .iter()
         .enumerate()
-        .map(|(i, v)| parse_input(v, i))
+        .map(|(i, v)| parse_input(state, v, i))
         .collect::<Result<Vec<_>, _>>()?;
     let request = ScoringRequest {
         truncate: body.truncate,
@@ -59,17 +60,26 @@ pub async fn score_value(state: &Arc<AppState>, body: Value) -> Result<Response,
 /// The native rerank on a parsed body (shared with the route that vLLM also uses).
 pub async fn rerank_value(state: &Arc<AppState>, body: Value) -> Result<Response, ApiError> {
     let body: RerankRequest = parse_body(body)?;
+    let responses = body
+        .responses
+        .iter()
+        .enumerate()
+        .map(|(i, candidate)| match candidate {
+            Candidate::Text(text) => Ok(text.clone()),
+            Candidate::Steps(steps) => {
+                pipeline::response_of_steps(state, steps, &format!("responses[{i}]"))
+            }
+        })
+        .collect::<Result<Vec<String>, ApiError>>()?;
     let inputs: Vec<Input> = match (&body.prompt, &body.messages) {
-        (Some(prompt), None) => body
-            .responses
+        (Some(prompt), None) => responses
             .iter()
             .map(|r| Input::Pair {
                 prompt: prompt.clone(),
                 response: r.clone(),
             })
             .collect(),
-        (None, Some(messages)) => body
-            .responses
+        (None, Some(messages)) => responses
             .iter()
             .map(|r| {
                 let mut conversation: Vec<Message> = messages

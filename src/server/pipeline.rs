@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use super::error::ApiError;
 use super::AppState;
 use crate::scorer::Score;
-use crate::text::{Direction, Input, Message};
+use crate::text::{join_steps, Direction, Input, Message, StepsError};
 
 /// A JSON body read whatever the Content-Type (curl -d sends a form type), with errors in
 /// warm's JSON shape: 413 over the payload limit, 408 when the whole body has not arrived
@@ -131,37 +131,76 @@ impl Timings {
     }
 }
 
-/// Parses one native input: a string, `{"prompt","response"}` or `{"messages"}`.
-pub fn parse_input(value: &serde_json::Value, index: usize) -> Result<Input, ApiError> {
+/// One native input: a string, `{"prompt", "response"}` or `{"messages"}`; for a process
+/// reward model the response may be given as its `steps` instead (after `messages`, the
+/// assistant's last turn).
+pub fn parse_input(
+    state: &AppState,
+    value: &serde_json::Value,
+    index: usize,
+) -> Result<Input, ApiError> {
     let bad = |what: &str| ApiError::bad_request(format!("inputs[{index}]: {what}"));
-    match value {
-        serde_json::Value::String(s) => Ok(Input::Text(s.clone())),
-        serde_json::Value::Object(map) => {
-            if let Some(messages) = map.get("messages") {
-                let messages: Vec<Message> =
-                    serde_json::from_value(messages.clone()).map_err(|e| {
-                        bad(&format!(
-                            "'messages' must be a list of {{\"role\", \"content\"}}: {e}"
-                        ))
-                    })?;
-                return Ok(Input::Messages(messages));
-            }
-            match (map.get("prompt"), map.get("response")) {
-                (Some(serde_json::Value::String(p)), Some(serde_json::Value::String(r))) => {
-                    Ok(Input::Pair {
-                        prompt: p.clone(),
-                        response: r.clone(),
-                    })
-                }
-                _ => Err(bad(
-                    "an object input needs string fields 'prompt' and 'response', or 'messages'",
-                )),
-            }
+    let serde_json::Value::Object(map) = value else {
+        return match value {
+            serde_json::Value::String(s) => Ok(Input::Text(s.clone())),
+            _ => Err(bad(
+                "expected a string, {\"prompt\", \"response\"} or {\"messages\": [...]}",
+            )),
+        };
+    };
+    let steps = match map.get("steps") {
+        Some(steps) => {
+            let steps: Vec<String> = serde_json::from_value(steps.clone())
+                .map_err(|e| bad(&format!("'steps' must be a list of strings: {e}")))?;
+            Some(response_of_steps(
+                state,
+                &steps,
+                &format!("inputs[{index}]"),
+            )?)
         }
+        None => None,
+    };
+    if let Some(messages) = map.get("messages") {
+        let mut messages: Vec<Message> = serde_json::from_value(messages.clone()).map_err(|e| {
+            bad(&format!(
+                "'messages' must be a list of {{\"role\", \"content\"}}: {e}"
+            ))
+        })?;
+        if let Some(response) = steps {
+            messages.push(Message {
+                role: "assistant".into(),
+                content: response,
+            });
+        }
+        return Ok(Input::Messages(messages));
+    }
+    match (map.get("prompt"), map.get("response"), steps) {
+        (Some(serde_json::Value::String(p)), Some(serde_json::Value::String(r)), None) => {
+            Ok(Input::Pair {
+                prompt: p.clone(),
+                response: r.clone(),
+            })
+        }
+        (Some(serde_json::Value::String(p)), None, Some(response)) => Ok(Input::Pair {
+            prompt: p.clone(),
+            response,
+        }),
+        (_, Some(_), Some(_)) => Err(bad("give 'response' or 'steps', not both")),
         _ => Err(bad(
-            "expected a string, {\"prompt\", \"response\"} or {\"messages\": [...]}",
+            "an object input needs string fields 'prompt' and 'response' (or 'steps'), or 'messages'",
         )),
     }
+}
+
+/// The response text of a process reward model's `steps`; `at` names them in errors.
+pub fn response_of_steps(state: &AppState, steps: &[String], at: &str) -> Result<String, ApiError> {
+    let ready = state.ready.get().ok_or_else(ApiError::not_ready)?;
+    join_steps(steps, ready.scorer.step_tag()).map_err(|e| match e {
+        StepsError::NotProcessReward => ApiError::unprocessable(format!("{at}: {e}")),
+        StepsError::Empty | StepsError::HoldsTag { .. } => {
+            ApiError::bad_request(format!("{at}: {e}"))
+        }
+    })
 }
 
 pub fn parse_direction(value: Option<&str>) -> Result<Option<Direction>, ApiError> {

@@ -1,12 +1,14 @@
 //! Text to tokens: tokenizer files, chat templates, input formatting and truncation.
 
 mod encode;
+mod steps;
 mod template;
 mod tokenizer;
 
 use std::path::Path;
 
 pub use encode::{pair_messages, Direction, EncodeOptions, Encoded, Input, TextEncoder};
+pub use steps::{join_steps, StepsError};
 pub use template::{ChatTemplate, Message};
 pub use tokenizer::{load_tokenizer, TokenizerConfig};
 

@@ -21,7 +21,7 @@ use super::AppState;
 
 pub use openrlhf::get_reward;
 pub use tei::predict;
-pub use vllm::{classify, score as vllm_score};
+pub use vllm::{classify, pooling, score as vllm_score};
 
 /// Whether the scores are probabilities already (a process reward model's weakest step):
 /// the routes then apply no activation unless a request asks for one.

@@ -1,5 +1,6 @@
 //! vLLM's pooling API: `POST /classify` (and `/v1/classify`, as SGLang names it), `/score`
-//! and `/v1/score`, `/rerank` and `/v1/rerank` with `documents`; errors in vLLM's shape.
+//! and `/v1/score`, `/rerank` and `/v1/rerank` with `documents`, and `/pooling` for a
+//! process reward model; errors in vLLM's shape.
 //! verl's reward loop posts `{"model", "input", "use_activation": false}` to /classify and
 //! reads `data[-1].probs[-1]`.
 
@@ -77,6 +78,116 @@ struct ClassifyRequest {
     truncation_side: Option<String>,
     #[serde(flatten)]
     flags: ActivationFlags,
+}
+
+impl ClassifyRequest {
+    /// The inputs (`input` texts, or one `messages` conversation) and how to encode them:
+    /// special tokens added to texts, not to templated chats (vLLM's defaults), and
+    /// `truncate_prompt_tokens`.
+    fn scoring_request(&self) -> Result<ScoringRequest, ApiError> {
+        let (inputs, default_special) = match (&self.input, &self.messages) {
+            (Some(input), None) => (
+                string_list(input, "input")?
+                    .into_iter()
+                    .map(Input::Text)
+                    .collect(),
+                true,
+            ),
+            (None, Some(messages)) => (vec![Input::Messages(messages.clone())], false),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "give exactly one of `input` or `messages`",
+                ))
+            }
+        };
+        let (truncate, max_length) = truncation(self.truncate_prompt_tokens)?;
+        Ok(ScoringRequest {
+            truncate,
+            max_length,
+            direction: parse_direction(self.truncation_side.as_deref())?,
+            add_special_tokens: self.add_special_tokens.unwrap_or(default_special),
+            ..ScoringRequest::new(inputs)
+        })
+    }
+}
+
+/// `POST /pooling`: the body of /classify, and `encoding_format` (`float` or `base64`).
+#[derive(Deserialize)]
+struct PoolingRequest {
+    #[serde(flatten)]
+    classify: ClassifyRequest,
+    #[serde(default)]
+    encoding_format: Option<String>,
+}
+
+pub async fn pooling(
+    State(state): State<Arc<AppState>>,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
+    pooling_inner(&state, body.map(|ApiJson(b)| b))
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A process reward model's pooled output as vLLM's STEP pooler gives it: per input, one
+/// `[p_negative, p_positive]` pair per step tag (softmax over the two classes), in order.
+/// warm keeps the positive class's probability, so the first is 1 - p.
+async fn pooling_inner(
+    state: &Arc<AppState>,
+    body: Result<Value, ApiError>,
+) -> Result<Response, VllmError> {
+    let req: PoolingRequest = serde_json::from_value(body?)
+        .map_err(|e| ApiError::bad_request(format!("invalid /pooling body: {e}")))?;
+    if state.ready.get().is_none() {
+        return Err(ApiError::not_ready().into());
+    }
+    if !super::scores_are_probabilities(state) {
+        return Err(ApiError::bad_request(
+            "warm answers /pooling for process reward models (per-step rewards), and this \
+             model scores whole inputs: use /classify",
+        )
+        .into());
+    }
+    if req.classify.flags.requested() == Some(false) {
+        return Err(ApiError::bad_request(
+            "a process reward model's steps are served as probabilities: raw logits \
+             (`use_activation: false`) are not available",
+        )
+        .into());
+    }
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "encoding_format '{other}': expected 'float' or 'base64'"
+            ))
+            .into())
+        }
+    };
+    let request = req.classify.scoring_request()?;
+    let outcome = pipeline::run(state, "vllm_pooling", request).await?;
+    let data: Vec<Value> = outcome
+        .scores
+        .iter()
+        .enumerate()
+        .map(|(index, s)| {
+            let pairs: Vec<[f32; 2]> = s.steps.iter().flatten().map(|&p| [1.0 - p, p]).collect();
+            let data = if base64 {
+                use base64::Engine;
+                let bytes: Vec<u8> = pairs
+                    .iter()
+                    .flatten()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(pairs)
+            };
+            json!({"index": index, "object": "pooling", "data": data})
+        })
+        .collect();
+    Ok(list_response(state, "pool", &outcome, data))
 }
 
 fn model_name(state: &AppState) -> String {
@@ -157,26 +268,7 @@ async fn classify_inner(
 ) -> Result<Response, VllmError> {
     let req: ClassifyRequest = serde_json::from_value(body?)
         .map_err(|e| ApiError::bad_request(format!("invalid /classify body: {e}")))?;
-    let (inputs, default_special) = match (&req.input, &req.messages) {
-        (Some(input), None) => (
-            string_list(input, "input")?
-                .into_iter()
-                .map(Input::Text)
-                .collect(),
-            true,
-        ),
-        (None, Some(messages)) => (vec![Input::Messages(messages.clone())], false),
-        _ => return Err(ApiError::bad_request("give exactly one of `input` or `messages`").into()),
-    };
-    let (truncate, max_length) = truncation(req.truncate_prompt_tokens)?;
-    let request = ScoringRequest {
-        truncate,
-        max_length,
-        direction: parse_direction(req.truncation_side.as_deref())?,
-        add_special_tokens: req.add_special_tokens.unwrap_or(default_special),
-        ..ScoringRequest::new(inputs)
-    };
-    let outcome = pipeline::run(state, "vllm_classify", request).await?;
+    let outcome = pipeline::run(state, "vllm_classify", req.scoring_request()?).await?;
     let (num_labels, problem_type, labels) = match state.ready.get() {
         Some(r) => (
             r.scorer.num_labels(),
