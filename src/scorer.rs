@@ -40,14 +40,15 @@ pub enum LoadError {
 
 /// One input's score: the reward (first logit), with ENS the spread of the members'
 /// rewards, and every label's logit (the members' weighted mean with ENS). A process
-/// reward model's reward is its weakest step's, and `steps` holds every step's (the
-/// members' weighted mean with ENS).
+/// reward model's reward is its weakest step's, and `steps` holds every step's; ArmoRM's
+/// `objectives` its objectives' rewards (both the members' weighted mean with ENS).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Score {
     pub value: f32,
     pub uncertainty: Option<f32>,
     pub logits: Vec<f32>,
     pub steps: Option<Vec<f32>>,
+    pub objectives: Option<Vec<f32>>,
 }
 
 pub struct Scorer {
@@ -174,10 +175,10 @@ impl Scorer {
         logits
     }
 
-    /// Input `input`'s step rewards, the members' weighted mean step by step (the members
-    /// share the tokenizer, so they read the same steps).
-    fn mean_steps(&self, member_steps: &[Option<Vec<Vec<f32>>>], input: usize) -> Option<Vec<f32>> {
-        let of_input: Vec<&Vec<f32>> = member_steps
+    /// Input `input`'s step (or objective) rewards, the members' weighted mean one by one
+    /// (the members share the tokenizer and structure, so they read the same steps).
+    fn member_mean(&self, per_member: &[Option<Vec<Vec<f32>>>], input: usize) -> Option<Vec<f32>> {
+        let of_input: Vec<&Vec<f32>> = per_member
             .iter()
             .map(|steps| steps.as_ref().and_then(|s| s.get(input)))
             .collect::<Option<_>>()?;
@@ -323,6 +324,7 @@ impl Scorer {
         if self.models.len() == 1 {
             let forward = self.models[0].logits(sequences)?;
             let mut steps = forward.steps.map(Vec::into_iter);
+            let mut objectives = forward.objectives.map(Vec::into_iter);
             let scores = self
                 .standardized(0, forward.logits)
                 .into_iter()
@@ -331,6 +333,7 @@ impl Scorer {
                     uncertainty: None,
                     logits,
                     steps: steps.as_mut().and_then(Iterator::next),
+                    objectives: objectives.as_mut().and_then(Iterator::next),
                 })
                 .collect();
             return Ok((scores, forward.work));
@@ -341,11 +344,13 @@ impl Scorer {
             .map(|m| m.logits(sequences))
             .collect::<Result<Vec<_>, _>>()?;
         let work = forwards[0].work;
-        let (per_member, member_steps): (Vec<Vec<Vec<f32>>>, Vec<_>) = forwards
+        let member_steps: Vec<_> = forwards.iter().map(|f| f.steps.clone()).collect();
+        let member_objectives: Vec<_> = forwards.iter().map(|f| f.objectives.clone()).collect();
+        let per_member: Vec<Vec<Vec<f32>>> = forwards
             .into_iter()
             .enumerate()
-            .map(|(i, f)| (self.standardized(i, f.logits), f.steps))
-            .unzip();
+            .map(|(i, f)| self.standardized(i, f.logits))
+            .collect();
         let scores = (0..sequences.len())
             .map(|i| {
                 let labels = per_member[0][i].len();
@@ -367,7 +372,8 @@ impl Scorer {
                     value: mean as f32,
                     uncertainty: Some(std as f32),
                     logits,
-                    steps: self.mean_steps(&member_steps, i),
+                    steps: self.member_mean(&member_steps, i),
+                    objectives: self.member_mean(&member_objectives, i),
                 }
             })
             .collect();

@@ -20,8 +20,8 @@ fn variant(
     common::fixture_variant("armo-llama", edit, tensor)
 }
 
-/// Pairs and conversations score as transformers does, on the native route and on
-/// `/get_reward` (templated text); a request with plain text, which has no prompt end for
+/// Pairs and conversations score as transformers does, on the native route (with each
+/// objective's reward) and on `/get_reward` (templated text); a request with plain text, which has no prompt end for
 /// the gate to read, is refused with the input named, and the server goes on serving.
 #[test]
 fn served_conversations_score_and_plain_text_is_refused() {
@@ -44,6 +44,21 @@ fn served_conversations_score_and_plain_text_is_refused() {
         .collect();
     let (status, rewards) = server.post("/get_reward", &json!({ "query": rendered }));
     assert_eq!(status, 200, "{rewards}");
+    // Each objective's reward, which the gate weighs into the score, beside it.
+    for (case, got) in cases
+        .iter()
+        .zip(native["objective_scores"].as_array().unwrap())
+    {
+        let want = case["objective_scores"].as_array().unwrap();
+        assert_eq!(got.as_array().map(Vec::len), Some(want.len()), "{got}");
+        for (g, w) in got.as_array().unwrap().iter().zip(want) {
+            let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+            assert!(
+                (g - w).abs() < 1e-4,
+                "objectives {got} vs transformers {want:?}"
+            );
+        }
+    }
     let native = native["scores"].as_array().unwrap();
     let rewards = rewards["rewards"].as_array().unwrap();
     for ((case, a), b) in cases.iter().zip(native).zip(rewards) {
@@ -94,6 +109,28 @@ fn warm_fuse_averages_armo_members() {
     );
     assert_eq!(config["num_objectives"], 5);
     assert_scores(&fused, "armo-llama", 2.0, 1e-4);
+    // The objectives' rewards, the regression layer's outputs, double as well.
+    let scorer = warm::scorer::Scorer::load_one(&fused).unwrap();
+    for case in expected("armo-llama")["cases"].as_array().unwrap() {
+        let sequence = scorer
+            .encode(&common::cases::input_of(case), false, None, true)
+            .unwrap();
+        let got = scorer
+            .score(&[&sequence])
+            .unwrap()
+            .remove(0)
+            .objectives
+            .unwrap();
+        let want = case["objective_scores"].as_array().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            let w = 2.0 * w.as_f64().unwrap() as f32;
+            assert!(
+                (g - w).abs() < 1e-4 * w.abs().max(1.0),
+                "{got:?} vs 2 x {want:?}"
+            );
+        }
+    }
 }
 
 /// Members whose gates differ in temperature compute different functions of the same

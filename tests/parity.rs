@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use common::cases::input_of;
 use serde_json::Value;
 use warm::model::Sequence;
-use warm::scorer::{Score, Scorer};
+use warm::scorer::Scorer;
 use warm::text::{Direction, Input, Message, TextError};
 
 const TOLERANCE: f32 = 1e-4;
@@ -63,7 +63,10 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
             (got - want).abs() < TOLERANCE,
             "{name} case {i}: score {got} vs transformers {want}"
         );
-        assert_steps(name, &format!("case {i}"), &scored, &case["step_scores"]);
+        let at = format!("case {i}");
+        assert_parts(name, &at, "steps", &scored.steps, &case["step_scores"]);
+        let objectives = &case["objective_scores"];
+        assert_parts(name, &at, "objectives", &scored.objectives, objectives);
         worst_single = worst_single.max((got - want).abs());
         sequences.push(seq);
     }
@@ -81,12 +84,11 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
             "{name} batch case {i}: {} vs {want}",
             got.value
         );
-        assert_steps(
-            name,
-            &format!("batch case {i}"),
-            got,
-            &expected["batch_step_scores"][i],
-        );
+        let at = format!("batch case {i}");
+        let steps = &expected["batch_step_scores"][i];
+        assert_parts(name, &at, "steps", &got.steps, steps);
+        let objectives = &expected["batch_objective_scores"][i];
+        assert_parts(name, &at, "objectives", &got.objectives, objectives);
         worst_batch = worst_batch.max((got.value - want).abs());
     }
     for (i, t) in expected["truncation"]
@@ -144,26 +146,22 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
     );
 }
 
-/// A process reward model's step rewards against transformers' (`want`: null for the
-/// other models, which have none).
-fn assert_steps(name: &str, case: &str, got: &Score, want: &Value) {
+/// The rewards an input gets besides its score (a process reward model's `steps`, ArmoRM's
+/// `objectives`) against transformers' (`want`: null for the models without).
+fn assert_parts(name: &str, case: &str, what: &str, got: &Option<Vec<f32>>, want: &Value) {
     let Some(want) = want.as_array() else {
-        assert_eq!(
-            got.steps, None,
-            "{name} {case}: step rewards from a model without"
-        );
+        assert_eq!(got, &None, "{name} {case}: {what} from a model without");
         return;
     };
-    let steps = got
-        .steps
+    let got = got
         .as_ref()
-        .unwrap_or_else(|| panic!("{name} {case}: no step rewards"));
-    assert_eq!(steps.len(), want.len(), "{name} {case}: steps");
-    for (step, (got, want)) in steps.iter().zip(want).enumerate() {
+        .unwrap_or_else(|| panic!("{name} {case}: no {what}"));
+    assert_eq!(got.len(), want.len(), "{name} {case}: {what}");
+    for (k, (got, want)) in got.iter().zip(want).enumerate() {
         let want = want.as_f64().unwrap() as f32;
         assert!(
             (got - want).abs() < TOLERANCE,
-            "{name} {case} step {step}: {got} vs transformers {want}"
+            "{name} {case} {what} {k}: {got} vs transformers {want}"
         );
     }
 }

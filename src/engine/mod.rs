@@ -247,6 +247,7 @@ fn answer(p: &mut Pending, error: Option<EngineError>) {
                         uncertainty: None,
                         logits: Vec::new(),
                         steps: None,
+                        objectives: None,
                     })
                 })
                 .collect(),

@@ -326,6 +326,7 @@ impl RewardModel for BertModel {
         Ok(Forward {
             logits: logits_to_rows(&self.forward(sequences)?)?,
             steps: None,
+            objectives: None,
             work: unshared_work(self.batch_layout(), sequences),
         })
     }

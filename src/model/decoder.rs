@@ -717,6 +717,7 @@ impl RewardModel for DecoderModel {
         Ok(Forward {
             logits: logits_to_rows(&output.logits)?,
             steps: output.steps,
+            objectives: output.objectives.as_ref().map(logits_to_rows).transpose()?,
             work,
         })
     }

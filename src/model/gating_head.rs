@@ -169,10 +169,12 @@ impl GatingHead {
         })
     }
 
-    /// Scores `[b, 1]` from the normed hidden states at the last tokens and at the
-    /// prompts' ends, both `[b, h]`.
-    pub fn forward(&self, last: &Tensor, prompt: &Tensor) -> Result<Tensor> {
-        let rewards = self.regression.forward(last)?.matmul(&self.transform)?;
+    /// Scores `[b, 1]` and the objectives' rewards `[b, objectives]` (the regression
+    /// layer's outputs, the remote code's `rewards`) from the normed hidden states at the
+    /// last tokens and at the prompts' ends, both `[b, h]`.
+    pub fn forward(&self, last: &Tensor, prompt: &Tensor) -> Result<(Tensor, Tensor)> {
+        let objectives = self.regression.forward(last)?;
+        let rewards = objectives.matmul(&self.transform)?;
         let mut g = prompt.clone();
         let layers = self.gate.len();
         for (i, layer) in self.gate.iter().enumerate() {
@@ -183,6 +185,6 @@ impl GatingHead {
         }
         let weights = candle_nn::ops::softmax_last_dim(&(g / self.temperature)?)?
             .broadcast_mul(&self.logit_scale)?;
-        (weights * rewards)?.sum_keepdim(D::Minus1)
+        Ok(((weights * rewards)?.sum_keepdim(D::Minus1)?, objectives))
     }
 }

@@ -231,10 +231,11 @@ pub struct Work {
 }
 
 /// A forward pass's result: logits [batch][num_labels], each input's step rewards (a
-/// process reward model), and what it computed.
+/// process reward model) or objectives' rewards (ArmoRM), and what it computed.
 pub struct Forward {
     pub logits: Vec<Vec<f32>>,
     pub steps: Option<Vec<Vec<f32>>>,
+    pub objectives: Option<Vec<Vec<f32>>>,
     pub work: Work,
 }
 
@@ -362,7 +363,7 @@ fn load_err(e: candle_core::Error) -> ModelError {
     ModelError::Load(e.to_string())
 }
 
-/// [batch, labels] logits to rows of f32.
+/// [batch, n] logits (or other per-input values) to rows of f32.
 fn logits_to_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
     Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
 }

@@ -75,11 +75,12 @@ impl HeadSpec {
     }
 }
 
-/// What the head computed: logits `[b, labels]`, and each input's step rewards for a
-/// process reward model.
+/// What the head computed: logits `[b, labels]`, each input's step rewards for a process
+/// reward model, and its objectives' rewards `[b, objectives]` for ArmoRM.
 pub struct HeadOutput {
     pub logits: Tensor,
     pub steps: Option<Vec<Vec<f32>>>,
+    pub objectives: Option<Tensor>,
 }
 
 pub enum ScoreHead {
@@ -149,12 +150,20 @@ impl ScoreHead {
         let logits = match (self, read) {
             (Self::Linear(layer), _) => layer.forward(last)?,
             (Self::ReluMlp { hidden, out }, _) => out.forward(&hidden.forward(last)?.relu()?)?,
-            (Self::Gating(head), Some((prompt, _))) => head.forward(last, prompt)?,
+            (Self::Gating(head), Some((prompt, _))) => {
+                let (logits, objectives) = head.forward(last, prompt)?;
+                return Ok(HeadOutput {
+                    logits,
+                    steps: None,
+                    objectives: Some(objectives),
+                });
+            }
             (Self::Steps(head), Some((tags, counts))) => {
                 let (logits, steps) = head.forward(tags, counts)?;
                 return Ok(HeadOutput {
                     logits,
                     steps: Some(steps),
+                    objectives: None,
                 });
             }
             (Self::Gating(_) | Self::Steps(_), None) => {
@@ -166,6 +175,7 @@ impl ScoreHead {
         Ok(HeadOutput {
             logits,
             steps: None,
+            objectives: None,
         })
     }
 

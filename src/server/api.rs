@@ -41,6 +41,10 @@ pub struct ScoreResponse {
     /// weakest).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step_scores: Option<Vec<Vec<f32>>>,
+    /// ArmoRM's: each input's objectives' rewards (its regression layer's outputs, in the
+    /// order of the model card's attributes), which the gate weighs into `scores`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub objective_scores: Option<Vec<Vec<f32>>>,
     pub model: String,
     pub usage: Usage,
 }
@@ -78,6 +82,9 @@ pub struct RerankResult {
     /// A process reward model's step rewards (`score` is the weakest).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step_scores: Option<Vec<f32>>,
+    /// ArmoRM's objectives' rewards.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub objective_scores: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

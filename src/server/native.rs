@@ -49,6 +49,11 @@ pub async fn score_value(state: &Arc<AppState>, body: Value) -> Result<Response,
             .iter()
             .map(|s| s.steps.clone())
             .collect::<Option<Vec<_>>>(),
+        objective_scores: outcome
+            .scores
+            .iter()
+            .map(|s| s.objectives.clone())
+            .collect::<Option<Vec<_>>>(),
         model: state.model_name.clone(),
         usage: Usage {
             prompt_tokens: outcome.prompt_tokens,
@@ -117,6 +122,7 @@ pub async fn rerank_value(state: &Arc<AppState>, body: Value) -> Result<Response
             score: s.value,
             uncertainty: s.uncertainty,
             step_scores: s.steps.clone(),
+            objective_scores: s.objectives.clone(),
         })
         .collect();
     results.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
