@@ -144,7 +144,7 @@ impl Scorer {
     /// as OpenRLHF's `--normalize_reward` does: the fused model's (which every member must
     /// share), or with ENS each member's own, before the members are combined.
     pub fn normalize_rewards(&mut self, members: &MembersConfig) -> Result<(), StatsError> {
-        if self.step_tag().is_some() {
+        if self.step_spec().is_some() {
             return Err(StatsError::Probabilities);
         }
         let stats = if self.models.len() == 1 {
@@ -233,10 +233,10 @@ impl Scorer {
         self.encoder.has_chat_template()
     }
 
-    /// The text that ends each step, when the model is a process reward model (its
-    /// scores are then probabilities, its weakest step's).
-    pub fn step_tag(&self) -> Option<&'static str> {
-        self.models[0].step_tag()
+    /// The step tag and classes, when the model is a process reward model (its scores are
+    /// then probabilities, its weakest step's).
+    pub fn step_spec(&self) -> Option<&crate::model::StepSpec> {
+        self.models[0].step_spec()
     }
 
     /// The default truncation side: keep the end of the response for decoders, the start

@@ -115,7 +115,10 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
     }
     // Inputs the model refuses on their own (ArmoRM: no prompt's end in them; a process
     // reward model: no step tag).
-    let refusal = expected["step_tag"].as_str().unwrap_or("prompt ends");
+    let refusal = match expected["step_tag_id"].as_u64() {
+        Some(_) => "step tag",
+        None => "prompt ends",
+    };
     for (i, case) in expected["unscorable"]
         .as_array()
         .into_iter()
@@ -194,6 +197,7 @@ parity! {
     llamafactory_qwen2 => "llamafactory-qwen2",
     armo_llama => "armo-llama",
     qwen2_prm => "qwen2-prm",
+    mistral_prm => "mistral-prm",
 }
 
 /// Real pre-trained weights (too large for the repository): run

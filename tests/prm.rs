@@ -131,7 +131,8 @@ fn served_steps_score_and_untagged_inputs_are_refused() {
     let (_, info) = server.get("/info");
     let info: Value = serde_json::from_str(&info).unwrap();
     assert_eq!(info["architecture"], "Qwen2ForProcessRewardModel", "{info}");
-    assert_eq!(info["step_tag"], "<extra_0>", "{info}");
+    let tag = json!({"id": expected["step_tag_id"], "text": "<extra_0>"});
+    assert_eq!(info["step_tag"], tag, "{info}");
 }
 
 /// A response may be sent as its steps (`{"prompt"|"messages", "steps"}`, and a list of
@@ -537,4 +538,186 @@ fn first_row(t: Stored) -> Stored {
         shape,
         ..t
     }
+}
+
+/// A copy of the Math-Shepherd-style fixture (a causal LM) with config.json edited and each
+/// tensor passed through `tensor`.
+fn lm_variant(
+    edit: impl FnOnce(&mut Value),
+    tensor: impl Fn(String, Stored) -> (String, Stored),
+) -> (tempfile::TempDir, PathBuf) {
+    common::fixture_variant("mistral-prm", edit, tensor)
+}
+
+/// A causal LM whose config.json names its step tag and its good and bad tokens
+/// (Math-Shepherd's format): served with every step's reward, the softmax over the two
+/// tokens' logits at each tag; `/pooling` in `reward_tokens` order, `[p_good, p_bad]`;
+/// `steps` refused, since the tag is an ordinary token whose text does not always make it.
+#[test]
+fn a_causal_lm_serves_as_a_process_reward_model_by_its_config() {
+    let expected = expected("mistral-prm");
+    let cases = expected["cases"].as_array().unwrap();
+    let server = Server::started(&["--model", &fixture("mistral-prm").display().to_string()]);
+    let (status, body) = server.post("/v1/score", &json!({ "inputs": native_inputs(cases) }));
+    assert_eq!(status, 200, "{body}");
+    for (i, case) in cases.iter().enumerate() {
+        let want = floats(&case["step_scores"]);
+        assert_close(
+            &floats(&body["step_scores"][i]),
+            &want,
+            &format!("case {i}"),
+        );
+        assert_close(
+            &[body["scores"][i].as_f64().unwrap()],
+            &[case["score"].as_f64().unwrap()],
+            "score",
+        );
+    }
+
+    let text = cases[0]["text"].as_str().unwrap();
+    let (status, body) = server.post("/pooling", &json!({ "input": text }));
+    assert_eq!(status, 200, "{body}");
+    let pairs = body["data"][0]["data"].as_array().unwrap();
+    let good: Vec<f64> = pairs.iter().map(|p| floats(p)[0]).collect();
+    assert_close(
+        &good,
+        &floats(&cases[0]["step_scores"]),
+        "/pooling [good, bad]",
+    );
+
+    let (status, body) = server.post(
+        "/v1/score",
+        &json!({ "inputs": [{"prompt": "2+2?", "steps": ["4"]}] }),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("ordinary token"),
+        "{body}"
+    );
+    let (_, info) = server.get("/info");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    let tag = expected["step_tag_id"].clone();
+    assert_eq!(info["step_tag"], json!({"id": tag, "text": null}), "{info}");
+}
+
+/// The tokens may be named by their vocabulary entries instead of ids; a checkpoint that
+/// ties its LM head to the input embedding (no `lm_head.weight`) reads the embedding's rows.
+#[test]
+fn lm_tokens_by_name_and_tied_heads_score_alike() {
+    let expected = expected("mistral-prm");
+    let cases = expected["cases"].as_array().unwrap();
+    let want: Vec<Vec<f64>> = cases.iter().map(|c| floats(&c["step_scores"])).collect();
+    let (_keep, named) = lm_variant(
+        |c| c["warm_process_reward"] = json!({"step_tag": "▁ки", "reward_tokens": ["▁+", "▁-"]}),
+        unchanged,
+    );
+    for (got, want) in steps_of(&named, cases).iter().zip(&want) {
+        assert_close(got, want, "tokens by name");
+    }
+
+    // Both tables equal to the LM head, then the same without the LM head.
+    let head = common::read_checkpoint(&fixture("mistral-prm"))["lm_head.weight"].clone();
+    let tie = |name: String, t: Stored| match name.as_str() {
+        "model.embed_tokens.weight" => (name, head.clone()),
+        _ => (name, t),
+    };
+    let (_keep, both) = lm_variant(|_| {}, tie);
+    let (_keep, tied) = lm_variant(|c| c["tie_word_embeddings"] = true.into(), tie);
+    common::map_safetensors(&tied.join("model.safetensors"), |name, t| {
+        match name.as_str() {
+            "lm_head.weight" => ("lm_head.unused".into(), t),
+            _ => (name, t),
+        }
+    });
+    let with_head = steps_of(&both, cases);
+    let without = steps_of(&tied, cases);
+    assert_ne!(with_head, want, "the embedding changed the scores");
+    for (got, want) in without.iter().zip(&with_head) {
+        assert_close(got, want, "tied");
+    }
+}
+
+/// WARM over causal-LM PRMs keeps the LM head in the fusion (its two rows are read): a
+/// member whose head is three times the first's averages to twice it, and each step's
+/// reward is sigmoid(2 logit(p)). Members whose step tags differ are not averaged.
+#[test]
+fn lm_prm_members_fuse_and_disagreeing_tags_are_refused() {
+    let expected = expected("mistral-prm");
+    let cases = expected["cases"].as_array().unwrap();
+    let (_keep, tripled) = lm_variant(
+        |_| {},
+        |name, t| match name.as_str() {
+            "lm_head.weight" => (name, common::scaled(t, 3.0)),
+            _ => (name, t),
+        },
+    );
+    let members = ["--model", "", "--model", ""];
+    let mut args: Vec<String> = members.iter().map(|s| s.to_string()).collect();
+    args[1] = fixture("mistral-prm").display().to_string();
+    args[3] = tripled.display().to_string();
+    let server = Server::started(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (status, body) = server.post("/v1/score", &json!({ "inputs": native_inputs(cases) }));
+    assert_eq!(status, 200, "{body}");
+    let logit = |p: f64| (p / (1.0 - p)).ln();
+    for (i, case) in cases.iter().enumerate() {
+        let doubled: Vec<f64> = floats(&case["step_scores"])
+            .iter()
+            .map(|&p| 1.0 / (1.0 + (-2.0 * logit(p)).exp()))
+            .collect();
+        assert_close(&floats(&body["step_scores"][i]), &doubled, "WARM steps");
+    }
+
+    let (_keep, other_tag) = lm_variant(
+        |c| c["warm_process_reward"]["step_tag"] = json!(5),
+        unchanged,
+    );
+    let stderr = common::server::start_failure(&[
+        "--model".as_ref(),
+        fixture("mistral-prm").as_os_str(),
+        "--model".as_ref(),
+        other_tag.as_os_str(),
+    ]);
+    assert!(stderr.contains("warm_process_reward"), "{stderr}");
+}
+
+#[test]
+fn what_a_causal_lm_prm_cannot_load_with_is_named() {
+    for (section, words) in [
+        (
+            json!({"step_tag": "<step>", "reward_tokens": ["▁+", "▁-"]}),
+            "not an entry of the vocabulary",
+        ),
+        (
+            json!({"step_tag": 100000, "reward_tokens": ["▁+", "▁-"]}),
+            "beyond vocab_size",
+        ),
+        (
+            json!({"step_tag": "▁ки", "reward_tokens": ["▁+", "▁+"]}),
+            "both id",
+        ),
+        (json!({"step_tag": "▁ки"}), "reward_tokens"),
+        (
+            json!({"step_tag": "▁ки", "reward_tokens": ["▁+"]}),
+            "reward_tokens",
+        ),
+    ] {
+        let (_keep, dir) = lm_variant(|c| c["warm_process_reward"] = section.clone(), unchanged);
+        let message = load_error(&dir);
+        assert!(
+            message.contains("warm_process_reward") && message.contains(words),
+            "{section}: {message}"
+        );
+    }
+    // Without the key, a causal LM with no value head is refused, and the key is named.
+    let (_keep, dir) = lm_variant(
+        |c| {
+            c.as_object_mut().unwrap().remove("warm_process_reward");
+        },
+        unchanged,
+    );
+    let message = load_error(&dir);
+    assert!(
+        message.contains("value head") && message.contains("warm_process_reward"),
+        "{message}"
+    );
 }

@@ -52,6 +52,7 @@ pub const STRUCTURAL_KEYS: &[&str] = &[
     "gating_temperature",
     "gating_hidden_dim",
     "gating_n_hidden",
+    crate::model::PROCESS_REWARD_KEY,
 ];
 
 /// Keys that say nothing about the weights and are not reported when they differ.

@@ -21,6 +21,7 @@ use super::packed_attention::{self, KeySpan, Queries, Spec};
 use super::score_head::{HeadOutput, HeadSpec, ScoreHead};
 use super::segments::Segments;
 use super::shared_padding::{Heads, SharedPadding};
+use super::step_head::StepSpec;
 use super::{
     load_err, logits_to_rows, parse_config, unshared_work, BatchLayout, Forward, ModelError,
     PaddedBatch, Pooling, RewardModel, Sequence, Work,
@@ -360,7 +361,7 @@ impl DecoderModel {
             embed_scale: v.gemma.then(|| (h as f64).sqrt()),
             layers,
             norm: norm(m.pp("norm"), h)?,
-            score: ScoreHead::load(vb.clone(), h, head)?,
+            score: ScoreHead::load(vb.clone(), h, cfg.vocab_size, head)?,
             rotary: Rotary::new(inv_freq, cfg.max_position_embeddings, dtype, &device)?,
             act,
             heads,
@@ -738,8 +739,8 @@ impl RewardModel for DecoderModel {
         self.score.input_error(ids)
     }
 
-    fn step_tag(&self) -> Option<&'static str> {
-        self.score.step_tag()
+    fn step_spec(&self) -> Option<&StepSpec> {
+        self.score.step_spec()
     }
 
     fn share_prefixes_from(&mut self, tokens: usize) {

@@ -29,7 +29,7 @@ impl Dense {
         Ok(Self { weight, bias })
     }
 
-    #[cfg(test)]
+    /// A layer of tensors already at hand (`weight` `[out, in]`, `bias` `[out]`).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self { weight, bias }
     }

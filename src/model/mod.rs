@@ -16,6 +16,8 @@ mod score_head;
 mod segments;
 mod shared_padding;
 mod step_head;
+
+pub use step_head::{StepClasses, StepSpec, CONFIG_KEY as PROCESS_REWARD_KEY};
 #[cfg(test)]
 mod testing;
 mod value_head;
@@ -34,7 +36,7 @@ pub enum ModelError {
     Unsupported(String),
     #[error("an OpenRLHF RewardModel over model_type '{0}': warm serves it over {list}", list = decoder::FAMILIES.iter().map(|family| family.model_type).collect::<Vec<_>>().join(", "))]
     UnsupportedBackbone(String),
-    #[error("{0} is a language model: warm serves it as a reward model with a value head (v_head.summary.weight, in {file} as LLaMA-Factory saves reward models), and it has none", file = crate::checkpoint::VALUE_HEAD_FILE)]
+    #[error("{0} is a language model: warm serves it as a reward model with a value head (v_head.summary.weight, in {file} as LLaMA-Factory saves reward models), and it has none; or as a process reward model that predicts a good or a bad token after each step tag, which config.json's '{key}' describes: {{\"step_tag\": T, \"reward_tokens\": [GOOD, BAD]}}", file = crate::checkpoint::VALUE_HEAD_FILE, key = step_head::CONFIG_KEY)]
     NoRewardHead(String),
     #[error("config.json: {0}")]
     Config(String),
@@ -259,9 +261,9 @@ pub trait RewardModel: Send + Sync {
     fn input_error(&self, _ids: &[u32]) -> Option<String> {
         None
     }
-    /// The text that ends each step when the model is a process reward model: it scores
-    /// every step so tagged (its reward is its weakest step's).
-    fn step_tag(&self) -> Option<&'static str> {
+    /// The step tag and classes when the model is a process reward model: it scores every
+    /// step so tagged (its reward is its weakest step's).
+    fn step_spec(&self) -> Option<&StepSpec> {
         None
     }
     /// Inputs of one batch that begin with at least `tokens` equal tokens compute those
@@ -344,11 +346,16 @@ pub fn load(
             "Qwen2ForSequenceClassification",
             &raw,
             vb,
-            &score_head::HeadSpec::steps(step_head::StepSpec::new(tokenizer)?),
+            &score_head::HeadSpec::steps(StepSpec::qwen(tokenizer)?),
         ),
         name if openrlhf::ARCHITECTURES.contains(&name) => openrlhf::load(&raw, vb),
+        // A causal LM is a process reward model when config.json says which tokens it
+        // predicts after each step (Math-Shepherd, OpenRLHF), else a value-head model.
         other => match value_head::family(other) {
-            Some(family) => value_head::load(other, family, &raw, vb),
+            Some(family) => match StepSpec::from_config(&raw, tokenizer)? {
+                Some(steps) => decoder::load(family, &raw, vb, &score_head::HeadSpec::steps(steps)),
+                None => value_head::load(other, family, &raw, vb),
+            },
             None => Err(ModelError::Unsupported(other.to_string())),
         },
     }

@@ -31,8 +31,8 @@ pub enum HeadShape {
     /// ArmoRM's regression layer and gating network (src/model/gating_head.rs), from the
     /// checkpoint's root whatever `name` says.
     Gating(GatingSpec),
-    /// A process reward model's two-class MLP `<name>.0.*`, `<name>.2.*`, read at every
-    /// step tag (src/model/step_head.rs).
+    /// A process reward model's head, read at every step tag (src/model/step_head.rs),
+    /// from the checkpoint's root whatever `name` says.
     Steps(StepSpec),
 }
 
@@ -68,7 +68,7 @@ impl HeadSpec {
     /// A process reward model's per-step head; one score per input (its weakest step).
     pub fn steps(spec: StepSpec) -> Self {
         Self {
-            name: "score".into(),
+            name: String::new(),
             labels: 1,
             shape: HeadShape::Steps(spec),
         }
@@ -91,7 +91,8 @@ pub enum ScoreHead {
 }
 
 impl ScoreHead {
-    pub fn load(vb: VarBuilder, hidden: usize, spec: &HeadSpec) -> Result<Self> {
+    /// The head of `spec` over hidden states of `hidden`, in a model of `vocab` tokens.
+    pub fn load(vb: VarBuilder, hidden: usize, vocab: usize, spec: &HeadSpec) -> Result<Self> {
         Ok(match &spec.shape {
             HeadShape::Linear { bias } => {
                 Self::Linear(linear(vb.pp(&spec.name), hidden, spec.labels, *bias)?)
@@ -104,9 +105,7 @@ impl ScoreHead {
                 }
             }
             HeadShape::Gating(gating) => Self::Gating(GatingHead::load(vb, hidden, gating)?),
-            HeadShape::Steps(steps) => {
-                Self::Steps(StepHead::load(vb.pp(&spec.name), hidden, steps)?)
-            }
+            HeadShape::Steps(steps) => Self::Steps(StepHead::load(vb, hidden, vocab, steps)?),
         })
     }
 
@@ -179,8 +178,11 @@ impl ScoreHead {
         })
     }
 
-    /// The text that ends each step, for a process reward model.
-    pub fn step_tag(&self) -> Option<&'static str> {
-        matches!(self, Self::Steps(_)).then_some(super::step_head::STEP_TAG)
+    /// A process reward model's step tag and classes.
+    pub fn step_spec(&self) -> Option<&StepSpec> {
+        match self {
+            Self::Steps(head) => Some(head.spec()),
+            _ => None,
+        }
     }
 }

@@ -1,9 +1,16 @@
-//! Process reward models' head (Qwen2.5-Math-PRM's `Qwen2ForProcessRewardModel`, remote
-//! code): `score = Sequential(Linear(h, h), ReLU, Linear(h, 2))` on every token's hidden
-//! state. A response marks the end of each reasoning step with [`STEP_TAG`]; the step's
-//! reward is the probability of the second class, softmax(logits)[1], at its tag token, as
-//! the model card's `make_step_rewards` reads it. warm scores an input by its weakest step
-//! (the minimum), and returns every step's reward beside it.
+//! Process reward models' heads: each step of a response ends with a tag token, and the
+//! step's reward is the probability that it is right, read at the tag.
+//!
+//! - Qwen2.5-Math-PRM's `Qwen2ForProcessRewardModel` (remote code): `score = Sequential(
+//!   Linear(h, h), ReLU, Linear(h, 2))` on every token; the reward is softmax(logits)[1] at
+//!   each [`STEP_TAG`], as the model card's `make_step_rewards` reads it.
+//! - A causal LM trained to predict a good or a bad token after each tag (Math-Shepherd,
+//!   OpenRLHF's PRMs), described by config.json's [`CONFIG_KEY`]: the reward is the
+//!   softmax over the two tokens' next-token logits at the tag, the good one's share, as
+//!   Math-Shepherd's model card computes it. Only the LM head's two rows are kept.
+//!
+//! warm scores an input by its weakest step (the minimum), and returns every step's reward
+//! beside it.
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -12,27 +19,62 @@ use super::dense::Dense;
 use super::layers::linear;
 use super::ModelError;
 
-/// The text that ends each step (Qwen2.5-Math-PRM's model card joins steps with it and
-/// ends the response with it).
+/// Qwen2.5-Math-PRM's step tag: its model card joins the steps with it and ends the
+/// response with it.
 pub const STEP_TAG: &str = "<extra_0>";
 
-/// The step tag's token id in the model's tokenizer.
+/// config.json's key that makes a causal LM a process reward model:
+/// `{"step_tag": T, "reward_tokens": [GOOD, BAD]}`, each a token id or a vocabulary entry.
+pub const CONFIG_KEY: &str = "warm_process_reward";
+
+/// What the head reads at a tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepClasses {
+    /// `score`'s two classes; the second is the step's being right.
+    Mlp,
+    /// The next-token logits of the good and the bad token, from the LM head's rows.
+    Tokens { good: u32, bad: u32 },
+}
+
+/// The step tag and how a step's reward is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepSpec {
     pub tag: u32,
+    /// The tag's text, which joins a response given as steps; None when the tag is an
+    /// ordinary token, whose text does not tokenize to it wherever it stands.
+    pub tag_text: Option<String>,
+    pub classes: StepClasses,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenPrmConfig {
+    step_tag: TokenRef,
+    reward_tokens: [TokenRef; 2],
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum TokenRef {
+    Id(u32),
+    Entry(String),
 }
 
 impl StepSpec {
-    /// Finds [`STEP_TAG`]'s id: it must be a single token, as the model card's
+    /// Qwen2ForProcessRewardModel's: [`STEP_TAG`] must be one token, as the model card's
     /// `tokenizer.encode("<extra_0>")[0]` assumes.
-    pub fn new(tokenizer: &tokenizers::Tokenizer) -> std::result::Result<Self, ModelError> {
+    pub fn qwen(tokenizer: &tokenizers::Tokenizer) -> std::result::Result<Self, ModelError> {
         let ids = tokenizer
             .encode(STEP_TAG, false)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?
             .get_ids()
             .to_vec();
         match ids.as_slice() {
-            [tag] => Ok(Self { tag: *tag }),
+            [tag] => Ok(Self {
+                tag: *tag,
+                tag_text: Some(STEP_TAG.into()),
+                classes: StepClasses::Mlp,
+            }),
             _ => Err(ModelError::Tokenizer(format!(
                 "Qwen2ForProcessRewardModel reads each step's reward at the step tag \
                  {STEP_TAG}, which this tokenizer makes {} tokens, not one",
@@ -40,39 +82,135 @@ impl StepSpec {
             ))),
         }
     }
+
+    /// A causal LM's, from config.json's [`CONFIG_KEY`] (None without it). Tokens are
+    /// vocabulary entries (`token_to_id`, not tokenized: "▁+" and "+" differ) or ids below
+    /// `vocab_size`.
+    pub fn from_config(
+        raw: &serde_json::Value,
+        tokenizer: &tokenizers::Tokenizer,
+    ) -> std::result::Result<Option<Self>, ModelError> {
+        let Some(section) = raw.get(CONFIG_KEY) else {
+            return Ok(None);
+        };
+        let cfg: TokenPrmConfig = serde_json::from_value(section.clone()).map_err(|e| {
+            ModelError::Config(format!(
+                "{CONFIG_KEY}: {e} (expected {{\"step_tag\": T, \"reward_tokens\": [GOOD, BAD]}}, \
+                 each a token id or a vocabulary entry)"
+            ))
+        })?;
+        let rows = raw
+            .get("vocab_size")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| ModelError::Config("no vocab_size".into()))?;
+        let resolve = |token: &TokenRef, what: &str| -> std::result::Result<u32, ModelError> {
+            let id = match token {
+                TokenRef::Id(id) => *id,
+                TokenRef::Entry(entry) => tokenizer.token_to_id(entry).ok_or_else(|| {
+                    ModelError::Tokenizer(format!(
+                        "{CONFIG_KEY}.{what}: {entry:?} is not an entry of the vocabulary \
+                         (give the token as the vocabulary spells it, e.g. \"▁+\", or its id)"
+                    ))
+                })?,
+            };
+            if u64::from(id) >= rows {
+                return Err(ModelError::Config(format!(
+                    "{CONFIG_KEY}.{what}: token id {id} is beyond vocab_size {rows}"
+                )));
+            }
+            Ok(id)
+        };
+        let tag = resolve(&cfg.step_tag, "step_tag")?;
+        let good = resolve(&cfg.reward_tokens[0], "reward_tokens[0]")?;
+        let bad = resolve(&cfg.reward_tokens[1], "reward_tokens[1]")?;
+        if good == bad {
+            return Err(ModelError::Config(format!(
+                "{CONFIG_KEY}.reward_tokens: the good and the bad token are both id {good}"
+            )));
+        }
+        // An added token is split out of any text as it stands: its text joins steps.
+        let tag_text = match &cfg.step_tag {
+            TokenRef::Entry(entry) if tokenizer.get_added_tokens_decoder().contains_key(&tag) => {
+                Some(entry.clone())
+            }
+            _ => None,
+        };
+        Ok(Some(Self {
+            tag,
+            tag_text,
+            classes: StepClasses::Tokens { good, bad },
+        }))
+    }
+
+    /// The class whose probability is the step's reward.
+    pub fn positive(&self) -> usize {
+        match self.classes {
+            StepClasses::Mlp => 1,
+            StepClasses::Tokens { .. } => 0,
+        }
+    }
 }
 
 pub struct StepHead {
-    hidden: Dense,
+    hidden: Option<Dense>,
     out: Dense,
-    tag: u32,
+    spec: StepSpec,
 }
 
 impl StepHead {
-    /// `<name>.0` (h -> h) and `<name>.2` (h -> 2), both with biases.
-    pub fn load(vb: VarBuilder, hidden: usize, spec: &StepSpec) -> Result<Self> {
+    /// From the checkpoint's root: `score.0` (h -> h) and `score.2` (h -> 2) with biases,
+    /// or the good and bad tokens' rows of `lm_head.weight` (the input embedding when the
+    /// checkpoint ties them and saves no LM head).
+    pub fn load(vb: VarBuilder, hidden: usize, vocab: usize, spec: &StepSpec) -> Result<Self> {
+        let (hidden_layer, out) = match spec.classes {
+            StepClasses::Mlp => {
+                let vb = vb.pp("score");
+                (
+                    Some(linear(vb.pp("0"), hidden, hidden, true)?),
+                    linear(vb.pp("2"), hidden, 2, true)?,
+                )
+            }
+            StepClasses::Tokens { good, bad } => {
+                let name = if vb.contains_tensor("lm_head.weight") {
+                    "lm_head.weight"
+                } else {
+                    "model.embed_tokens.weight"
+                };
+                let weight = vb.get((vocab, hidden), name)?;
+                let rows = Tensor::new(&[good, bad], weight.device())?;
+                (None, Dense::new(weight.index_select(&rows, 0)?, None))
+            }
+        };
         Ok(Self {
-            hidden: linear(vb.pp("0"), hidden, hidden, true)?,
-            out: linear(vb.pp("2"), hidden, 2, true)?,
-            tag: spec.tag,
+            hidden: hidden_layer,
+            out,
+            spec: spec.clone(),
         })
+    }
+
+    pub fn spec(&self) -> &StepSpec {
+        &self.spec
     }
 
     /// The positions of the step tags in `ids`.
     pub fn tag_positions(&self, ids: &[u32]) -> Vec<usize> {
         ids.iter()
             .enumerate()
-            .filter(|(_, &id)| id == self.tag)
+            .filter(|(_, &id)| id == self.spec.tag)
             .map(|(i, _)| i)
             .collect()
     }
 
     /// Why `ids` cannot be scored: they hold no step tag.
     pub fn input_error(&self, ids: &[u32]) -> Option<String> {
-        (!ids.contains(&self.tag)).then(|| {
+        (!ids.contains(&self.spec.tag)).then(|| {
+            let tag = match &self.spec.tag_text {
+                Some(text) => text.clone(),
+                None => format!("(token id {})", self.spec.tag),
+            };
             format!(
-                "a process reward model scores the steps of a response, each ended by \
-                 {STEP_TAG}, and this input has none (after truncation, if it was truncated)"
+                "a process reward model scores the steps of a response, each ended by the \
+                 step tag {tag}, and this input has none (after truncation, if it was truncated)"
             )
         })
     }
@@ -81,12 +219,13 @@ impl StepHead {
     /// input order with `counts[i]` tags for input i; and each input's score `[b, 1]`, its
     /// weakest step.
     pub fn forward(&self, tags: &Tensor, counts: &[usize]) -> Result<(Tensor, Vec<Vec<f32>>)> {
-        let logits = self
-            .out
-            .forward(&self.hidden.forward(tags)?.relu()?)?
-            .to_dtype(DType::F32)?;
+        let x = match &self.hidden {
+            Some(hidden) => hidden.forward(tags)?.relu()?,
+            None => tags.clone(),
+        };
+        let logits = self.out.forward(&x)?.to_dtype(DType::F32)?;
         let positive: Vec<f32> = candle_nn::ops::softmax_last_dim(&logits)?
-            .narrow(D::Minus1, 1, 1)?
+            .narrow(D::Minus1, self.spec.positive(), 1)?
             .flatten_all()?
             .to_vec1()?;
         let mut steps = Vec::with_capacity(counts.len());

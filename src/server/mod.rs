@@ -145,6 +145,39 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<&str
         .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
 }
 
+/// A prompt and response where the model can format one (ArmoRM scores nothing else), else
+/// plain text; one step for a process reward model (its tag's id alone where the tag has
+/// no text of its own).
+fn warm_up_input(scorer: &Scorer) -> Result<crate::model::Sequence, String> {
+    let step_end = match scorer.step_spec() {
+        Some(spec) => match &spec.tag_text {
+            Some(text) => text.clone(),
+            None => {
+                return Ok(crate::model::Sequence {
+                    ids: vec![spec.tag],
+                    type_ids: vec![0],
+                })
+            }
+        },
+        None => String::new(),
+    };
+    let pair = crate::text::Input::Pair {
+        prompt: "warm-up".into(),
+        response: format!("ready{step_end}"),
+    };
+    scorer
+        .encode(&pair, true, None, true)
+        .or_else(|_| {
+            scorer.encode(
+                &crate::text::Input::Text(format!("warm-up{step_end}")),
+                true,
+                None,
+                true,
+            )
+        })
+        .map_err(|e| format!("warm-up input: {e}"))
+}
+
 /// Loads and fuses the members, runs a warm-up batch, and marks the server ready.
 fn load(state: &AppState) -> Result<(), String> {
     let started = Instant::now();
@@ -167,24 +200,7 @@ fn load(state: &AppState) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     }
     let report = scorer.report().clone();
-    // A prompt and response where the model can format one (ArmoRM scores nothing else),
-    // else plain text; one step for a process reward model.
-    let step_end = scorer.step_tag().unwrap_or_default();
-    let pair = crate::text::Input::Pair {
-        prompt: "warm-up".into(),
-        response: format!("ready{step_end}"),
-    };
-    let warmup = scorer
-        .encode(&pair, true, None, true)
-        .or_else(|_| {
-            scorer.encode(
-                &crate::text::Input::Text(format!("warm-up{step_end}")),
-                true,
-                None,
-                true,
-            )
-        })
-        .map_err(|e| format!("warm-up input: {e}"))?;
+    let warmup = warm_up_input(&scorer)?;
     scorer
         .score(&[&warmup])
         .map_err(|e| format!("warm-up batch: {e}"))?;
@@ -222,7 +238,10 @@ fn load(state: &AppState) -> Result<(), String> {
         })).collect::<Vec<_>>(),
         "has_chat_template": scorer.has_chat_template(),
         "num_labels": scorer.num_labels(),
-        "step_tag": scorer.step_tag(),
+        "step_tag": scorer.step_spec().map(|s| serde_json::json!({
+            "id": s.tag,
+            "text": s.tag_text,
+        })),
         "reward_statistics": scorer.reward_stats().map(|all| all.iter().map(|s| serde_json::json!({
             "mean": s.mean,
             "std": s.std,

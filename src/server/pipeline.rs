@@ -195,12 +195,19 @@ pub fn parse_input(
 /// The response text of a process reward model's `steps`; `at` names them in errors.
 pub fn response_of_steps(state: &AppState, steps: &[String], at: &str) -> Result<String, ApiError> {
     let ready = state.ready.get().ok_or_else(ApiError::not_ready)?;
-    join_steps(steps, ready.scorer.step_tag()).map_err(|e| match e {
-        StepsError::NotProcessReward => ApiError::unprocessable(format!("{at}: {e}")),
-        StepsError::Empty | StepsError::HoldsTag { .. } => {
-            ApiError::bad_request(format!("{at}: {e}"))
-        }
-    })
+    let tag = match ready.scorer.step_spec() {
+        None => Err(StepsError::NotProcessReward),
+        Some(spec) => spec.tag_text.as_deref().ok_or(StepsError::TagHasNoText),
+    };
+    tag.and_then(|tag| join_steps(steps, tag))
+        .map_err(|e| match e {
+            StepsError::NotProcessReward | StepsError::TagHasNoText => {
+                ApiError::unprocessable(format!("{at}: {e}"))
+            }
+            StepsError::Empty | StepsError::HoldsTag { .. } => {
+                ApiError::bad_request(format!("{at}: {e}"))
+            }
+        })
 }
 
 pub fn parse_direction(value: Option<&str>) -> Result<Option<Direction>, ApiError> {

@@ -6,16 +6,16 @@
 pub enum StepsError {
     #[error("'steps' gives a process reward model a response by its steps, and this model is not a process reward model: send the response whole")]
     NotProcessReward,
+    #[error("'steps' needs the step tag's text, and this model's tag is an ordinary token that its text does not always make: send the response whole, each step ended by the tag as in training")]
+    TagHasNoText,
     #[error("'steps' is empty: give at least one step")]
     Empty,
     #[error("step {index} holds the step tag {tag}, which would split it in two")]
     HoldsTag { index: usize, tag: String },
 }
 
-/// The response text of `steps` for a model whose steps end with `tag` (None: the model
-/// is not a process reward model).
-pub fn join_steps(steps: &[String], tag: Option<&str>) -> Result<String, StepsError> {
-    let tag = tag.ok_or(StepsError::NotProcessReward)?;
+/// The response text of `steps` for a model whose steps end with `tag`.
+pub fn join_steps(steps: &[String], tag: &str) -> Result<String, StepsError> {
     if steps.is_empty() {
         return Err(StepsError::Empty);
     }
@@ -40,13 +40,12 @@ mod tests {
     #[test]
     fn steps_are_joined_and_ended_by_the_tag() {
         let steps = ["a".to_string(), "b c".to_string()];
-        assert_eq!(join_steps(&steps, Some("<t>")), Ok("a<t>b c<t>".into()));
-        assert_eq!(join_steps(&steps[..1], Some("<t>")), Ok("a<t>".into()));
-        assert_eq!(join_steps(&steps, None), Err(StepsError::NotProcessReward));
-        assert_eq!(join_steps(&[], Some("<t>")), Err(StepsError::Empty));
+        assert_eq!(join_steps(&steps, "<t>"), Ok("a<t>b c<t>".into()));
+        assert_eq!(join_steps(&steps[..1], "<t>"), Ok("a<t>".into()));
+        assert_eq!(join_steps(&[], "<t>"), Err(StepsError::Empty));
         let tagged = ["a".to_string(), "b<t>c".to_string()];
         assert_eq!(
-            join_steps(&tagged, Some("<t>")),
+            join_steps(&tagged, "<t>"),
             Err(StepsError::HoldsTag {
                 index: 1,
                 tag: "<t>".into()

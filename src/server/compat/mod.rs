@@ -29,7 +29,7 @@ fn scores_are_probabilities(state: &AppState) -> bool {
     state
         .ready
         .get()
-        .is_some_and(|r| r.scorer.step_tag().is_some())
+        .is_some_and(|r| r.scorer.step_spec().is_some())
 }
 
 fn has(body: &Value, key: &str) -> bool {

@@ -130,8 +130,9 @@ pub async fn pooling(
 }
 
 /// A process reward model's pooled output as vLLM's STEP pooler gives it: per input, one
-/// `[p_negative, p_positive]` pair per step tag (softmax over the two classes), in order.
-/// warm keeps the positive class's probability, so the first is 1 - p.
+/// pair of class probabilities per step tag (softmax over the two), in order: Qwen's
+/// `[p_negative, p_positive]`, a causal LM's in `reward_tokens` order, `[p_good, p_bad]`
+/// (vLLM's `returned_token_ids`). warm keeps the step's reward p, the other is 1 - p.
 async fn pooling_inner(
     state: &Arc<AppState>,
     body: Result<Value, ApiError>,
@@ -165,6 +166,11 @@ async fn pooling_inner(
             .into())
         }
     };
+    let positive_first = state
+        .ready
+        .get()
+        .and_then(|r| r.scorer.step_spec().map(|s| s.positive() == 0))
+        .unwrap_or(false);
     let request = req.classify.scoring_request()?;
     let outcome = pipeline::run(state, "vllm_pooling", request).await?;
     let data: Vec<Value> = outcome
@@ -172,7 +178,14 @@ async fn pooling_inner(
         .iter()
         .enumerate()
         .map(|(index, s)| {
-            let pairs: Vec<[f32; 2]> = s.steps.iter().flatten().map(|&p| [1.0 - p, p]).collect();
+            let pair = |p: f32| {
+                if positive_first {
+                    [p, 1.0 - p]
+                } else {
+                    [1.0 - p, p]
+                }
+            };
+            let pairs: Vec<[f32; 2]> = s.steps.iter().flatten().map(|&p| pair(p)).collect();
             let data = if base64 {
                 use base64::Engine;
                 let bytes: Vec<u8> = pairs
