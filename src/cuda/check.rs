@@ -11,7 +11,8 @@
 //! - fusion: `--members` fused on the device against reading the files and PCIe.
 //! - device vs CPU fusion: `--members` and `--model` fused on the device and on the CPU:
 //!   every tensor within four units of the output type's precision, the same statistics.
-//! - parity: every fixture under `--fixtures` scored on the GPU (bf16) and the CPU (f32);
+//! - parity: every fixture under `--fixtures` scored on the GPU (bf16) and the CPU (f32),
+//!   step and objective rewards included;
 //!   the decoders also with a prompt their inputs share, computed once on the GPU.
 //! - throughput: `--model` and `--members` (when it has a tokenizer) scoring on the GPU.
 //!
@@ -36,7 +37,7 @@ use crate::dtype::FloatDType;
 use crate::fuse::kernel::OutElem;
 use crate::fuse::FusionReport;
 use crate::model::Sequence;
-use crate::scorer::{Combine, Scorer};
+use crate::scorer::{Combine, Score, Scorer};
 
 type CheckResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -700,8 +701,10 @@ fn parity(device: &Device, fixtures: &Path, dir: &Path) -> CheckResult<bool> {
     let mut worst = 0.0f32;
     let mut scale = 0.0f32;
     for (c, g) in cpu_scores.iter().zip(&gpu_scores) {
-        worst = worst.max((c.value - g.value).abs());
-        scale = scale.max(c.value.abs());
+        for (c, g) in every_value(c).zip(every_value(g)) {
+            worst = worst.max((c - g).abs());
+            scale = scale.max(c.abs());
+        }
     }
     // bf16 keeps 8 bits of mantissa: a few percent of the largest score.
     let tolerance = 0.05 * scale.max(1.0);
@@ -715,6 +718,14 @@ fn parity(device: &Device, fixtures: &Path, dir: &Path) -> CheckResult<bool> {
         return Ok(shared_prompt(&name, &cpu, &gpu, &sequences)? && passed);
     }
     Ok(passed)
+}
+
+/// A score's reward, then its step rewards (a process reward model) or objectives' rewards
+/// (ArmoRM): all that parity compares.
+fn every_value(score: &Score) -> impl Iterator<Item = f32> + '_ {
+    std::iter::once(score.value)
+        .chain(score.steps.iter().flatten().copied())
+        .chain(score.objectives.iter().flatten().copied())
 }
 
 /// A decoder fixture's inputs behind one 24-token prompt: on the GPU the prompt is computed
@@ -740,9 +751,11 @@ fn shared_prompt(name: &str, cpu: &Scorer, gpu: &Scorer, cases: &[Sequence]) -> 
     let mut worst = 0.0f32;
     let mut scale = 0.0f32;
     for (s, g) in refs.iter().zip(&gpu_scores) {
-        let c = cpu.score(&[s])?[0].value;
-        worst = worst.max((c - g.value).abs());
-        scale = scale.max(c.abs());
+        let alone = cpu.score(&[s])?.remove(0);
+        for (c, g) in every_value(&alone).zip(every_value(g)) {
+            worst = worst.max((c - g).abs());
+            scale = scale.max(c.abs());
+        }
     }
     let tolerance = 0.05 * scale.max(1.0);
     let passed = worst <= tolerance && work.shared > 0;
