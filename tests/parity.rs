@@ -115,7 +115,7 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
     }
     // Inputs the model refuses on their own (ArmoRM: no prompt's end in them; a process
     // reward model: no step tag).
-    let refusal = match expected["step_tag_id"].as_u64() {
+    let refusal = match expected.get("step_tag_ids") {
         Some(_) => "step tag",
         None => "prompt ends",
     };
@@ -198,6 +198,7 @@ parity! {
     armo_llama => "armo-llama",
     qwen2_prm => "qwen2-prm",
     mistral_prm => "mistral-prm",
+    llama_prm => "llama-prm",
 }
 
 /// Real pre-trained weights (too large for the repository): run

@@ -131,7 +131,7 @@ fn served_steps_score_and_untagged_inputs_are_refused() {
     let (_, info) = server.get("/info");
     let info: Value = serde_json::from_str(&info).unwrap();
     assert_eq!(info["architecture"], "Qwen2ForProcessRewardModel", "{info}");
-    let tag = json!({"id": expected["step_tag_id"], "text": "<extra_0>"});
+    let tag = json!({"ids": [expected["step_tag_id"]], "text": "<extra_0>"});
     assert_eq!(info["step_tag"], tag, "{info}");
 }
 
@@ -597,7 +597,11 @@ fn a_causal_lm_serves_as_a_process_reward_model_by_its_config() {
     let (_, info) = server.get("/info");
     let info: Value = serde_json::from_str(&info).unwrap();
     let tag = expected["step_tag_id"].clone();
-    assert_eq!(info["step_tag"], json!({"id": tag, "text": null}), "{info}");
+    assert_eq!(
+        info["step_tag"],
+        json!({"ids": [tag], "text": null}),
+        "{info}"
+    );
 }
 
 /// The tokens may be named by their vocabulary entries instead of ids; a checkpoint that
@@ -720,4 +724,44 @@ fn what_a_causal_lm_prm_cannot_load_with_is_named() {
         message.contains("value head") && message.contains("warm_process_reward"),
         "{message}"
     );
+}
+
+/// RLHFlow's PRMs: the step tag is a token sequence (the assistant's header, read at its
+/// last token) and each step a user turn answered "+". One request scores every step of a
+/// conversation as RLHFlow's evaluation does one step (one forward pass) at a time; the
+/// fixture's expected step rewards come from that loop.
+#[test]
+fn a_tag_sequence_reads_each_step_of_a_conversation_in_one_pass() {
+    let expected = expected("llama-prm");
+    let cases = expected["cases"].as_array().unwrap();
+    let server = Server::started(&["--model", &fixture("llama-prm").display().to_string()]);
+    let (status, body) = server.post("/v1/score", &json!({ "inputs": native_inputs(cases) }));
+    assert_eq!(status, 200, "{body}");
+    for (i, case) in cases.iter().enumerate() {
+        let want = floats(&case["step_scores"]);
+        assert_close(
+            &floats(&body["step_scores"][i]),
+            &want,
+            &format!("case {i}"),
+        );
+    }
+    // Plain text has no assistant header: refused, the tag named by its ids.
+    let (status, body) = server.post("/v1/score", &json!({ "inputs": ["2 + 2 = 4."] }));
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("token ids ["),
+        "{body}"
+    );
+    let (_, info) = server.get("/info");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["step_tag"]["ids"], expected["step_tag_ids"], "{info}");
+
+    // An empty sequence is no tag.
+    let (_keep, dir) = common::fixture_variant(
+        "llama-prm",
+        |c| c["warm_process_reward"]["step_tag"] = json!([]),
+        unchanged,
+    );
+    let message = load_error(&dir);
+    assert!(message.contains("step_tag is empty"), "{message}");
 }

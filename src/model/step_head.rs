@@ -7,7 +7,11 @@
 //! - A causal LM trained to predict a good or a bad token after each tag (Math-Shepherd,
 //!   OpenRLHF's PRMs), described by config.json's [`CONFIG_KEY`]: the reward is the
 //!   softmax over the two tokens' next-token logits at the tag, the good one's share, as
-//!   Math-Shepherd's model card computes it. Only the LM head's two rows are kept.
+//!   Math-Shepherd's model card computes it. Only the LM head's two rows are kept. A tag
+//!   may be a sequence of tokens, read at its last: RLHFlow's PRMs answer each step, a
+//!   user turn, with an assistant turn "+", and the step's reward is read where the
+//!   assistant's header ends (one pass over the conversation reads every step as their
+//!   evaluation does a step at a time: attention is causal).
 //!
 //! warm scores an input by its weakest step (the minimum), and returns every step's reward
 //! beside it.
@@ -24,7 +28,8 @@ use super::ModelError;
 pub const STEP_TAG: &str = "<extra_0>";
 
 /// config.json's key that makes a causal LM a process reward model:
-/// `{"step_tag": T, "reward_tokens": [GOOD, BAD]}`, each a token id or a vocabulary entry.
+/// `{"step_tag": T, "reward_tokens": [GOOD, BAD]}`, each a token id or a vocabulary entry,
+/// T also a list of them (a sequence read at its last token).
 pub const CONFIG_KEY: &str = "warm_process_reward";
 
 /// What the head reads at a tag.
@@ -39,7 +44,8 @@ pub enum StepClasses {
 /// The step tag and how a step's reward is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepSpec {
-    pub tag: u32,
+    /// The tokens that end a step (one, or a sequence read at its last token).
+    pub tag: Vec<u32>,
     /// The tag's text, which joins a response given as steps; None when the tag is an
     /// ordinary token, whose text does not tokenize to it wherever it stands.
     pub tag_text: Option<String>,
@@ -49,8 +55,15 @@ pub struct StepSpec {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TokenPrmConfig {
-    step_tag: TokenRef,
+    step_tag: TagRef,
     reward_tokens: [TokenRef; 2],
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum TagRef {
+    One(TokenRef),
+    Sequence(Vec<TokenRef>),
 }
 
 #[derive(serde::Deserialize)]
@@ -71,7 +84,7 @@ impl StepSpec {
             .to_vec();
         match ids.as_slice() {
             [tag] => Ok(Self {
-                tag: *tag,
+                tag: vec![*tag],
                 tag_text: Some(STEP_TAG.into()),
                 classes: StepClasses::Mlp,
             }),
@@ -120,7 +133,19 @@ impl StepSpec {
             }
             Ok(id)
         };
-        let tag = resolve(&cfg.step_tag, "step_tag")?;
+        let tag = match &cfg.step_tag {
+            TagRef::One(token) => vec![resolve(token, "step_tag")?],
+            TagRef::Sequence(tokens) if tokens.is_empty() => {
+                return Err(ModelError::Config(format!(
+                    "{CONFIG_KEY}.step_tag is empty"
+                )))
+            }
+            TagRef::Sequence(tokens) => tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| resolve(t, &format!("step_tag[{i}]")))
+                .collect::<std::result::Result<_, _>>()?,
+        };
         let good = resolve(&cfg.reward_tokens[0], "reward_tokens[0]")?;
         let bad = resolve(&cfg.reward_tokens[1], "reward_tokens[1]")?;
         if good == bad {
@@ -129,8 +154,10 @@ impl StepSpec {
             )));
         }
         // An added token is split out of any text as it stands: its text joins steps.
-        let tag_text = match &cfg.step_tag {
-            TokenRef::Entry(entry) if tokenizer.get_added_tokens_decoder().contains_key(&tag) => {
+        let tag_text = match (&cfg.step_tag, tag.as_slice()) {
+            (TagRef::One(TokenRef::Entry(entry)), [id])
+                if tokenizer.get_added_tokens_decoder().contains_key(id) =>
+            {
                 Some(entry.clone())
             }
             _ => None,
@@ -192,21 +219,17 @@ impl StepHead {
         &self.spec
     }
 
-    /// The positions of the step tags in `ids`.
+    /// The positions the step rewards are read at in `ids`.
     pub fn tag_positions(&self, ids: &[u32]) -> Vec<usize> {
-        ids.iter()
-            .enumerate()
-            .filter(|(_, &id)| id == self.spec.tag)
-            .map(|(i, _)| i)
-            .collect()
+        tag_ends(&self.spec.tag, ids)
     }
 
     /// Why `ids` cannot be scored: they hold no step tag.
     pub fn input_error(&self, ids: &[u32]) -> Option<String> {
-        (!ids.contains(&self.spec.tag)).then(|| {
+        self.tag_positions(ids).is_empty().then(|| {
             let tag = match &self.spec.tag_text {
                 Some(text) => text.clone(),
-                None => format!("(token id {})", self.spec.tag),
+                None => format!("(token ids {:?})", self.spec.tag),
             };
             format!(
                 "a process reward model scores the steps of a response, each ended by the \
@@ -247,5 +270,39 @@ impl StepHead {
             .collect();
         let scores = Tensor::from_vec(weakest, (counts.len(), 1), tags.device())?;
         Ok((scores, steps))
+    }
+}
+
+/// The position of the last token of each occurrence of `tag` in `ids`, occurrences taken
+/// from the start without overlapping.
+fn tag_ends(tag: &[u32], ids: &[u32]) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut at = 0;
+    while !tag.is_empty() && at + tag.len() <= ids.len() {
+        if ids[at..at + tag.len()] == *tag {
+            at += tag.len();
+            ends.push(at - 1);
+        } else {
+            at += 1;
+        }
+    }
+    ends
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tag_ends;
+
+    #[test]
+    fn tags_are_read_at_their_last_token() {
+        assert_eq!(tag_ends(&[7], &[7, 1, 7, 7]), vec![0, 2, 3]);
+        assert_eq!(
+            tag_ends(&[4, 5, 6], &[4, 5, 6, 1, 4, 5, 4, 5, 6]),
+            vec![2, 8]
+        );
+        // Occurrences do not overlap: [1, 1] in five 1s ends at 1 and 3.
+        assert_eq!(tag_ends(&[1, 1], &[1; 5]), vec![1, 3]);
+        assert!(tag_ends(&[4, 5], &[4]).is_empty());
+        assert!(tag_ends(&[], &[1, 2]).is_empty());
     }
 }

@@ -146,7 +146,7 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<&str
 }
 
 /// A prompt and response where the model can format one (ArmoRM scores nothing else), else
-/// plain text; one step for a process reward model (its tag's id alone where the tag has
+/// plain text; one step for a process reward model (its tag's ids alone where the tag has
 /// no text of its own).
 fn warm_up_input(scorer: &Scorer) -> Result<crate::model::Sequence, String> {
     let step_end = match scorer.step_spec() {
@@ -154,8 +154,8 @@ fn warm_up_input(scorer: &Scorer) -> Result<crate::model::Sequence, String> {
             Some(text) => text.clone(),
             None => {
                 return Ok(crate::model::Sequence {
-                    ids: vec![spec.tag],
-                    type_ids: vec![0],
+                    type_ids: vec![0; spec.tag.len()],
+                    ids: spec.tag.clone(),
                 })
             }
         },
@@ -239,7 +239,7 @@ fn load(state: &AppState) -> Result<(), String> {
         "has_chat_template": scorer.has_chat_template(),
         "num_labels": scorer.num_labels(),
         "step_tag": scorer.step_spec().map(|s| serde_json::json!({
-            "id": s.tag,
+            "ids": s.tag,
             "text": s.tag_text,
         })),
         "reward_statistics": scorer.reward_stats().map(|all| all.iter().map(|s| serde_json::json!({
