@@ -239,6 +239,16 @@ fn responses_may_be_sent_as_steps() {
             .starts_with("responses[1]:"),
         "{body}"
     );
+    let (got, body) = server.post(
+        "/v1/rerank",
+        &json!({"prompt": "2+2?", "responses": ["4<extra_0>", "5<extra_0>", ["4", 4]]}),
+    );
+    assert_eq!(got, 400, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("responses[2]: expected a string"),
+        "{body}"
+    );
 
     let outcome_model = Server::started(&["--model", &fixture("qwen2").display().to_string()]);
     let (got, body) = outcome_model.post(

@@ -64,6 +64,20 @@ pub async fn score_value(state: &Arc<AppState>, body: Value) -> Result<Response,
 
 /// The native rerank on a parsed body (shared with the route that vLLM also uses).
 pub async fn rerank_value(state: &Arc<AppState>, body: Value) -> Result<Response, ApiError> {
+    // Named here: serde's own message for an untagged enum names neither item nor shape.
+    let malformed = body["responses"].as_array().and_then(|items| {
+        items.iter().position(|item| {
+            !(item.is_string()
+                || item
+                    .as_array()
+                    .is_some_and(|s| s.iter().all(Value::is_string)))
+        })
+    });
+    if let Some(i) = malformed {
+        return Err(ApiError::bad_request(format!(
+            "responses[{i}]: expected a string, or a list of the response's steps (strings)"
+        )));
+    }
     let body: RerankRequest = parse_body(body)?;
     let responses = body
         .responses
