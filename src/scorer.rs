@@ -344,13 +344,14 @@ impl Scorer {
             .map(|m| m.logits(sequences))
             .collect::<Result<Vec<_>, _>>()?;
         let work = forwards[0].work;
-        let member_steps: Vec<_> = forwards.iter().map(|f| f.steps.clone()).collect();
-        let member_objectives: Vec<_> = forwards.iter().map(|f| f.objectives.clone()).collect();
-        let per_member: Vec<Vec<Vec<f32>>> = forwards
-            .into_iter()
-            .enumerate()
-            .map(|(i, f)| self.standardized(i, f.logits))
-            .collect();
+        let mut per_member = Vec::with_capacity(forwards.len());
+        let mut member_steps = Vec::with_capacity(forwards.len());
+        let mut member_objectives = Vec::with_capacity(forwards.len());
+        for (i, forward) in forwards.into_iter().enumerate() {
+            per_member.push(self.standardized(i, forward.logits));
+            member_steps.push(forward.steps);
+            member_objectives.push(forward.objectives);
+        }
         let scores = (0..sequences.len())
             .map(|i| {
                 let labels = per_member[0][i].len();

@@ -89,9 +89,7 @@ pub fn fuse_to_tensors(
 ) -> Result<(HashMap<String, candle_core::Tensor>, FusionReport), FuseError> {
     let members = open_members(&config.dirs)?;
     let mut plan = checked_plan(&members, config, Some(dtype))?;
-    if !reads_lm_head(&members) {
-        drop_unread_lm_head(&mut plan);
-    }
+    drop_unread_lm_head(&mut plan, &members);
     let total = plan_input_bytes(&members, &plan);
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(cuda) = device {
@@ -182,28 +180,23 @@ fn checked_plan(
     }
 }
 
-/// No reward model but a causal LM's process reward model ([`reads_lm_head`]) reads a
-/// language-model head, and causal LMs saved as reward models (LLaMA-Factory's) keep theirs: `lm_head.weight` is left out of a fusion for serving,
-/// with its read and its average (about 7% of a 7-8B model's weights), unless it is the
-/// only token table stored (tied weights saved under that name).
-fn drop_unread_lm_head(plan: &mut FusionPlan) {
-    if plan
-        .tensors
-        .iter()
-        .any(|t| t.name.ends_with("embed_tokens.weight"))
+/// Causal LMs saved as reward models (LLaMA-Factory's) keep a language-model head that
+/// scoring does not read: `lm_head.weight` is left out of a fusion for serving, with its
+/// read and its average (about 7% of a 7-8B model's weights), unless it is the only token
+/// table stored (tied weights saved under that name) or the model reads it (a causal-LM
+/// process reward model; the members agree on that, so the first one tells).
+fn drop_unread_lm_head(plan: &mut FusionPlan, members: &[Checkpoint]) {
+    let reads_head = members
+        .first()
+        .is_some_and(|m| crate::model::reads_lm_head(m.config()));
+    if !reads_head
+        && plan
+            .tensors
+            .iter()
+            .any(|t| t.name.ends_with("embed_tokens.weight"))
     {
         plan.tensors.retain(|t| t.name != "lm_head.weight");
     }
-}
-
-/// A causal LM served as a process reward model reads two rows of its LM head (the good
-/// and the bad token's logits): its members agree on that key, so the first one tells.
-fn reads_lm_head(members: &[Checkpoint]) -> bool {
-    members.first().is_some_and(|m| {
-        m.config()
-            .raw()
-            .contains_key(crate::model::PROCESS_REWARD_KEY)
-    })
 }
 
 fn plan_input_bytes(members: &[Checkpoint], plan: &FusionPlan) -> u64 {

@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 
 use super::dense::Dense;
 use super::layers::linear;
-use super::{parse_config, ModelError};
+use super::{parse_config, plain_ids, ModelError};
 
 /// The text whose tokens mark the end of the prompt: the user turn's end and the
 /// assistant's header.
@@ -86,11 +86,7 @@ impl GatingSpec {
                  format, and the tokenizer has no {missing} token"
             )));
         }
-        let prompt_end = tokenizer
-            .encode(PROMPT_END, false)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?
-            .get_ids()
-            .to_vec();
+        let prompt_end = plain_ids(tokenizer, PROMPT_END)?;
         if prompt_end.is_empty() {
             return Err(ModelError::Tokenizer(format!(
                 "{PROMPT_END:?} tokenizes to nothing"

@@ -17,7 +17,7 @@ mod segments;
 mod shared_padding;
 mod step_head;
 
-pub use step_head::{StepClasses, StepSpec, CONFIG_KEY as PROCESS_REWARD_KEY};
+pub use step_head::{reads_lm_head, StepClasses, StepSpec, CONFIG_KEY as PROCESS_REWARD_KEY};
 #[cfg(test)]
 mod testing;
 mod value_head;
@@ -359,6 +359,16 @@ pub fn load(
             None => Err(ModelError::Unsupported(other.to_string())),
         },
     }
+}
+
+/// The ids of `text` alone, no special tokens added: what a head that finds its place by
+/// token ids looks for.
+fn plain_ids(tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>, ModelError> {
+    Ok(tokenizer
+        .encode(text, false)
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?
+        .get_ids()
+        .to_vec())
 }
 
 /// Reads a typed config section from config.json.

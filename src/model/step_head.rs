@@ -21,7 +21,7 @@ use candle_nn::VarBuilder;
 
 use super::dense::Dense;
 use super::layers::linear;
-use super::ModelError;
+use super::{plain_ids, ModelError};
 
 /// Qwen2.5-Math-PRM's step tag: its model card joins the steps with it and ends the
 /// response with it.
@@ -31,6 +31,12 @@ pub const STEP_TAG: &str = "<extra_0>";
 /// `{"step_tag": T, "reward_tokens": [GOOD, BAD]}`, each a token id or a vocabulary entry,
 /// T also a list of them (a sequence read at its last token).
 pub const CONFIG_KEY: &str = "warm_process_reward";
+
+/// Whether a checkpoint's model reads its LM head: a causal LM served as a process reward
+/// model reads the good and the bad token's rows.
+pub fn reads_lm_head(config: &crate::checkpoint::ModelConfig) -> bool {
+    config.raw().contains_key(CONFIG_KEY)
+}
 
 /// What the head reads at a tag.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,11 +83,7 @@ impl StepSpec {
     /// Qwen2ForProcessRewardModel's: [`STEP_TAG`] must be one token, as the model card's
     /// `tokenizer.encode("<extra_0>")[0]` assumes.
     pub fn qwen(tokenizer: &tokenizers::Tokenizer) -> std::result::Result<Self, ModelError> {
-        let ids = tokenizer
-            .encode(STEP_TAG, false)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?
-            .get_ids()
-            .to_vec();
+        let ids = plain_ids(tokenizer, STEP_TAG)?;
         match ids.as_slice() {
             [tag] => Ok(Self {
                 tag: vec![*tag],

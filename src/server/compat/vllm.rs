@@ -166,11 +166,11 @@ async fn pooling_inner(
             .into())
         }
     };
-    let positive_first = state
+    let positive = state
         .ready
         .get()
-        .and_then(|r| r.scorer.step_spec().map(|s| s.positive() == 0))
-        .unwrap_or(false);
+        .and_then(|r| r.scorer.step_spec().map(|s| s.positive()))
+        .unwrap_or(1);
     let request = req.classify.scoring_request()?;
     let outcome = pipeline::run(state, "vllm_pooling", request).await?;
     let data: Vec<Value> = outcome
@@ -179,11 +179,9 @@ async fn pooling_inner(
         .enumerate()
         .map(|(index, s)| {
             let pair = |p: f32| {
-                if positive_first {
-                    [p, 1.0 - p]
-                } else {
-                    [1.0 - p, p]
-                }
+                let mut pair = [1.0 - p; 2];
+                pair[positive] = p;
+                pair
             };
             let pairs: Vec<[f32; 2]> = s.steps.iter().flatten().map(|&p| pair(p)).collect();
             let data = if base64 {
