@@ -36,6 +36,24 @@ fn native_inputs(cases: &[Value]) -> Vec<Value> {
         .collect()
 }
 
+/// Serves fixture `name` and scores all its cases in one request: each input's step
+/// rewards are transformers' (to 1e-4), and its score is the fixture's. Returns the server
+/// and the response.
+fn serve_and_check_steps(name: &str) -> (Server, Value) {
+    let expected = expected(name);
+    let cases = expected["cases"].as_array().unwrap();
+    let server = Server::started(&["--model", &fixture(name).display().to_string()]);
+    let (status, body) = server.post("/v1/score", &json!({ "inputs": native_inputs(cases) }));
+    assert_eq!(status, 200, "{body}");
+    for (i, case) in cases.iter().enumerate() {
+        let steps = floats(&body["step_scores"][i]);
+        assert_close(&steps, &floats(&case["step_scores"]), &format!("case {i}"));
+        let score = [body["scores"][i].as_f64().unwrap()];
+        assert_close(&score, &[case["score"].as_f64().unwrap()], "score");
+    }
+    (server, body)
+}
+
 fn floats(v: &Value) -> Vec<f64> {
     v.as_array()
         .unwrap_or_else(|| panic!("not a list: {v}"))
@@ -71,17 +89,12 @@ fn steps_of(dir: &Path, cases: &[Value]) -> Vec<Vec<f64>> {
 fn served_steps_score_and_untagged_inputs_are_refused() {
     let expected = expected("qwen2-prm");
     let cases = expected["cases"].as_array().unwrap();
-    let server = Server::started(&["--model", &fixture("qwen2-prm").display().to_string()]);
-
+    let (server, body) = serve_and_check_steps("qwen2-prm");
     let inputs = native_inputs(cases);
-    let (status, body) = server.post("/v1/score", &json!({ "inputs": inputs }));
-    assert_eq!(status, 200, "{body}");
-    for (i, case) in cases.iter().enumerate() {
+    for i in 0..cases.len() {
         let steps = floats(&body["step_scores"][i]);
-        assert_close(&steps, &floats(&case["step_scores"]), &format!("case {i}"));
         let weakest = steps.iter().copied().fold(f64::INFINITY, f64::min);
         assert_close(&[body["scores"][i].as_f64().unwrap()], &[weakest], "score");
-        assert_close(&[weakest], &[case["score"].as_f64().unwrap()], "score");
     }
 
     // Best-of-N over the responses of the chat cases that share a prompt.
@@ -567,22 +580,7 @@ fn lm_variant(
 fn a_causal_lm_serves_as_a_process_reward_model_by_its_config() {
     let expected = expected("mistral-prm");
     let cases = expected["cases"].as_array().unwrap();
-    let server = Server::started(&["--model", &fixture("mistral-prm").display().to_string()]);
-    let (status, body) = server.post("/v1/score", &json!({ "inputs": native_inputs(cases) }));
-    assert_eq!(status, 200, "{body}");
-    for (i, case) in cases.iter().enumerate() {
-        let want = floats(&case["step_scores"]);
-        assert_close(
-            &floats(&body["step_scores"][i]),
-            &want,
-            &format!("case {i}"),
-        );
-        assert_close(
-            &[body["scores"][i].as_f64().unwrap()],
-            &[case["score"].as_f64().unwrap()],
-            "score",
-        );
-    }
+    let (server, _) = serve_and_check_steps("mistral-prm");
 
     let text = cases[0]["text"].as_str().unwrap();
     let (status, body) = server.post("/pooling", &json!({ "input": text }));
@@ -665,11 +663,12 @@ fn lm_prm_members_fuse_and_disagreeing_tags_are_refused() {
             _ => (name, t),
         },
     );
-    let members = ["--model", "", "--model", ""];
-    let mut args: Vec<String> = members.iter().map(|s| s.to_string()).collect();
-    args[1] = fixture("mistral-prm").display().to_string();
-    args[3] = tripled.display().to_string();
-    let server = Server::started(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let server = Server::started(&[
+        "--model",
+        &fixture("mistral-prm").display().to_string(),
+        "--model",
+        &tripled.display().to_string(),
+    ]);
     let (status, body) = server.post("/v1/score", &json!({ "inputs": native_inputs(cases) }));
     assert_eq!(status, 200, "{body}");
     let logit = |p: f64| (p / (1.0 - p)).ln();
@@ -743,18 +742,7 @@ fn what_a_causal_lm_prm_cannot_load_with_is_named() {
 #[test]
 fn a_tag_sequence_reads_each_step_of_a_conversation_in_one_pass() {
     let expected = expected("llama-prm");
-    let cases = expected["cases"].as_array().unwrap();
-    let server = Server::started(&["--model", &fixture("llama-prm").display().to_string()]);
-    let (status, body) = server.post("/v1/score", &json!({ "inputs": native_inputs(cases) }));
-    assert_eq!(status, 200, "{body}");
-    for (i, case) in cases.iter().enumerate() {
-        let want = floats(&case["step_scores"]);
-        assert_close(
-            &floats(&body["step_scores"][i]),
-            &want,
-            &format!("case {i}"),
-        );
-    }
+    let (server, _) = serve_and_check_steps("llama-prm");
     // Plain text has no assistant header: refused, the tag named by its ids.
     let (status, body) = server.post("/v1/score", &json!({ "inputs": ["2 + 2 = 4."] }));
     assert_eq!(status, 422, "{body}");
