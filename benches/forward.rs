@@ -66,10 +66,7 @@ fn shared_prefix(c: &mut Criterion) {
                     .chain(&response.ids[..16 + 4 * i])
                     .copied()
                     .collect();
-                Sequence {
-                    type_ids: vec![0; ids.len()],
-                    ids,
-                }
+                Sequence::plain(ids)
             })
             .collect();
         let unrelated = Sequence::synthetic_batch(N, PROMPT + 32, 5..5 + vocab);

@@ -98,7 +98,7 @@ impl Scorer {
         };
         let first = members.dirs.first().ok_or(FuseError::NoMembers)?;
         let config = ModelConfig::read(&first.join(crate::checkpoint::CONFIG_FILE))?;
-        let encoder = text::load_text_encoder(first)?;
+        let mut encoder = text::load_text_encoder(first)?;
         let candle_dtype = match dtype {
             FloatDType::F32 => DType::F32,
             FloatDType::F16 => DType::F16,
@@ -115,6 +115,11 @@ impl Scorer {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(model::StepMarker::Separator { text, ids }) =
+            models[0].step_spec().map(|spec| &spec.marker)
+        {
+            encoder.separate_steps(text, ids);
+        }
         let model_max = models[0].max_input_length();
         let labels = label_names(&config, models[0].num_labels());
         let problem_type = config
@@ -298,6 +303,7 @@ impl Scorer {
         Ok(Sequence {
             ids: encoded.ids,
             type_ids: encoded.type_ids,
+            read_at: encoded.read_at,
         })
     }
 

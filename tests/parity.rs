@@ -56,6 +56,10 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
             .encode(&input_of(case), false, None, true)
             .unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
         assert_eq!(seq.ids, ids_of(&case["ids"]), "{name} case {i}: token ids");
+        if let Some(read_at) = case.get("read_at") {
+            let read_at = ids_of(read_at).into_iter().map(|p| p as usize).collect();
+            assert_eq!(seq.read_at, Some(read_at), "{name} case {i}: steps' ends");
+        }
         let scored = scorer.score(&[&seq]).unwrap().remove(0);
         let got = scored.value;
         let want = case["score"].as_f64().unwrap() as f32;
@@ -114,10 +118,13 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
         assert_eq!(seq.ids, ids_of(&t["ids"]), "{name} truncation case {i}");
     }
     // Inputs the model refuses on their own (ArmoRM: no prompt's end in them; a process
-    // reward model: no step tag).
-    let refusal = match expected.get("step_tag_ids") {
-        Some(_) => "step tag",
-        None => "prompt ends",
+    // reward model: no step tag, or for steps read apart no prompt and steps).
+    let refusal = if expected.get("step_tag_ids").is_some() {
+        "step tag"
+    } else if expected.get("step_separator").is_some() {
+        "reads a plain prompt and the steps"
+    } else {
+        "prompt ends"
     };
     for (i, case) in expected["unscorable"]
         .as_array()
@@ -199,6 +206,7 @@ parity! {
     qwen2_prm => "qwen2-prm",
     mistral_prm => "mistral-prm",
     llama_prm => "llama-prm",
+    llama_trl_prm => "llama-trl-prm",
 }
 
 /// Real pre-trained weights (too large for the repository): run

@@ -1,6 +1,7 @@
-//! Process reward models (Qwen2.5-Math-PRM's `Qwen2ForProcessRewardModel`): the fixture
-//! tests/fixtures/models/qwen2-prm is checked for parity, step by step, in tests/parity.rs;
-//! these tests serve it over HTTP (every step's reward, the weakest as the score, no
+//! Process reward models (Qwen2.5-Math-PRM's `Qwen2ForProcessRewardModel`; a
+//! token-classification PRM as TRL trains one): the fixtures tests/fixtures/models/qwen2-prm
+//! and llama-trl-prm are checked for parity, step by step, in tests/parity.rs; these tests
+//! serve them over HTTP (every step's reward, the weakest as the score, no
 //! activation on the compat routes), combine two members both ways, truncate steps away,
 //! and name what is wrong with a checkpoint or a request it cannot take.
 
@@ -31,6 +32,7 @@ fn native_inputs(cases: &[Value]) -> Vec<Value> {
         .map(|c| match c["kind"].as_str().unwrap() {
             "pair" => json!({"prompt": c["prompt"], "response": c["response"]}),
             "text" => c["text"].clone(),
+            "steps" => json!({"prompt": c["prompt"], "steps": c["steps"]}),
             _ => json!({"messages": c["messages"]}),
         })
         .collect()
@@ -762,4 +764,159 @@ fn a_tag_sequence_reads_each_step_of_a_conversation_in_one_pass() {
     );
     let message = load_error(&dir);
     assert!(message.contains("step_tag is empty"), "{message}");
+}
+
+/// A token-classification PRM as TRL's PRMTrainer trains one: a prompt with its steps, or
+/// a response cut at each separator, is laid out as TRL lays it out (each piece tokenized
+/// apart, the separator after every step) and every step's reward is transformers'.
+/// Rerank takes lists of steps; texts and conversations are refused with the shapes it
+/// takes; /info names the separator.
+#[test]
+fn token_classification_prms_read_steps_tokenized_apart() {
+    let expected = expected("llama-trl-prm");
+    let cases = expected["cases"].as_array().unwrap();
+    let (server, _) = serve_and_check_steps("llama-trl-prm");
+
+    // Best-of-N over the step lists that answer one prompt.
+    let same: Vec<&Value> = cases
+        .iter()
+        .filter(|c| c["kind"] == "steps" && c["prompt"] == cases[0]["prompt"])
+        .collect();
+    let responses: Vec<&Value> = same.iter().map(|c| &c["steps"]).collect();
+    let (status, body) = server.post(
+        "/v1/rerank",
+        &json!({"prompt": cases[0]["prompt"], "responses": responses}),
+    );
+    assert_eq!(status, 200, "{body}");
+    for result in body["results"].as_array().unwrap() {
+        let case = same[result["index"].as_u64().unwrap() as usize];
+        assert_close(
+            &floats(&result["step_scores"]),
+            &floats(&case["step_scores"]),
+            "rerank by steps",
+        );
+    }
+
+    let text = expected["unscorable"][0]["text"].as_str().unwrap();
+    let steps_input = json!({"prompt": cases[0]["prompt"], "steps": cases[0]["steps"]});
+    for (input, status, words) in [
+        (json!(text), 422, "send {\"prompt\", \"steps\""),
+        (
+            json!({"messages": [{"role": "user", "content": "2+2?"}], "steps": ["4"]}),
+            422,
+            "not a conversation",
+        ),
+        (json!({"prompt": "2+2?", "steps": []}), 400, "empty"),
+        (json!({"prompt": "2+2?", "response": ""}), 422, "no step"),
+    ] {
+        let (got, body) = server.post("/v1/score", &json!({ "inputs": [steps_input, input] }));
+        assert_eq!(got, status, "{input}: {body}");
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("inputs[1]:") && message.contains(words),
+            "{input}: {body}"
+        );
+    }
+    let (_, info) = server.get("/info");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(
+        info["architecture"], "LlamaForTokenClassification",
+        "{info}"
+    );
+    let separator = json!({"ids": expected["step_separator_ids"], "text": "\n"});
+    assert_eq!(info["step_separator"], separator, "{info}");
+    assert_eq!(info["step_tag"], Value::Null, "{info}");
+}
+
+/// Truncation keeps the steps whose separator it leaves (from the end by default, from
+/// the start when asked), and the BOS token: attention is causal, so each kept step's
+/// reward is the one it has in the whole input. Truncation that leaves no step's end is
+/// refused.
+#[test]
+fn truncating_separated_steps_keeps_the_steps_left_whole() {
+    let expected = expected("llama-trl-prm");
+    let case = &expected["cases"][3];
+    let all = floats(&case["step_scores"]);
+    let read_at: Vec<usize> = case["read_at"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap() as usize)
+        .collect();
+    let scorer = Scorer::load_one(&fixture("llama-trl-prm")).unwrap();
+    let input = input_of(case);
+    let steps_within = |max: usize, direction: Direction| -> Vec<f64> {
+        let sequence = scorer
+            .encode_limited(&input, max, true, Some(direction), true)
+            .unwrap();
+        assert!(sequence.ids.len() <= max);
+        let score = scorer.score(&[&sequence]).unwrap().remove(0);
+        score.steps.unwrap().into_iter().map(f64::from).collect()
+    };
+    // Up to the second step's separator, from the end: the first two steps.
+    assert_close(
+        &steps_within(read_at[1] + 1, Direction::Right),
+        &all[..2],
+        "right",
+    );
+    let bos = expected["cases"][0]["ids"][0].as_u64().unwrap() as u32;
+    let cut = scorer
+        .encode_limited(&input, read_at[1] + 1, true, Some(Direction::Left), true)
+        .unwrap();
+    assert_eq!(cut.ids[0], bos, "BOS kept");
+    assert!(matches!(
+        scorer.encode_limited(&input, read_at[0], true, Some(Direction::Right), true),
+        Err(TextError::Unscorable(_))
+    ));
+    assert!(matches!(
+        scorer.encode_limited(&input, read_at[0], false, None, true),
+        Err(TextError::TooLong { .. })
+    ));
+}
+
+/// A token-classification model has two labels (TRL's); its separator comes from
+/// config.json's `warm_process_reward.step_separator` (TRL does not save it), and nothing
+/// else is taken there.
+#[test]
+fn token_classification_prm_configs_are_checked() {
+    let (_keep, dir) = common::fixture_variant(
+        "llama-trl-prm",
+        |c| {
+            c["num_labels"] = json!(3);
+            c["id2label"] = json!({"0": "a", "1": "b", "2": "c"});
+        },
+        unchanged,
+    );
+    let message = load_error(&dir);
+    assert!(
+        message.contains("two labels") && message.contains("has 3"),
+        "{message}"
+    );
+
+    let (_keep, dir) = common::fixture_variant(
+        "llama-trl-prm",
+        |c| c["warm_process_reward"] = json!({"step_tag": "\n"}),
+        unchanged,
+    );
+    let message = load_error(&dir);
+    assert!(message.contains("step_separator"), "{message}");
+
+    // Another separator: the steps are followed by its ids (and the scores change).
+    let (_keep, dir) = common::fixture_variant(
+        "llama-trl-prm",
+        |c| c["warm_process_reward"] = json!({"step_separator": " ."}),
+        unchanged,
+    );
+    let scorer = Scorer::load_one(&dir).unwrap();
+    let input = warm::text::Input::Steps {
+        prompt: "2+2?".into(),
+        steps: vec!["4".into(), "yes".into()],
+    };
+    let sequence = scorer.encode(&input, false, None, true).unwrap();
+    let at = sequence.read_at.clone().unwrap();
+    assert_eq!(at.len(), 2);
+    assert_eq!(at[1], sequence.ids.len() - 1);
+    let default = Scorer::load_one(&fixture("llama-trl-prm")).unwrap();
+    let newline = default.encode(&input, false, None, true).unwrap();
+    assert_ne!(sequence.ids, newline.ids);
 }

@@ -682,7 +682,15 @@ fn parity(device: &Device, fixtures: &Path, dir: &Path) -> CheckResult<bool> {
             // Encoders' pairs carry token types (absent: all 0).
             let mut type_ids = numbers("type_ids");
             type_ids.resize(ids.len(), 0);
-            Sequence { type_ids, ids }
+            // Separated steps (TRL's layout) carry the positions their rewards are read at.
+            let read_at = case
+                .get("read_at")
+                .map(|_| numbers("read_at").into_iter().map(|p| p as usize).collect());
+            Sequence {
+                type_ids,
+                ids,
+                read_at,
+            }
         })
         .collect();
     let refs: Vec<&Sequence> = sequences.iter().collect();
@@ -738,12 +746,13 @@ fn shared_prompt(name: &str, cpu: &Scorer, gpu: &Scorer, cases: &[Sequence]) -> 
     let prompt: Vec<u32> = (0..24).map(|i| all[i % all.len()]).collect();
     let sequences: Vec<Sequence> = cases
         .iter()
-        .map(|s| {
-            let ids: Vec<u32> = prompt.iter().chain(&s.ids).copied().collect();
-            Sequence {
-                type_ids: vec![0; ids.len()],
-                ids,
-            }
+        .map(|s| Sequence {
+            ids: prompt.iter().chain(&s.ids).copied().collect(),
+            type_ids: vec![0; prompt.len() + s.ids.len()],
+            read_at: s
+                .read_at
+                .as_ref()
+                .map(|at| at.iter().map(|p| p + prompt.len()).collect()),
         })
         .collect();
     let refs: Vec<&Sequence> = sequences.iter().collect();

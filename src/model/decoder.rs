@@ -28,11 +28,21 @@ use super::{
 };
 
 /// A decoder family under the names checkpoints give it: config.json's `model_type`, its
-/// causal-LM class and its sequence-classification class (the name [`load`] takes).
+/// causal-LM class, its sequence-classification class (the name [`load`] takes) and its
+/// token-classification class.
 pub struct Family {
     pub model_type: &'static str,
     pub causal_lm: &'static str,
     pub classification: &'static str,
+    pub token_classification: &'static str,
+}
+
+/// The sequence-classification name ([`load`]'s) of a token-classification class.
+pub fn token_classification_family(architecture: &str) -> Option<&'static str> {
+    FAMILIES
+        .iter()
+        .find(|family| family.token_classification == architecture)
+        .map(|family| family.classification)
 }
 
 pub const FAMILIES: &[Family] = &[
@@ -40,26 +50,31 @@ pub const FAMILIES: &[Family] = &[
         model_type: "llama",
         causal_lm: "LlamaForCausalLM",
         classification: "LlamaForSequenceClassification",
+        token_classification: "LlamaForTokenClassification",
     },
     Family {
         model_type: "mistral",
         causal_lm: "MistralForCausalLM",
         classification: "MistralForSequenceClassification",
+        token_classification: "MistralForTokenClassification",
     },
     Family {
         model_type: "qwen2",
         causal_lm: "Qwen2ForCausalLM",
         classification: "Qwen2ForSequenceClassification",
+        token_classification: "Qwen2ForTokenClassification",
     },
     Family {
         model_type: "qwen3",
         causal_lm: "Qwen3ForCausalLM",
         classification: "Qwen3ForSequenceClassification",
+        token_classification: "Qwen3ForTokenClassification",
     },
     Family {
         model_type: "gemma2",
         causal_lm: "Gemma2ForCausalLM",
         classification: "Gemma2ForSequenceClassification",
+        token_classification: "Gemma2ForTokenClassification",
     },
 ];
 

@@ -17,7 +17,9 @@ mod segments;
 mod shared_padding;
 mod step_head;
 
-pub use step_head::{reads_lm_head, StepClasses, StepSpec, CONFIG_KEY as PROCESS_REWARD_KEY};
+pub use step_head::{
+    reads_lm_head, StepClasses, StepMarker, StepSpec, CONFIG_KEY as PROCESS_REWARD_KEY,
+};
 #[cfg(test)]
 mod testing;
 mod value_head;
@@ -62,6 +64,11 @@ pub const SUPPORTED: &[&str] = &[
     "INFORMForSequenceClassification",
     "LlamaForRewardModelWithGating",
     "Qwen2ForProcessRewardModel",
+    "LlamaForTokenClassification",
+    "MistralForTokenClassification",
+    "Qwen2ForTokenClassification",
+    "Qwen3ForTokenClassification",
+    "Gemma2ForTokenClassification",
 ];
 
 /// Which token's hidden state the score head reads, as transformers does.
@@ -78,9 +85,21 @@ pub enum Pooling {
 pub struct Sequence {
     pub ids: Vec<u32>,
     pub type_ids: Vec<u32>,
+    /// Where a process reward model reads its steps' rewards, when the text encoder put
+    /// them there (steps tokenized apart, TRL's); None: the head finds its own places.
+    pub read_at: Option<Vec<usize>>,
 }
 
 impl Sequence {
+    /// `ids` with zero token types and no positions of their own to read.
+    pub fn plain(ids: Vec<u32>) -> Self {
+        Self {
+            type_ids: vec![0; ids.len()],
+            ids,
+            read_at: None,
+        }
+    }
+
     /// `batch` sequences of `len` seeded pseudo-random ids drawn from `ids`, the same for
     /// every call: inputs for benchmarks and throughput checks.
     pub fn synthetic_batch(batch: usize, len: usize, ids: std::ops::Range<u32>) -> Vec<Self> {
@@ -97,6 +116,7 @@ impl Sequence {
                     })
                     .collect(),
                 type_ids: vec![0; len],
+                read_at: None,
             })
             .collect()
     }
@@ -349,15 +369,26 @@ pub fn load(
             &score_head::HeadSpec::steps(StepSpec::qwen(tokenizer)?),
         ),
         name if openrlhf::ARCHITECTURES.contains(&name) => openrlhf::load(&raw, vb),
-        // A causal LM is a process reward model when config.json says which tokens it
-        // predicts after each step (Math-Shepherd, OpenRLHF), else a value-head model.
-        other => match value_head::family(other) {
-            Some(family) => match StepSpec::from_config(&raw, tokenizer)? {
-                Some(steps) => decoder::load(family, &raw, vb, &score_head::HeadSpec::steps(steps)),
-                None => value_head::load(other, family, &raw, vb),
-            },
-            None => Err(ModelError::Unsupported(other.to_string())),
-        },
+        other => {
+            // A decoder's token classification: a process reward model as TRL's
+            // PRMTrainer trains one, read after every step.
+            if let Some(family) = decoder::token_classification_family(other) {
+                let labels = config.num_labels();
+                let steps = StepSpec::token_classification(other, &raw, labels, tokenizer)?;
+                return decoder::load(family, &raw, vb, &score_head::HeadSpec::steps(steps));
+            }
+            // A causal LM is a process reward model when config.json says which tokens it
+            // predicts after each step (Math-Shepherd, OpenRLHF), else a value-head model.
+            match value_head::family(other) {
+                Some(family) => match StepSpec::from_config(&raw, tokenizer)? {
+                    Some(steps) => {
+                        decoder::load(family, &raw, vb, &score_head::HeadSpec::steps(steps))
+                    }
+                    None => value_head::load(other, family, &raw, vb),
+                },
+                None => Err(ModelError::Unsupported(other.to_string())),
+            }
+        }
     }
 }
 

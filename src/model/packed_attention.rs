@@ -512,6 +512,7 @@ mod tests {
                     .map(|p| 5 + ((p * 7 + i * 13) % 90) as u32)
                     .collect(),
                 type_ids: vec![0; len],
+                read_at: None,
             })
             .collect();
         let refs: Vec<&Sequence> = sequences.iter().collect();
@@ -578,15 +579,13 @@ mod tests {
             .iter()
             .map(|&(p, r)| {
                 let ids: Vec<u32> = prompts[p].iter().chain(r).copied().collect();
-                Sequence {
-                    type_ids: vec![0; ids.len()],
-                    ids,
-                }
+                Sequence::plain(ids)
             })
             .collect();
         sequences.push(Sequence {
             ids: vec![90, 91, 92],
             type_ids: vec![0; 3],
+            read_at: None,
         });
         let refs: Vec<&Sequence> = sequences.iter().collect();
         let (segments, _) = Segments::share_prefixes(&refs, 8);
@@ -715,13 +714,7 @@ mod tests {
     /// not; bf16 and f16 within their rounding) and checks each input's reward and step
     /// rewards equal those it gets alone.
     fn assert_every_layout_scores_as_alone(dir: &std::path::Path, inputs: Vec<Vec<u32>>) {
-        let sequences: Vec<Sequence> = inputs
-            .into_iter()
-            .map(|ids| Sequence {
-                type_ids: vec![0; ids.len()],
-                ids,
-            })
-            .collect();
+        let sequences: Vec<Sequence> = inputs.into_iter().map(Sequence::plain).collect();
         let refs: Vec<&Sequence> = sequences.iter().collect();
         let mut scorer = Scorer::load_one(dir).expect("load the fixture");
         let alone: Vec<Score> = refs
@@ -773,10 +766,7 @@ mod tests {
             .iter()
             .map(|tail| {
                 let ids: Vec<u32> = prompt.iter().chain(tail.iter()).copied().collect();
-                Sequence {
-                    type_ids: vec![0; ids.len()],
-                    ids,
-                }
+                Sequence::plain(ids)
             })
             .collect();
         let refs: Vec<&Sequence> = sequences.iter().collect();
@@ -837,14 +827,12 @@ mod tests {
             .iter()
             .map(|r| {
                 let ids: Vec<u32> = prompt.iter().chain(r.iter()).copied().collect();
-                Sequence {
-                    type_ids: vec![0; ids.len()],
-                    ids,
-                }
+                Sequence::plain(ids)
             })
             .chain([Sequence {
                 ids: vec![9, 8, 7],
                 type_ids: vec![0; 3],
+                read_at: None,
             }])
             .collect();
         let refs: Vec<&Sequence> = inputs.iter().collect();

@@ -119,24 +119,24 @@ impl ScoreHead {
     }
 
     /// The positions of each input that the head reads besides its last token: where the
-    /// prompt ends (ArmoRM), every step tag (a process reward model). None: the last token
-    /// alone.
+    /// prompt ends (ArmoRM), every step's end (a process reward model). None: the last
+    /// token alone.
     pub fn read_positions(&self, sequences: &[&Sequence]) -> Result<Option<Vec<Vec<usize>>>> {
-        let find: &dyn Fn(&[u32]) -> Option<Vec<usize>> = match self {
-            Self::Gating(head) => &|ids| head.prompt_end(ids).map(|p| vec![p]),
-            Self::Steps(head) => &|ids| Some(head.tag_positions(ids)).filter(|p| !p.is_empty()),
+        type Find<'a> = &'a dyn Fn(&Sequence) -> std::result::Result<Vec<usize>, String>;
+        let find: Find = match self {
+            Self::Gating(head) => &|s| {
+                head.prompt_end(&s.ids)
+                    .map(|p| vec![p])
+                    .ok_or_else(|| head.input_error(&s.ids).unwrap_or_default())
+            },
+            Self::Steps(head) => &|s| head.positions(s).ok_or_else(|| head.missing_positions(s)),
             Self::Linear(_) | Self::ReluMlp { .. } => return Ok(None),
         };
         sequences
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                find(&s.ids).ok_or_else(|| {
-                    candle_core::Error::Msg(format!(
-                        "input {i}: {}",
-                        self.input_error(&s.ids).unwrap_or_default()
-                    ))
-                })
+                find(s).map_err(|why| candle_core::Error::Msg(format!("input {i}: {why}")))
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)

@@ -368,6 +368,7 @@ mod tests {
         Sequence {
             ids: ids.to_vec(),
             type_ids: vec![0; ids.len()],
+            read_at: None,
         }
     }
 

@@ -420,10 +420,7 @@ mod tests {
     use crate::model::{BatchCost, BatchLayout, Sequence};
 
     fn seq(ids: Vec<u32>) -> Sequence {
-        Sequence {
-            type_ids: vec![0; ids.len()],
-            ids,
-        }
+        Sequence::plain(ids)
     }
 
     /// Attention of each input whole, on the layout without sharing: `[tokens, heads * d]`

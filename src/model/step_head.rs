@@ -12,6 +12,12 @@
 //!   user turn, with an assistant turn "+", and the step's reward is read where the
 //!   assistant's header ends (one pass over the conversation reads every step as their
 //!   evaluation does a step at a time: attention is causal).
+//! - A `*ForTokenClassification` with two labels, as TRL's PRMTrainer trains one: `score`
+//!   = Linear(h, 2) with a bias on every token; the prompt and each step are tokenized
+//!   apart, each step followed by the separator's tokens, and the reward is
+//!   softmax(logits)[1] at each separator's last token. Those positions cannot be found in
+//!   the ids (the separator, "\n" by default, occurs inside steps, and tokenizing the
+//!   whole text merges it with what precedes it): the text encoder records them.
 //!
 //! warm scores an input by its weakest step (the minimum), and returns every step's reward
 //! beside it.
@@ -21,7 +27,7 @@ use candle_nn::VarBuilder;
 
 use super::dense::Dense;
 use super::layers::linear;
-use super::{plain_ids, ModelError};
+use super::{plain_ids, ModelError, Sequence};
 
 /// Qwen2.5-Math-PRM's step tag: its model card joins the steps with it and ends the
 /// response with it.
@@ -29,32 +35,48 @@ pub const STEP_TAG: &str = "<extra_0>";
 
 /// config.json's key that makes a causal LM a process reward model:
 /// `{"step_tag": T, "reward_tokens": [GOOD, BAD]}`, each a token id or a vocabulary entry,
-/// T also a list of them (a sequence read at its last token).
+/// T also a list of them (a sequence read at its last token). On a
+/// `*ForTokenClassification` it gives the step separator: `{"step_separator": S}`.
 pub const CONFIG_KEY: &str = "warm_process_reward";
 
+/// TRL's PRMConfig `step_separator` default, which its config.json does not record.
+pub const DEFAULT_SEPARATOR: &str = "\n";
+
 /// Whether a checkpoint's model reads its LM head: a causal LM served as a process reward
-/// model reads the good and the bad token's rows.
+/// model reads the good and the bad token's rows (a token-classification model, the
+/// other holder of the key, has no LM head to keep).
 pub fn reads_lm_head(config: &crate::checkpoint::ModelConfig) -> bool {
     config.raw().contains_key(CONFIG_KEY)
 }
 
-/// What the head reads at a tag.
+/// What the head reads at the end of a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepClasses {
-    /// `score`'s two classes; the second is the step's being right.
+    /// `score`'s two classes (a two-layer MLP); the second is the step's being right.
     Mlp,
+    /// `score`'s two classes (one linear layer with a bias, transformers'
+    /// *ForTokenClassification); the second is the step's being right.
+    Linear,
     /// The next-token logits of the good and the bad token, from the LM head's rows.
     Tokens { good: u32, bad: u32 },
 }
 
-/// The step tag and how a step's reward is read.
+/// How the end of each step is marked, and so where its reward is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepMarker {
+    /// Tokens in the text that end each step (one, or a sequence read at its last token).
+    /// `text` joins a response given as steps; None when the tag is an ordinary token,
+    /// whose text does not tokenize to it wherever it stands.
+    Tag { ids: Vec<u32>, text: Option<String> },
+    /// Text that follows each step, the prompt and every step tokenized apart (TRL's
+    /// PRMTrainer): read at the last of `ids`, where the text encoder put them.
+    Separator { text: String, ids: Vec<u32> },
+}
+
+/// Where steps end and how a step's reward is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepSpec {
-    /// The tokens that end a step (one, or a sequence read at its last token).
-    pub tag: Vec<u32>,
-    /// The tag's text, which joins a response given as steps; None when the tag is an
-    /// ordinary token, whose text does not tokenize to it wherever it stands.
-    pub tag_text: Option<String>,
+    pub marker: StepMarker,
     pub classes: StepClasses,
 }
 
@@ -86,8 +108,10 @@ impl StepSpec {
         let ids = plain_ids(tokenizer, STEP_TAG)?;
         match ids.as_slice() {
             [tag] => Ok(Self {
-                tag: vec![*tag],
-                tag_text: Some(STEP_TAG.into()),
+                marker: StepMarker::Tag {
+                    ids: vec![*tag],
+                    text: Some(STEP_TAG.into()),
+                },
                 classes: StepClasses::Mlp,
             }),
             _ => Err(ModelError::Tokenizer(format!(
@@ -165,19 +189,68 @@ impl StepSpec {
             _ => None,
         };
         Ok(Some(Self {
-            tag,
-            tag_text,
+            marker: StepMarker::Tag {
+                ids: tag,
+                text: tag_text,
+            },
             classes: StepClasses::Tokens { good, bad },
         }))
+    }
+
+    /// A `*ForTokenClassification` of `labels` labels trained by TRL's PRMTrainer: two
+    /// labels (a step wrong or right), steps followed by config.json's
+    /// [`CONFIG_KEY`]`.step_separator`, else TRL's default [`DEFAULT_SEPARATOR`].
+    pub fn token_classification(
+        architecture: &str,
+        raw: &serde_json::Value,
+        labels: usize,
+        tokenizer: &tokenizers::Tokenizer,
+    ) -> std::result::Result<Self, ModelError> {
+        if labels != 2 {
+            return Err(ModelError::Config(format!(
+                "{architecture} is served as a process reward model as TRL's PRMTrainer \
+                 trains one, with two labels (a step wrong or right); this one has {labels}"
+            )));
+        }
+        let text = match raw.get(CONFIG_KEY) {
+            None => DEFAULT_SEPARATOR.to_string(),
+            Some(section) => {
+                let cfg: SeparatorConfig =
+                    serde_json::from_value(section.clone()).map_err(|e| {
+                        ModelError::Config(format!(
+                            "{CONFIG_KEY}: {e} (a token-classification model takes \
+                             {{\"step_separator\": S}}, the text after each step)"
+                        ))
+                    })?;
+                cfg.step_separator
+            }
+        };
+        let ids = plain_ids(tokenizer, &text)?;
+        if ids.is_empty() {
+            return Err(ModelError::Tokenizer(format!(
+                "the step separator {text:?} tokenizes to no token, so no step's end can \
+                 be read (set {CONFIG_KEY}.step_separator in config.json)"
+            )));
+        }
+        Ok(Self {
+            marker: StepMarker::Separator { text, ids },
+            classes: StepClasses::Linear,
+        })
     }
 
     /// The class whose probability is the step's reward.
     pub fn positive(&self) -> usize {
         match self.classes {
-            StepClasses::Mlp => 1,
+            StepClasses::Mlp | StepClasses::Linear => 1,
             StepClasses::Tokens { .. } => 0,
         }
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeparatorConfig {
+    step_separator: String,
 }
 
 pub struct StepHead {
@@ -188,7 +261,7 @@ pub struct StepHead {
 
 impl StepHead {
     /// From the checkpoint's root: `score.0` (h -> h) and `score.2` (h -> 2) with biases,
-    /// or the good and bad tokens' rows of `lm_head.weight` (the input embedding when the
+    /// `score` (h -> 2) with a bias, or the good and bad tokens' rows of `lm_head.weight` (the input embedding when the
     /// checkpoint ties them and saves no LM head).
     pub fn load(vb: VarBuilder, hidden: usize, vocab: usize, spec: &StepSpec) -> Result<Self> {
         let (hidden_layer, out) = match spec.classes {
@@ -199,6 +272,7 @@ impl StepHead {
                     linear(vb.pp("2"), hidden, 2, true)?,
                 )
             }
+            StepClasses::Linear => (None, linear(vb.pp("score"), hidden, 2, true)?),
             StepClasses::Tokens { good, bad } => {
                 let name = if vb.contains_tensor("lm_head.weight") {
                     "lm_head.weight"
@@ -221,23 +295,44 @@ impl StepHead {
         &self.spec
     }
 
-    /// The positions the step rewards are read at in `ids`.
-    pub fn tag_positions(&self, ids: &[u32]) -> Vec<usize> {
-        tag_ends(&self.spec.tag, ids)
+    /// The positions the step rewards are read at in `sequence`: its step tags, or where
+    /// the encoder put the separators; None when it has none.
+    pub fn positions(&self, sequence: &Sequence) -> Option<Vec<usize>> {
+        let positions = match &self.spec.marker {
+            StepMarker::Tag { ids, .. } => tag_ends(ids, &sequence.ids),
+            StepMarker::Separator { .. } => sequence.read_at.clone().unwrap_or_default(),
+        };
+        let within = |p: &Vec<usize>| p.iter().all(|&at| at < sequence.ids.len());
+        Some(positions).filter(|p| !p.is_empty() && within(p))
     }
 
-    /// Why `ids` cannot be scored: they hold no step tag.
+    /// Why `ids` cannot be scored: they hold no step tag. (Separated steps are checked
+    /// where they are encoded.)
     pub fn input_error(&self, ids: &[u32]) -> Option<String> {
-        self.tag_positions(ids).is_empty().then(|| {
-            let tag = match &self.spec.tag_text {
+        let StepMarker::Tag { ids: tag, text } = &self.spec.marker else {
+            return None;
+        };
+        tag_ends(tag, ids).is_empty().then(|| {
+            let tag = match text {
                 Some(text) => text.clone(),
-                None => format!("(token ids {:?})", self.spec.tag),
+                None => format!("(token ids {tag:?})"),
             };
             format!(
                 "a process reward model scores the steps of a response, each ended by the \
                  step tag {tag}, and this input has none (after truncation, if it was truncated)"
             )
         })
+    }
+
+    /// Why `sequence` has no position to read, for an error.
+    pub fn missing_positions(&self, sequence: &Sequence) -> String {
+        match &self.spec.marker {
+            StepMarker::Tag { .. } => self.input_error(&sequence.ids).unwrap_or_default(),
+            StepMarker::Separator { .. } => "this process reward model reads each step where \
+                the text encoder put its separator, within the input: encode a prompt and its \
+                steps"
+                .into(),
+        }
     }
 
     /// Each step's reward from the normed hidden states at the tags `tags` `[n, h]`, in

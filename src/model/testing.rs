@@ -84,10 +84,7 @@ pub fn prompt_batch(
                 .copied()
                 .chain((0..1 + draws.below(tail)).map(|_| draws.below(vocab) as u32))
                 .collect();
-            Sequence {
-                type_ids: vec![0; ids.len()],
-                ids,
-            }
+            Sequence::plain(ids)
         })
         .collect()
 }

@@ -12,7 +12,8 @@ pub struct ChatMessage {
 
 /// `POST /v1/score`. Each input is a pre-formatted string, `{"prompt", "response"}`, or
 /// `{"messages": [...]}`; for a process reward model, `{"prompt", "steps": [...]}` or
-/// `{"messages", "steps"}` give the response as its steps.
+/// `{"messages", "steps"}` give the response as its steps (one whose steps are tokenized
+/// apart, TRL's, takes `{"prompt", "steps"}` or `{"prompt", "response"}` only).
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ScoreRequest {
     #[schema(value_type = Vec<Object>, example = json!(["text", {"prompt": "2+2?", "response": "4"}]))]

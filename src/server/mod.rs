@@ -147,19 +147,21 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<&str
 
 /// A prompt and response where the model can format one (ArmoRM scores nothing else), else
 /// plain text; one step for a process reward model (its tag's ids alone where the tag has
-/// no text of its own).
+/// no text of its own; a response of one step where steps are tokenized apart).
 fn warm_up_input(scorer: &Scorer) -> Result<crate::model::Sequence, String> {
-    let step_end = match scorer.step_spec() {
-        Some(spec) => match &spec.tag_text {
-            Some(text) => text.clone(),
-            None => {
-                return Ok(crate::model::Sequence {
-                    type_ids: vec![0; spec.tag.len()],
-                    ids: spec.tag.clone(),
-                })
-            }
-        },
-        None => String::new(),
+    use crate::model::StepMarker;
+    let step_end = match scorer.step_spec().map(|spec| &spec.marker) {
+        Some(StepMarker::Tag {
+            text: Some(text), ..
+        }) => text.clone(),
+        Some(StepMarker::Tag { ids, text: None }) => {
+            return Ok(crate::model::Sequence {
+                type_ids: vec![0; ids.len()],
+                ids: ids.clone(),
+                read_at: None,
+            })
+        }
+        Some(StepMarker::Separator { .. }) | None => String::new(),
     };
     let pair = crate::text::Input::Pair {
         prompt: "warm-up".into(),
@@ -223,6 +225,17 @@ fn load(state: &AppState) -> Result<(), String> {
             &crate::device::label(&device),
         ])
         .set(1.0);
+    // A process reward model's step ends: a tag in the text, or a separator after steps
+    // tokenized apart.
+    let (step_tag, step_separator) = match scorer.step_spec().map(|s| &s.marker) {
+        Some(crate::model::StepMarker::Tag { ids, text }) => {
+            (Some(serde_json::json!({"ids": ids, "text": text})), None)
+        }
+        Some(crate::model::StepMarker::Separator { ids, text }) => {
+            (None, Some(serde_json::json!({"ids": ids, "text": text})))
+        }
+        None => (None, None),
+    };
     let info = serde_json::json!({
         "model": state.model_name,
         "architecture": architecture,
@@ -238,10 +251,8 @@ fn load(state: &AppState) -> Result<(), String> {
         })).collect::<Vec<_>>(),
         "has_chat_template": scorer.has_chat_template(),
         "num_labels": scorer.num_labels(),
-        "step_tag": scorer.step_spec().map(|s| serde_json::json!({
-            "ids": s.tag,
-            "text": s.tag_text,
-        })),
+        "step_tag": step_tag,
+        "step_separator": step_separator,
         "reward_statistics": scorer.reward_stats().map(|all| all.iter().map(|s| serde_json::json!({
             "mean": s.mean,
             "std": s.std,

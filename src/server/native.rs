@@ -84,37 +84,31 @@ pub async fn rerank_value(state: &Arc<AppState>, body: Value) -> Result<Response
         .iter()
         .enumerate()
         .map(|(i, candidate)| match candidate {
-            Candidate::Text(text) => Ok(text.clone()),
+            Candidate::Text(text) => Ok(pipeline::StepsResponse::Text(text.clone())),
             Candidate::Steps(steps) => {
-                pipeline::response_of_steps(state, steps, &format!("responses[{i}]"))
+                pipeline::steps_response(state, steps.clone(), &format!("responses[{i}]"))
             }
         })
-        .collect::<Result<Vec<String>, ApiError>>()?;
+        .collect::<Result<Vec<_>, ApiError>>()?;
     let inputs: Vec<Input> = match (&body.prompt, &body.messages) {
         (Some(prompt), None) => responses
-            .iter()
-            .map(|r| Input::Pair {
-                prompt: prompt.clone(),
-                response: r.clone(),
-            })
+            .into_iter()
+            .map(|r| r.after_prompt(prompt.clone()))
             .collect(),
         (None, Some(messages)) => responses
-            .iter()
-            .map(|r| {
-                let mut conversation: Vec<Message> = messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let conversation: Vec<Message> = messages
                     .iter()
                     .map(|m| Message {
                         role: m.role.clone(),
                         content: m.content.clone(),
                     })
                     .collect();
-                conversation.push(Message {
-                    role: "assistant".into(),
-                    content: r.clone(),
-                });
-                Input::Messages(conversation)
+                r.after_messages(conversation, &format!("responses[{i}]"))
             })
-            .collect(),
+            .collect::<Result<_, _>>()?,
         _ => {
             return Err(ApiError::bad_request(
                 "give exactly one of 'prompt' or 'messages'",

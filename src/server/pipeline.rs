@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::model::StepMarker;
 use crate::scorer::Score;
 use crate::text::{join_steps, Direction, Input, Message, StepsError};
 
@@ -139,7 +140,8 @@ pub fn parse_input(
     value: &serde_json::Value,
     index: usize,
 ) -> Result<Input, ApiError> {
-    let bad = |what: &str| ApiError::bad_request(format!("inputs[{index}]: {what}"));
+    let at = format!("inputs[{index}]");
+    let bad = |what: &str| ApiError::bad_request(format!("{at}: {what}"));
     let serde_json::Value::Object(map) = value else {
         return match value {
             serde_json::Value::String(s) => Ok(Input::Text(s.clone())),
@@ -152,27 +154,20 @@ pub fn parse_input(
         Some(steps) => {
             let steps: Vec<String> = serde_json::from_value(steps.clone())
                 .map_err(|e| bad(&format!("'steps' must be a list of strings: {e}")))?;
-            Some(response_of_steps(
-                state,
-                &steps,
-                &format!("inputs[{index}]"),
-            )?)
+            Some(steps_response(state, steps, &at)?)
         }
         None => None,
     };
     if let Some(messages) = map.get("messages") {
-        let mut messages: Vec<Message> = serde_json::from_value(messages.clone()).map_err(|e| {
+        let messages: Vec<Message> = serde_json::from_value(messages.clone()).map_err(|e| {
             bad(&format!(
                 "'messages' must be a list of {{\"role\", \"content\"}}: {e}"
             ))
         })?;
-        if let Some(response) = steps {
-            messages.push(Message {
-                role: "assistant".into(),
-                content: response,
-            });
-        }
-        return Ok(Input::Messages(messages));
+        return match steps {
+            Some(response) => response.after_messages(messages, &at),
+            None => Ok(Input::Messages(messages)),
+        };
     }
     match (map.get("prompt"), map.get("response"), steps) {
         (Some(serde_json::Value::String(p)), Some(serde_json::Value::String(r)), None) => {
@@ -181,10 +176,9 @@ pub fn parse_input(
                 response: r.clone(),
             })
         }
-        (Some(serde_json::Value::String(p)), None, Some(response)) => Ok(Input::Pair {
-            prompt: p.clone(),
-            response,
-        }),
+        (Some(serde_json::Value::String(p)), None, Some(response)) => {
+            Ok(response.after_prompt(p.clone()))
+        }
         (_, Some(_), Some(_)) => Err(bad("give 'response' or 'steps', not both")),
         _ => Err(bad(
             "an object input needs string fields 'prompt' and 'response' (or 'steps'), or 'messages'",
@@ -192,22 +186,66 @@ pub fn parse_input(
     }
 }
 
-/// The response text of a process reward model's `steps`; `at` names them in errors.
-pub fn response_of_steps(state: &AppState, steps: &[String], at: &str) -> Result<String, ApiError> {
+/// A response as a process reward model takes it: its text, or (steps tokenized apart,
+/// TRL's layout) its steps.
+pub enum StepsResponse {
+    Text(String),
+    Steps(Vec<String>),
+}
+
+impl StepsResponse {
+    /// The input of `prompt` answered by this response.
+    pub fn after_prompt(self, prompt: String) -> Input {
+        match self {
+            Self::Text(response) => Input::Pair { prompt, response },
+            Self::Steps(steps) => Input::Steps { prompt, steps },
+        }
+    }
+
+    /// The conversation `messages` answered by this response (an assistant turn); `at`
+    /// names the input in errors.
+    pub fn after_messages(self, mut messages: Vec<Message>, at: &str) -> Result<Input, ApiError> {
+        match self {
+            Self::Text(content) => {
+                messages.push(Message {
+                    role: "assistant".into(),
+                    content,
+                });
+                Ok(Input::Messages(messages))
+            }
+            Self::Steps(_) => Err(ApiError::unprocessable(format!(
+                "{at}: this process reward model reads a plain prompt and its steps (TRL's \
+                 layout), not a conversation: give 'prompt' and 'steps'"
+            ))),
+        }
+    }
+}
+
+/// A process reward model's `steps` as its response: joined and ended by its step tag, or
+/// kept apart for a model that tokenizes them apart; `at` names them in errors.
+pub fn steps_response(
+    state: &AppState,
+    steps: Vec<String>,
+    at: &str,
+) -> Result<StepsResponse, ApiError> {
     let ready = state.ready.get().ok_or_else(ApiError::not_ready)?;
-    let tag = match ready.scorer.step_spec() {
+    let joined = match ready.scorer.step_spec().map(|spec| &spec.marker) {
         None => Err(StepsError::NotProcessReward),
-        Some(spec) => spec.tag_text.as_deref().ok_or(StepsError::TagHasNoText),
+        Some(StepMarker::Separator { .. }) if steps.is_empty() => Err(StepsError::Empty),
+        Some(StepMarker::Separator { .. }) => return Ok(StepsResponse::Steps(steps)),
+        Some(StepMarker::Tag { text, .. }) => text
+            .as_deref()
+            .ok_or(StepsError::TagHasNoText)
+            .and_then(|tag| join_steps(&steps, tag)),
     };
-    tag.and_then(|tag| join_steps(steps, tag))
-        .map_err(|e| match e {
-            StepsError::NotProcessReward | StepsError::TagHasNoText => {
-                ApiError::unprocessable(format!("{at}: {e}"))
-            }
-            StepsError::Empty | StepsError::HoldsTag { .. } => {
-                ApiError::bad_request(format!("{at}: {e}"))
-            }
-        })
+    joined.map(StepsResponse::Text).map_err(|e| match e {
+        StepsError::NotProcessReward | StepsError::TagHasNoText => {
+            ApiError::unprocessable(format!("{at}: {e}"))
+        }
+        StepsError::Empty | StepsError::HoldsTag { .. } => {
+            ApiError::bad_request(format!("{at}: {e}"))
+        }
+    })
 }
 
 pub fn parse_direction(value: Option<&str>) -> Result<Option<Direction>, ApiError> {

@@ -8,6 +8,7 @@ use tokenizers::utils::truncation::{
 };
 use tokenizers::{Encoding, PostProcessor, Tokenizer};
 
+use super::separated::SeparatedSteps;
 use super::template::{ChatTemplate, Message};
 use super::TextError;
 
@@ -21,6 +22,12 @@ pub enum Input {
         response: String,
     },
     Messages(Vec<Message>),
+    /// A prompt and its response's steps, for a process reward model whose steps are
+    /// tokenized apart (TRL's PRMTrainer layout, src/text/separated.rs).
+    Steps {
+        prompt: String,
+        steps: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,17 +52,47 @@ pub struct EncodeOptions {
 pub struct Encoded {
     pub ids: Vec<u32>,
     pub type_ids: Vec<u32>,
+    /// Where each step's reward is read, for separated steps.
+    pub read_at: Option<Vec<usize>>,
 }
 
 /// Formats and tokenizes inputs for one model.
 pub struct TextEncoder {
     tokenizer: Tokenizer,
     chat: Option<ChatTemplate>,
+    /// tokenizer_config.json's `bos_token`, as transformers' `bos_token_id` reads it.
+    bos_token: Option<String>,
+    /// Set for a process reward model whose steps are tokenized apart: every input is
+    /// laid out so.
+    separated: Option<SeparatedSteps>,
 }
 
 impl TextEncoder {
-    pub fn new(tokenizer: Tokenizer, chat: Option<ChatTemplate>) -> Self {
-        Self { tokenizer, chat }
+    pub fn new(
+        tokenizer: Tokenizer,
+        chat: Option<ChatTemplate>,
+        bos_token: Option<String>,
+    ) -> Self {
+        Self {
+            tokenizer,
+            chat,
+            bos_token,
+            separated: None,
+        }
+    }
+
+    /// Lays every input out as TRL's PRMTrainer does, each step followed by `separator`
+    /// (whose ids are `separator_ids`).
+    pub fn separate_steps(&mut self, separator: &str, separator_ids: &[u32]) {
+        let bos = self
+            .bos_token
+            .as_deref()
+            .and_then(|token| self.tokenizer.token_to_id(token));
+        self.separated = Some(SeparatedSteps {
+            separator: separator.to_string(),
+            separator_ids: separator_ids.to_vec(),
+            bos,
+        });
     }
 
     pub fn has_chat_template(&self) -> bool {
@@ -67,6 +104,14 @@ impl TextEncoder {
     }
 
     pub fn encode(&self, input: &Input, options: &EncodeOptions) -> Result<Encoded, TextError> {
+        if let Some(separated) = &self.separated {
+            return separated.encode(input, options, |text| {
+                self.tokenizer
+                    .encode(text, false)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(|e| TextError::Tokenizer(e.to_string()))
+            });
+        }
         let encoding = match input {
             Input::Text(text) => {
                 self.encode_parts(text, None, options.add_special_tokens, options)?
@@ -83,6 +128,7 @@ impl TextEncoder {
                 let rendered = chat.render(messages, false)?;
                 self.encode_parts(&rendered, None, false, options)?
             }
+            Input::Steps { .. } => return Err(TextError::StepsUnseparated),
         };
         if encoding.get_ids().is_empty() {
             return Err(TextError::Empty);
@@ -90,6 +136,7 @@ impl TextEncoder {
         Ok(Encoded {
             ids: encoding.get_ids().to_vec(),
             type_ids: encoding.get_type_ids().to_vec(),
+            read_at: None,
         })
     }
 

@@ -1,6 +1,7 @@
 //! Text to tokens: tokenizer files, chat templates, input formatting and truncation.
 
 mod encode;
+mod separated;
 mod steps;
 mod template;
 mod tokenizer;
@@ -8,6 +9,7 @@ mod tokenizer;
 use std::path::Path;
 
 pub use encode::{pair_messages, Direction, EncodeOptions, Encoded, Input, TextEncoder};
+pub use separated::split_steps;
 pub use steps::{join_steps, StepsError};
 pub use template::{ChatTemplate, Message};
 pub use tokenizer::{load_tokenizer, TokenizerConfig};
@@ -41,6 +43,10 @@ pub enum TextError {
     /// The model cannot score the input as encoded (ArmoRM without a prompt's end).
     #[error("{0}")]
     Unscorable(String),
+    /// Steps reach the encoder only for a model that tokenizes them apart; a model with a
+    /// step tag gets them joined by it first.
+    #[error("a response given as steps is encoded apart only for a process reward model that separates them (TRL's layout); join the steps with the model's step tag")]
+    StepsUnseparated,
 }
 
 /// Loads the encoder of a checkpoint folder: tokenizer.json plus the chat template and
@@ -60,5 +66,6 @@ pub fn load_text_encoder(dir: &Path) -> Result<TextEncoder, TextError> {
         .as_deref()
         .map(|source| ChatTemplate::new(source, config.special_tokens.clone()))
         .transpose()?;
-    Ok(TextEncoder::new(tokenizer, chat))
+    let bos_token = config.special_tokens.get("bos_token").cloned();
+    Ok(TextEncoder::new(tokenizer, chat, bos_token))
 }

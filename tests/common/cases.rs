@@ -37,7 +37,7 @@ pub fn assert_scores(dir: &Path, fixture: &str, factor: f32, tolerance: f32) {
     }
 }
 
-/// A case's input: `text`, a `pair` or a `chat`.
+/// A case's input: `text`, a `pair`, a `chat` or a prompt with its `steps`.
 pub fn input_of(case: &Value) -> Input {
     let s = |k: &str| case[k].as_str().unwrap().to_string();
     match case["kind"].as_str().unwrap() {
@@ -49,6 +49,10 @@ pub fn input_of(case: &Value) -> Input {
         "chat" => Input::Messages(
             serde_json::from_value::<Vec<Message>>(case["messages"].clone()).unwrap(),
         ),
+        "steps" => Input::Steps {
+            prompt: s("prompt"),
+            steps: serde_json::from_value(case["steps"].clone()).unwrap(),
+        },
         other => panic!("unknown case kind {other}"),
     }
 }
