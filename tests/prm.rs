@@ -422,20 +422,30 @@ fn vllm_pooling_returns_each_steps_class_probabilities() {
 /// sigmoid(2 logit(p)) of the first member's p.
 #[test]
 fn members_combine_by_predictions_and_by_weights() {
-    let expected = expected("qwen2-prm");
+    combine_members("qwen2-prm", &["score.2.weight", "score.2.bias"]);
+    combine_members("llama-trl-prm", &["score.weight", "score.bias"]);
+}
+
+/// Fixture `name` with a member whose output layer (`head`) is three times its own.
+fn combine_members(name: &str, head: &[&str]) {
+    let expected = expected(name);
     let cases = expected["cases"].as_array().unwrap();
-    let (_keep, tripled) = variant(
+    let (_keep, tripled) = common::fixture_variant(
+        name,
         |_| {},
-        |name, t| match name.as_str() {
-            "score.2.weight" | "score.2.bias" => (name, common::scaled(t, 3.0)),
-            _ => (name, t),
+        |tensor, t| {
+            if head.contains(&tensor.as_str()) {
+                (tensor, common::scaled(t, 3.0))
+            } else {
+                (tensor, t)
+            }
         },
     );
     let first: Vec<Vec<f64>> = cases.iter().map(|c| floats(&c["step_scores"])).collect();
     let second = steps_of(&tripled, cases);
     let server = Server::started(&[
         "--model",
-        &fixture("qwen2-prm").display().to_string(),
+        &fixture(name).display().to_string(),
         "--model",
         &tripled.display().to_string(),
         "--combine",
@@ -446,7 +456,11 @@ fn members_combine_by_predictions_and_by_weights() {
     let min = |s: &[f64]| s.iter().copied().fold(f64::INFINITY, f64::min);
     for (i, (a, b)) in first.iter().zip(&second).enumerate() {
         let mean: Vec<f64> = a.iter().zip(b).map(|(x, y)| (x + y) / 2.0).collect();
-        assert_close(&floats(&body["step_scores"][i]), &mean, "ENS steps");
+        assert_close(
+            &floats(&body["step_scores"][i]),
+            &mean,
+            &format!("{name} ENS steps"),
+        );
         let (ma, mb) = (min(a), min(b));
         assert_close(
             &[body["scores"][i].as_f64().unwrap()],
@@ -462,14 +476,14 @@ fn members_combine_by_predictions_and_by_weights() {
 
     let out = tempfile::tempdir().unwrap();
     let fused = out.path().join("fused");
-    common::warm_fuse(&[&fixture("qwen2-prm"), &tripled], &fused, &[]);
+    common::warm_fuse(&[&fixture(name), &tripled], &fused, &[]);
     let logit = |p: f64| (p / (1.0 - p)).ln();
     for (got, want) in steps_of(&fused, cases).iter().zip(&first) {
         let doubled: Vec<f64> = want
             .iter()
             .map(|&p| 1.0 / (1.0 + (-2.0 * logit(p)).exp()))
             .collect();
-        assert_close(got, &doubled, "WARM steps");
+        assert_close(got, &doubled, &format!("{name} WARM steps"));
     }
 }
 
