@@ -60,6 +60,13 @@ impl SeparatedSteps {
                 "the response has no step to score".into(),
             ));
         }
+        // Each step's end is the separator's last token: there must be one.
+        if self.separator_ids.is_empty() {
+            return Err(TextError::Config(format!(
+                "the step separator {:?} has no token ids",
+                self.separator
+            )));
+        }
         let mut content = tokenize(prompt)?;
         let mut ends = Vec::with_capacity(steps.len());
         for step in steps.iter() {
