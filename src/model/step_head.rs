@@ -261,8 +261,8 @@ pub struct StepHead {
 
 impl StepHead {
     /// From the checkpoint's root: `score.0` (h -> h) and `score.2` (h -> 2) with biases,
-    /// `score` (h -> 2) with a bias, or the good and bad tokens' rows of `lm_head.weight` (the input embedding when the
-    /// checkpoint ties them and saves no LM head).
+    /// `score` (h -> 2) with a bias, or the good and bad tokens' rows of `lm_head.weight`
+    /// (the input embedding when the checkpoint ties them and saves no LM head).
     pub fn load(vb: VarBuilder, hidden: usize, vocab: usize, spec: &StepSpec) -> Result<Self> {
         let (hidden_layer, out) = match spec.classes {
             StepClasses::Mlp => {
