@@ -115,10 +115,11 @@ impl Scorer {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(model::StepMarker::Separator { text, ids }) =
+        if let Some(model::StepMarker::Separator { text, ids, layout }) =
             models[0].step_spec().map(|spec| &spec.marker)
         {
-            encoder.separate_steps(text, ids);
+            let suffix = layout.prompt_suffix();
+            encoder.separate_steps(text, ids, suffix, layout.needs_bos())?;
         }
         let model_max = models[0].max_input_length();
         let labels = label_names(&config, models[0].num_labels());

@@ -207,6 +207,7 @@ parity! {
     mistral_prm => "mistral-prm",
     llama_prm => "llama-prm",
     llama_trl_prm => "llama-trl-prm",
+    qwen2_skywork_prm => "qwen2-skywork-prm",
 }
 
 /// Real pre-trained weights (too large for the repository): run

@@ -934,3 +934,31 @@ fn token_classification_prm_configs_are_checked() {
     let newline = default.encode(&input, false, None, true).unwrap();
     assert_ne!(sequence.ids, newline.ids);
 }
+
+/// Skywork's o1-Open-PRM (`Qwen2ForPrmModel`): the BOS token, the prompt and a "\n", then
+/// each step tokenized apart and followed by "\n"; a step's reward is sigmoid(v_head)
+/// there, as transformers computes it on Skywork's layout. Its layout writes the BOS
+/// token, so a tokenizer without one is refused at load, the key named.
+#[test]
+fn skywork_prms_read_steps_after_a_prompt_line() {
+    let expected = expected("qwen2-skywork-prm");
+    let (server, _) = serve_and_check_steps("qwen2-skywork-prm");
+    let (_, info) = server.get("/info");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["architecture"], "Qwen2ForPrmModel", "{info}");
+    let separator = json!({"ids": expected["step_separator_ids"], "text": "\n"});
+    assert_eq!(info["step_separator"], separator, "{info}");
+
+    let (_keep, dir) = common::fixture_variant("qwen2-skywork-prm", |_| {}, unchanged);
+    for file in ["tokenizer_config.json", "special_tokens_map.json"] {
+        let path = dir.join(file);
+        let mut config: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        config.as_object_mut().unwrap().remove("bos_token");
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    }
+    let message = load_error(&dir);
+    assert!(
+        message.contains("BOS") && message.contains("bos_token"),
+        "{message}"
+    );
+}

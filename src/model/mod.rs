@@ -18,7 +18,8 @@ mod shared_padding;
 mod step_head;
 
 pub use step_head::{
-    reads_lm_head, StepClasses, StepMarker, StepSpec, CONFIG_KEY as PROCESS_REWARD_KEY,
+    reads_lm_head, SeparatedLayout, StepClasses, StepMarker, StepSpec,
+    CONFIG_KEY as PROCESS_REWARD_KEY,
 };
 #[cfg(test)]
 mod testing;
@@ -69,6 +70,7 @@ pub const SUPPORTED: &[&str] = &[
     "Qwen2ForTokenClassification",
     "Qwen3ForTokenClassification",
     "Gemma2ForTokenClassification",
+    "Qwen2ForPrmModel",
 ];
 
 /// Which token's hidden state the score head reads, as transformers does.
@@ -367,6 +369,13 @@ pub fn load(
             &raw,
             vb,
             &score_head::HeadSpec::steps(StepSpec::qwen(tokenizer)?),
+        ),
+        // Skywork's o1-Open-PRM: a Qwen2 under a value head read after every step.
+        "Qwen2ForPrmModel" => decoder::load(
+            "Qwen2ForSequenceClassification",
+            &raw,
+            vb,
+            &score_head::HeadSpec::steps(StepSpec::skywork(tokenizer)?),
         ),
         name if openrlhf::ARCHITECTURES.contains(&name) => openrlhf::load(&raw, vb),
         other => {

@@ -18,6 +18,9 @@
 //!   softmax(logits)[1] at each separator's last token. Those positions cannot be found in
 //!   the ids (the separator, "\n" by default, occurs inside steps, and tokenizing the
 //!   whole text merges it with what precedes it): the text encoder records them.
+//! - Skywork's o1-Open-PRM (`Qwen2ForPrmModel`): steps laid out the same way after the
+//!   prompt and a "\n", the separator "\n"; `v_head.summary` = Linear(h, 1) with a bias on
+//!   every token, the reward sigmoid(value) at each separator.
 //!
 //! warm scores an input by its weakest step (the minimum), and returns every step's reward
 //! beside it.
@@ -59,6 +62,35 @@ pub enum StepClasses {
     Linear,
     /// The next-token logits of the good and the bad token, from the LM head's rows.
     Tokens { good: u32, bad: u32 },
+    /// One value (`v_head.summary`, a linear layer with a bias) whose sigmoid is the
+    /// reward (Skywork's).
+    Value,
+}
+
+/// How an input whose steps are tokenized apart is laid out, after the BOS token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeparatedLayout {
+    /// TRL's `tokenize_row`: the prompt, then the steps (no BOS token when the tokenizer
+    /// has none).
+    Trl,
+    /// Skywork's `prepare_input`: the prompt and "\n", then the steps (the BOS token
+    /// always: it writes it as text).
+    Skywork,
+}
+
+impl SeparatedLayout {
+    /// Text after the prompt, tokenized with it.
+    pub fn prompt_suffix(self) -> &'static str {
+        match self {
+            Self::Trl => "",
+            Self::Skywork => "\n",
+        }
+    }
+
+    /// Whether the layout cannot do without a BOS token.
+    pub fn needs_bos(self) -> bool {
+        self == Self::Skywork
+    }
 }
 
 /// How the end of each step is marked, and so where its reward is read.
@@ -69,8 +101,13 @@ pub enum StepMarker {
     /// whose text does not tokenize to it wherever it stands.
     Tag { ids: Vec<u32>, text: Option<String> },
     /// Text that follows each step, the prompt and every step tokenized apart (TRL's
-    /// PRMTrainer): read at the last of `ids`, where the text encoder put them.
-    Separator { text: String, ids: Vec<u32> },
+    /// PRMTrainer, Skywork's PRMs): read at the last of `ids`, where the text encoder put
+    /// them.
+    Separator {
+        text: String,
+        ids: Vec<u32>,
+        layout: SeparatedLayout,
+    },
 }
 
 /// Where steps end and how a step's reward is read.
@@ -233,8 +270,34 @@ impl StepSpec {
             )));
         }
         Ok(Self {
-            marker: StepMarker::Separator { text, ids },
+            marker: StepMarker::Separator {
+                text,
+                ids,
+                layout: SeparatedLayout::Trl,
+            },
             classes: StepClasses::Linear,
+        })
+    }
+
+    /// Skywork's `Qwen2ForPrmModel`: steps followed by "\n", read at `encode("\n")[-1]`
+    /// as its `prepare_input` does.
+    pub fn skywork(tokenizer: &tokenizers::Tokenizer) -> std::result::Result<Self, ModelError> {
+        let text = "\n".to_string();
+        let ids = plain_ids(tokenizer, &text)?;
+        let Some(&last) = ids.last() else {
+            return Err(ModelError::Tokenizer(
+                "Qwen2ForPrmModel reads each step after \"\\n\", which this tokenizer makes \
+                 no token"
+                    .into(),
+            ));
+        };
+        Ok(Self {
+            marker: StepMarker::Separator {
+                text,
+                ids: vec![last],
+                layout: SeparatedLayout::Skywork,
+            },
+            classes: StepClasses::Value,
         })
     }
 
@@ -242,7 +305,7 @@ impl StepSpec {
     pub fn positive(&self) -> usize {
         match self.classes {
             StepClasses::Mlp | StepClasses::Linear => 1,
-            StepClasses::Tokens { .. } => 0,
+            StepClasses::Tokens { .. } | StepClasses::Value => 0,
         }
     }
 }
@@ -261,8 +324,9 @@ pub struct StepHead {
 
 impl StepHead {
     /// From the checkpoint's root: `score.0` (h -> h) and `score.2` (h -> 2) with biases,
-    /// `score` (h -> 2) with a bias, or the good and bad tokens' rows of `lm_head.weight`
-    /// (the input embedding when the checkpoint ties them and saves no LM head).
+    /// `score` (h -> 2) with a bias, `v_head.summary` (h -> 1) with a bias, or the good and
+    /// bad tokens' rows of `lm_head.weight` (the input embedding when the checkpoint ties
+    /// them and saves no LM head).
     pub fn load(vb: VarBuilder, hidden: usize, vocab: usize, spec: &StepSpec) -> Result<Self> {
         let (hidden_layer, out) = match spec.classes {
             StepClasses::Mlp => {
@@ -273,6 +337,7 @@ impl StepHead {
                 )
             }
             StepClasses::Linear => (None, linear(vb.pp("score"), hidden, 2, true)?),
+            StepClasses::Value => (None, linear(vb.pp("v_head.summary"), hidden, 1, true)?),
             StepClasses::Tokens { good, bad } => {
                 let name = if vb.contains_tensor("lm_head.weight") {
                     "lm_head.weight"
@@ -344,7 +409,11 @@ impl StepHead {
             None => tags.clone(),
         };
         let logits = self.out.forward(&x)?.to_dtype(DType::F32)?;
-        let positive: Vec<f32> = candle_nn::ops::softmax_last_dim(&logits)?
+        let probabilities = match self.spec.classes {
+            StepClasses::Value => candle_nn::ops::sigmoid(&logits)?,
+            _ => candle_nn::ops::softmax_last_dim(&logits)?,
+        };
+        let positive: Vec<f32> = probabilities
             .narrow(D::Minus1, self.spec.positive(), 1)?
             .flatten_all()?
             .to_vec1()?;

@@ -231,7 +231,7 @@ fn load(state: &AppState) -> Result<(), String> {
         Some(crate::model::StepMarker::Tag { ids, text }) => {
             (Some(serde_json::json!({"ids": ids, "text": text})), None)
         }
-        Some(crate::model::StepMarker::Separator { ids, text }) => {
+        Some(crate::model::StepMarker::Separator { ids, text, .. }) => {
             (None, Some(serde_json::json!({"ids": ids, "text": text})))
         }
         None => (None, None),

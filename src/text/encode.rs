@@ -81,18 +81,35 @@ impl TextEncoder {
         }
     }
 
-    /// Lays every input out as TRL's PRMTrainer does, each step followed by `separator`
-    /// (whose ids are `separator_ids`).
-    pub fn separate_steps(&mut self, separator: &str, separator_ids: &[u32]) {
+    /// Lays every input out with its steps tokenized apart, each followed by `separator`
+    /// (whose ids are `separator_ids`), the BOS token first and `prompt_suffix` after the
+    /// prompt. `needs_bos`: a layout that cannot do without the BOS token (Skywork's writes
+    /// it), refused when the tokenizer has none.
+    pub fn separate_steps(
+        &mut self,
+        separator: &str,
+        separator_ids: &[u32],
+        prompt_suffix: &str,
+        needs_bos: bool,
+    ) -> Result<(), TextError> {
         let bos = self
             .bos_token
             .as_deref()
             .and_then(|token| self.tokenizer.token_to_id(token));
+        if needs_bos && bos.is_none() {
+            return Err(TextError::Config(
+                "this process reward model's input opens with the tokenizer's BOS token, \
+                 and tokenizer_config.json names none in the vocabulary (bos_token)"
+                    .into(),
+            ));
+        }
         self.separated = Some(SeparatedSteps {
             separator: separator.to_string(),
             separator_ids: separator_ids.to_vec(),
             bos,
+            prompt_suffix: prompt_suffix.to_string(),
         });
+        Ok(())
     }
 
     pub fn has_chat_template(&self) -> bool {

@@ -1,6 +1,7 @@
-//! The input of a process reward model trained by TRL's PRMTrainer: the prompt and each
-//! step tokenized apart (no special tokens), each step followed by the separator's tokens,
-//! the tokenizer's BOS token first when it has one. The step rewards are read at each
+//! The input of a process reward model whose steps are tokenized apart: TRL's PRMTrainer
+//! (the tokenizer's BOS token when it has one, the prompt, then each step followed by the
+//! separator's tokens, every piece tokenized alone without special tokens) and Skywork's
+//! o1-Open-PRM (the same with "\n" after the prompt). The step rewards are read at each
 //! separator's last token; those positions are recorded here, since they cannot be found
 //! in the ids afterwards (the separator also occurs inside steps, and tokenizing the whole
 //! text would merge it with the text before it).
@@ -18,6 +19,8 @@ pub struct SeparatedSteps {
     pub separator_ids: Vec<u32>,
     /// The tokenizer's BOS token id (`tokenizer.bos_token_id`), put first when there is one.
     pub bos: Option<u32>,
+    /// Text after the prompt, tokenized with it ("\n" in Skywork's layout, none in TRL's).
+    pub prompt_suffix: String,
 }
 
 /// A response given whole, cut into steps at each separator; a last piece left empty (the
@@ -67,7 +70,7 @@ impl SeparatedSteps {
                 self.separator
             )));
         }
-        let mut content = tokenize(prompt)?;
+        let mut content = tokenize(&format!("{prompt}{}", self.prompt_suffix))?;
         let mut ends = Vec::with_capacity(steps.len());
         for step in steps.iter() {
             content.extend(tokenize(step)?);
@@ -129,6 +132,7 @@ mod tests {
             separator: "\n".into(),
             separator_ids: vec![10],
             bos,
+            prompt_suffix: String::new(),
         }
     }
 
@@ -170,6 +174,14 @@ mod tests {
         // Without a BOS token.
         let plain = layout(None).encode(&steps("q", &["ab"]), &wide, chars);
         assert_eq!(plain.unwrap().read_at, Some(vec![3]));
+        // With a line after the prompt (Skywork's).
+        let lined = SeparatedSteps {
+            prompt_suffix: "\n".into(),
+            ..layout(Some(1))
+        };
+        let got = lined.encode(&steps("q", &["ab"]), &wide, chars).unwrap();
+        assert_eq!(got.ids, vec![1, 113, 10, 97, 98, 10]);
+        assert_eq!(got.read_at, Some(vec![5]));
     }
 
     #[test]
