@@ -9,7 +9,6 @@ mod tokenizer;
 use std::path::Path;
 
 pub use encode::{pair_messages, Direction, EncodeOptions, Encoded, Input, TextEncoder};
-pub use separated::split_steps;
 pub use steps::{join_steps, StepsError};
 pub use template::{ChatTemplate, Message};
 pub use tokenizer::{load_tokenizer, TokenizerConfig};
