@@ -121,6 +121,13 @@ impl Scorer {
             let suffix = layout.prompt_suffix();
             encoder.separate_steps(text, ids, suffix, layout.needs_bos())?;
         }
+        let reward_token = model::reward_token(&config).map_err(|source| LoadError::Model {
+            dir: first.display().to_string(),
+            source,
+        })?;
+        if let Some(id) = reward_token {
+            encoder.append_token(id);
+        }
         let model_max = models[0].max_input_length();
         let labels = label_names(&config, models[0].num_labels());
         let problem_type = config
@@ -237,6 +244,13 @@ impl Scorer {
 
     pub fn has_chat_template(&self) -> bool {
         self.encoder.has_chat_template()
+    }
+
+    /// The token put after every input (InternLM2's reward token) and its text.
+    pub fn appended_token(&self) -> Option<(u32, String)> {
+        let id = self.encoder.appended_token()?;
+        let text = self.encoder.tokenizer().id_to_token(id).unwrap_or_default();
+        Some((id, text))
     }
 
     /// The step tag and classes, when the model is a process reward model (its scores are

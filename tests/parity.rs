@@ -208,6 +208,7 @@ parity! {
     llama_prm => "llama-prm",
     llama_trl_prm => "llama-trl-prm",
     qwen2_skywork_prm => "qwen2-skywork-prm",
+    internlm2_rm => "internlm2-rm",
 }
 
 /// Real pre-trained weights (too large for the repository): run

@@ -52,6 +52,8 @@ pub const STRUCTURAL_KEYS: &[&str] = &[
     "gating_temperature",
     "gating_hidden_dim",
     "gating_n_hidden",
+    "bias",
+    "reward_token_id",
     crate::model::PROCESS_REWARD_KEY,
 ];
 

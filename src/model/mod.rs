@@ -8,6 +8,7 @@ mod dense;
 mod gated;
 mod gating_head;
 mod gelu;
+mod internlm2;
 mod layers;
 mod openrlhf;
 mod packed_attention;
@@ -17,6 +18,7 @@ mod segments;
 mod shared_padding;
 mod step_head;
 
+pub use internlm2::reward_token;
 pub use step_head::{
     reads_lm_head, SeparatedLayout, StepClasses, StepMarker, StepSpec,
     CONFIG_KEY as PROCESS_REWARD_KEY,
@@ -71,6 +73,7 @@ pub const SUPPORTED: &[&str] = &[
     "Qwen3ForTokenClassification",
     "Gemma2ForTokenClassification",
     "Qwen2ForPrmModel",
+    internlm2::ARCHITECTURE,
 ];
 
 /// Which token's hidden state the score head reads, as transformers does.
@@ -323,8 +326,12 @@ pub fn load(
     let architecture = config
         .architecture()
         .ok_or_else(|| ModelError::Config("no 'architectures' entry".into()))?;
-    let vb = VarBuilder::from_tensors(tensors, dtype, device);
     let raw = serde_json::Value::Object(config.raw().clone());
+    if architecture == internlm2::ARCHITECTURE {
+        // Its tensors are renamed (and wqkv cut) before a VarBuilder sees them.
+        return internlm2::load(&raw, tensors, dtype, device);
+    }
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
     match architecture {
         "BertForSequenceClassification" => bert::load(&raw, vb, bert::Flavour::Bert),
         "RobertaForSequenceClassification" | "XLMRobertaForSequenceClassification" => {

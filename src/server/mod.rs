@@ -253,6 +253,9 @@ fn load(state: &AppState) -> Result<(), String> {
         "num_labels": scorer.num_labels(),
         "step_tag": step_tag,
         "step_separator": step_separator,
+        "reward_token": scorer
+            .appended_token()
+            .map(|(id, text)| serde_json::json!({"id": id, "text": text})),
         "reward_statistics": scorer.reward_stats().map(|all| all.iter().map(|s| serde_json::json!({
             "mean": s.mean,
             "std": s.std,

@@ -1,7 +1,8 @@
 //! Turning the inputs of a request into token ids exactly as design.md section 5 says:
 //! text with the tokenizer's special tokens; a prompt/response pair through the chat
 //! template when the model has one, else as a tokenizer pair; messages through the chat
-//! template; truncation that keeps the special tokens, as transformers does.
+//! template; truncation that keeps the special tokens, as transformers does; then the
+//! model's own last token where it has one (InternLM2's reward token).
 
 use tokenizers::utils::truncation::{
     truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy,
@@ -65,6 +66,9 @@ pub struct TextEncoder {
     /// Set for a process reward model whose steps are tokenized apart: every input is
     /// laid out so.
     separated: Option<SeparatedSteps>,
+    /// A token put after every input, once formatted (InternLM2's reward token, where its
+    /// score is read); truncation leaves room for it, as for the special tokens.
+    appended: Option<u32>,
 }
 
 impl TextEncoder {
@@ -78,7 +82,18 @@ impl TextEncoder {
             chat,
             bos_token,
             separated: None,
+            appended: None,
         }
+    }
+
+    /// Puts `id` after every input: the last token, the one a decoder's head reads.
+    pub fn append_token(&mut self, id: u32) {
+        self.appended = Some(id);
+    }
+
+    /// The token put after every input, if any.
+    pub fn appended_token(&self) -> Option<u32> {
+        self.appended
     }
 
     /// Lays every input out with its steps tokenized apart, each followed by `separator`
@@ -150,9 +165,15 @@ impl TextEncoder {
         if encoding.get_ids().is_empty() {
             return Err(TextError::Empty);
         }
+        let mut ids = encoding.get_ids().to_vec();
+        let mut type_ids = encoding.get_type_ids().to_vec();
+        if let Some(id) = self.appended {
+            ids.push(id);
+            type_ids.push(type_ids.last().copied().unwrap_or(0));
+        }
         Ok(Encoded {
-            ids: encoding.get_ids().to_vec(),
-            type_ids: encoding.get_type_ids().to_vec(),
+            ids,
+            type_ids,
             read_at: None,
         })
     }
@@ -173,13 +194,14 @@ impl TextEncoder {
         };
         let a = tok(first)?;
         let b = second.map(tok).transpose()?;
-        let added = if add_special_tokens {
+        let special = if add_special_tokens {
             self.tokenizer
                 .get_post_processor()
                 .map_or(0, |p| p.added_tokens(b.is_some()))
         } else {
             0
         };
+        let added = special + usize::from(self.appended.is_some());
         let content = a.get_ids().len() + b.as_ref().map_or(0, |b| b.get_ids().len());
         let (a, b) = if content + added <= options.max_length {
             (a, b)
