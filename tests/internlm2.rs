@@ -58,6 +58,12 @@ fn served_inputs_end_with_the_reward_token() {
         let (got, want) = (got.as_f64().unwrap(), case["score"].as_f64().unwrap());
         assert!((got - want).abs() < 1e-4, "/get_reward {got} vs {want}");
     }
+    // A client that appends the reward token to its text itself gets no second one.
+    let token = expected["reward_token"].as_str().unwrap();
+    let with_token: Vec<String> = rendered.iter().map(|r| format!("{r}{token}")).collect();
+    let (status, again) = server.post("/get_reward", &json!({ "query": with_token }));
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["rewards"], body["rewards"]);
 
     let (_, info) = server.get("/info");
     let info: Value = serde_json::from_str(&info).unwrap();

@@ -66,8 +66,9 @@ pub struct TextEncoder {
     /// Set for a process reward model whose steps are tokenized apart: every input is
     /// laid out so.
     separated: Option<SeparatedSteps>,
-    /// A token put after every input, once formatted (InternLM2's reward token, where its
-    /// score is read); truncation leaves room for it, as for the special tokens.
+    /// A token put after every input, once formatted, unless it already ends with it
+    /// (InternLM2's reward token, where its score is read); truncation leaves room for
+    /// it, as for the special tokens.
     appended: Option<u32>,
 }
 
@@ -86,7 +87,8 @@ impl TextEncoder {
         }
     }
 
-    /// Puts `id` after every input: the last token, the one a decoder's head reads.
+    /// Puts `id` after every input that does not end with it: the last token, the one a
+    /// decoder's head reads.
     pub fn append_token(&mut self, id: u32) {
         self.appended = Some(id);
     }
@@ -167,7 +169,8 @@ impl TextEncoder {
         }
         let mut ids = encoding.get_ids().to_vec();
         let mut type_ids = encoding.get_type_ids().to_vec();
-        if let Some(id) = self.appended {
+        // A client that appends the token itself (to text it formats) gets no second one.
+        if let Some(id) = self.appended.filter(|id| ids.last() != Some(id)) {
             ids.push(id);
             type_ids.push(type_ids.last().copied().unwrap_or(0));
         }
