@@ -99,6 +99,14 @@ impl Scorer {
         let first = members.dirs.first().ok_or(FuseError::NoMembers)?;
         let config = ModelConfig::read(&first.join(crate::checkpoint::CONFIG_FILE))?;
         let mut encoder = text::load_text_encoder(first)?;
+        let model_error = |source| LoadError::Model {
+            dir: first.display().to_string(),
+            source,
+        };
+        // Read from config.json alone: checked before the weights become a model.
+        if let Some(id) = model::reward_token(&config).map_err(model_error)? {
+            encoder.append_token(id);
+        }
         let candle_dtype = match dtype {
             FloatDType::F32 => DType::F32,
             FloatDType::F16 => DType::F16,
@@ -107,12 +115,8 @@ impl Scorer {
         let models = tensor_sets
             .into_iter()
             .map(|tensors| {
-                model::load(&config, tensors, candle_dtype, device, encoder.tokenizer()).map_err(
-                    |source| LoadError::Model {
-                        dir: first.display().to_string(),
-                        source,
-                    },
-                )
+                model::load(&config, tensors, candle_dtype, device, encoder.tokenizer())
+                    .map_err(model_error)
             })
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(model::StepMarker::Separator { text, ids, layout }) =
@@ -120,13 +124,6 @@ impl Scorer {
         {
             let suffix = layout.prompt_suffix();
             encoder.separate_steps(text, ids, suffix, layout.needs_bos())?;
-        }
-        let reward_token = model::reward_token(&config).map_err(|source| LoadError::Model {
-            dir: first.display().to_string(),
-            source,
-        })?;
-        if let Some(id) = reward_token {
-            encoder.append_token(id);
         }
         let model_max = models[0].max_input_length();
         let labels = label_names(&config, models[0].num_labels());
