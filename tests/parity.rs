@@ -209,6 +209,7 @@ parity! {
     llama_trl_prm => "llama-trl-prm",
     qwen2_skywork_prm => "qwen2-skywork-prm",
     internlm2_rm => "internlm2-rm",
+    polar_rm => "polar-rm",
 }
 
 /// Real pre-trained weights (too large for the repository): run
