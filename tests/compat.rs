@@ -327,3 +327,77 @@ fn get_reward_takes_batches_of_thousands() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// POLAR's reward client (server_type "sglang", its default) posts its texts to SGLang's
+/// native /classify and reads `embedding[0]` of each item: transformers' scores, with the
+/// reward token the client wrote and no second one.
+#[test]
+fn sglang_classify_as_polar_sends_it() {
+    let server = Server::started(&["--model", &fixture("polar-rm").display().to_string()]);
+    let expected = common::cases::expected("polar-rm");
+    let cases = expected["cases"].as_array().unwrap();
+    let s = sample("sglang_classify_polar");
+    let body = replay(&server, &s);
+    let items = body
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {body}"));
+    assert_eq!(items.len(), cases.len());
+    let texts: Vec<Value> = cases.iter().map(|c| c["text"].clone()).collect();
+    assert_eq!(s["body"]["text"].as_array().unwrap(), &texts);
+    let want = native(&server, texts.clone());
+    for (i, (item, case)) in items.iter().zip(cases).enumerate() {
+        let score = case["score"].as_f64().unwrap();
+        let got = item["embedding"][0].as_f64().unwrap();
+        assert!(
+            (got - score).abs() < 1e-4,
+            "case {i}: {got} vs transformers {score}"
+        );
+        close(&item["embedding"][0], want[i], "native /v1/score");
+        assert_eq!(item["embedding"].as_array().unwrap().len(), 1);
+        let tokens = case["ids"].as_array().unwrap().len();
+        assert_eq!(item["meta_info"]["prompt_tokens"], tokens, "case {i}");
+        assert!(item["meta_info"]["id"].is_string());
+        assert!(item["meta_info"]["e2e_latency"].is_f64());
+    }
+
+    // One string: one object, `rid` as its id.
+    let (status, one) = server.post("/classify", &json!({"text": texts[0], "rid": "r-1"}));
+    assert_eq!(status, 200, "{one}");
+    close(&one["embedding"][0], want[0], "one string");
+    assert_eq!(one["meta_info"]["id"], "r-1");
+
+    // A training batch in one request, beyond --max-client-batch-size (256).
+    let batch: Vec<Value> = (0..300).map(|i| texts[i % texts.len()].clone()).collect();
+    let (status, all) = server.post("/classify", &json!({"model": "m", "text": batch}));
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(all.as_array().map(Vec::len), Some(300));
+    close(
+        &all[299]["embedding"][0],
+        want[299 % texts.len()],
+        "item 299",
+    );
+
+    // vLLM's body on the same route is still vLLM's.
+    let (status, v) = server.post(
+        "/classify",
+        &json!({"model": "m", "input": texts[0], "use_activation": false}),
+    );
+    assert_eq!(status, 200, "{v}");
+    close(&v["data"][0]["probs"][0], want[0], "vLLM /classify");
+
+    // SGLang's error shape.
+    for (bad, says) in [
+        (
+            json!({"text": "a", "input_ids": [1, 2]}),
+            "at the same time",
+        ),
+        (json!({"input_ids": [[1, 2]]}), "token id"),
+        (json!({"text": []}), "non-empty"),
+        (json!({"text": ["a", "b"], "rid": "one"}), "rid"),
+    ] {
+        let (status, e) = server.post("/classify", &bad);
+        assert_eq!(status, 400, "{bad}: {e}");
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{bad}: {e}");
+    }
+}

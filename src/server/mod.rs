@@ -319,7 +319,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/predict", post(compat::predict))
         .route("/rerank", post(compat::rerank))
         .route("/classify", post(compat::classify))
-        .route("/v1/classify", post(compat::classify))
+        .route("/v1/classify", post(compat::vllm_classify))
         .route("/pooling", post(compat::pooling))
         .route("/score", post(compat::vllm_score))
         .route("/get_reward", post(compat::get_reward))

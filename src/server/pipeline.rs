@@ -83,6 +83,8 @@ impl ScoringRequest {
 
 pub struct ScoringOutcome {
     pub scores: Vec<Score>,
+    /// Each input's tokens, in order, and their sum.
+    pub input_tokens: Vec<usize>,
     pub prompt_tokens: usize,
     pub timings: Timings,
 }
@@ -372,7 +374,8 @@ async fn run_inner(
         )
     })??;
     let tokenization = tokenizing.elapsed();
-    let prompt_tokens = encoded.iter().map(|s| s.ids.len()).sum();
+    let input_tokens: Vec<usize> = encoded.iter().map(|s| s.ids.len()).collect();
+    let prompt_tokens = input_tokens.iter().sum();
     let scored = tokio::time::timeout(config.request_timeout, ready.engine.score(encoded))
         .await
         .map_err(|_| {
@@ -387,6 +390,7 @@ async fn run_inner(
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(ScoringOutcome {
         scores: scored.scores,
+        input_tokens,
         prompt_tokens,
         timings: Timings {
             tokenization,

@@ -1,10 +1,12 @@
 //! Routes in the shapes existing clients send and parse (docs/compat-sources.md has the
 //! upstream file and function behind every shape): TEI, Hugging Face's InferenceClient,
-//! vLLM's pooling API (which verl calls), OpenRLHF's remote reward model. Routes that two
+//! vLLM's pooling API (which verl calls), SGLang's native /classify (which POLAR's client
+//! calls), OpenRLHF's remote reward model. Routes that two
 //! APIs share tell the bodies apart by their fields.
 
 pub mod activation;
 mod openrlhf;
+mod sglang;
 mod tei;
 mod vllm;
 
@@ -21,7 +23,7 @@ use super::AppState;
 
 pub use openrlhf::get_reward;
 pub use tei::predict;
-pub use vllm::{classify, pooling, score as vllm_score};
+pub use vllm::{classify as vllm_classify, pooling, score as vllm_score};
 
 /// Whether the scores are probabilities already (a process reward model's weakest step):
 /// the routes then apply no activation unless a request asks for one.
@@ -53,6 +55,19 @@ pub async fn root(
         Err(ApiError::bad_request(
             "POST / takes TEI's {\"inputs\"} (predict), {\"query\", \"texts\"} (rerank) or {\"inputs\", \"parameters\"} (text classification)",
         ))
+    }
+}
+
+/// `POST /classify`: vLLM's `{"input"}` or `{"messages"}`, or SGLang's native `{"text"}`.
+pub async fn classify(
+    State(state): State<Arc<AppState>>,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
+    match body {
+        Ok(ApiJson(body)) if sglang::is_native_body(&body) => {
+            sglang::classify_body(&state, body).await
+        }
+        body => vllm::classify(State(state), body).await,
     }
 }
 

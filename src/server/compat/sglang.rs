@@ -1,0 +1,191 @@
+//! SGLang's native reward-model route: `POST /classify` with `text` (SGLang's
+//! `EmbeddingReqInput`), answered as SGLang answers it: for one string one object, for a
+//! list an array in input order, each `{"embedding": [...], "meta_info": {...}}` with the
+//! raw logits in `embedding`. POLAR's `RewardModelClient` (server_type "sglang", its
+//! default) posts `{"model", "text": [...]}` here and reads `embedding[0]`. The text is
+//! encoded as it is, with the tokenizer's special tokens, as SGLang does: no chat template.
+//! Errors are SGLang's `{"error": {"message"}}`.
+
+use std::sync::Arc;
+
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::request_id;
+use crate::server::error::ApiError;
+use crate::server::pipeline::{self, ScoringRequest};
+use crate::server::AppState;
+use crate::text::Input;
+
+/// Whether a /classify body is SGLang's native one rather than vLLM's (`input`, `messages`).
+pub fn is_native_body(body: &Value) -> bool {
+    let has = |key| body.get(key).is_some();
+    (has("text") || has("input_ids")) && !has("input") && !has("messages")
+}
+
+/// SGLang's error body for the errors its handler catches: `{"error": {"message"}}`.
+struct SglangError(ApiError);
+
+impl IntoResponse for SglangError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"message": self.0.message}});
+        (self.0.status, Json(body)).into_response()
+    }
+}
+
+impl From<ApiError> for SglangError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+/// The fields of `EmbeddingReqInput` warm reads; the others (`model`, `sampling_params`,
+/// ...) are ignored, as SGLang ignores what its request type does not declare.
+#[derive(Deserialize)]
+struct NativeRequest {
+    #[serde(default)]
+    text: Option<Value>,
+    #[serde(default)]
+    input_ids: Option<Value>,
+    #[serde(default)]
+    rid: Option<Value>,
+}
+
+/// The texts, and whether the request was one string (answered with one object).
+fn texts(text: &Value) -> Result<(Vec<String>, bool), ApiError> {
+    match text {
+        Value::String(s) => Ok((vec![s.clone()], true)),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_string) => Ok((
+            items
+                .iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect(),
+            false,
+        )),
+        Value::Array(items) if items.iter().any(Value::is_array) => Err(ApiError::bad_request(
+            "`text`: pairs of texts (a cross-encoder's) are not taken on /classify: send each \
+             input as one string, or use /rerank",
+        )),
+        _ => Err(ApiError::bad_request(
+            "`text` must be a non-empty string or list of strings",
+        )),
+    }
+}
+
+/// `meta_info.id` of each input: the request's `rid` (a string for one text, a list of as
+/// many for a list), else one made up.
+fn request_ids(rid: Option<&Value>, count: usize, single: bool) -> Result<Vec<String>, ApiError> {
+    match rid {
+        None | Some(Value::Null) => Ok((0..count).map(|_| request_id("classify")).collect()),
+        Some(Value::String(id)) if single => Ok(vec![id.clone()]),
+        Some(Value::Array(ids))
+            if !single && ids.len() == count && ids.iter().all(Value::is_string) =>
+        {
+            Ok(ids
+                .iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect())
+        }
+        Some(_) => Err(ApiError::bad_request(format!(
+            "`rid` must be a string for one text and a list of {count} strings for {count} texts"
+        ))),
+    }
+}
+
+/// `POST /classify` with SGLang's native body.
+pub async fn classify_body(state: &Arc<AppState>, body: Value) -> Response {
+    classify_inner(state, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn classify_inner(state: &Arc<AppState>, body: Value) -> Result<Response, SglangError> {
+    let req: NativeRequest = serde_json::from_value(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid /classify body: {e}")))?;
+    let text = match (&req.text, &req.input_ids) {
+        (Some(text), None) => text,
+        (None, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "`input_ids`: token id inputs are not supported, send `text`",
+            )
+            .into())
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "text and input_ids cannot be provided at the same time",
+            )
+            .into())
+        }
+        (None, None) => return Err(ApiError::bad_request("give `text`").into()),
+    };
+    let (texts, single) = texts(text)?;
+    let ids = request_ids(req.rid.as_ref(), texts.len(), single)?;
+    // POLAR's verl recipe sends a whole training batch (1,024 samples) in one request: exempt
+    // from --max-client-batch-size, as /get_reward is (the payload limit still applies).
+    let request = ScoringRequest {
+        client_batch_limit: false,
+        ..ScoringRequest::new(texts.into_iter().map(Input::Text).collect())
+    };
+    let outcome = pipeline::run(state, "sglang_classify", request).await?;
+    let latency = outcome.timings.total.as_secs_f64();
+    let mut items: Vec<Value> = outcome
+        .scores
+        .iter()
+        .zip(&outcome.input_tokens)
+        .zip(ids)
+        .map(|((score, &tokens), id)| {
+            json!({
+                "embedding": score.logits,
+                "meta_info": {"id": id, "prompt_tokens": tokens, "e2e_latency": latency},
+            })
+        })
+        .collect();
+    let body = match (single, items.len()) {
+        (true, 1) => items.remove(0),
+        _ => Value::Array(items),
+    };
+    Ok(outcome.respond(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+
+    use super::*;
+
+    #[test]
+    fn tells_sglang_bodies_from_vllm_ones() {
+        assert!(is_native_body(&json!({"model": "m", "text": ["a"]})));
+        assert!(is_native_body(&json!({"input_ids": [[1, 2]]})));
+        assert!(!is_native_body(&json!({"model": "m", "input": ["a"]})));
+        assert!(!is_native_body(&json!({"messages": [], "text": "a"})));
+    }
+
+    #[test]
+    fn one_string_is_one_input_and_a_list_keeps_its_order() {
+        assert_eq!(texts(&json!("a")).unwrap(), (vec!["a".to_string()], true));
+        let (list, single) = texts(&json!(["a", "b"])).unwrap();
+        assert_eq!((list, single), (vec!["a".into(), "b".into()], false));
+        for bad in [json!([]), json!(5), json!([["q", "d"]]), json!(["a", 1])] {
+            let e = texts(&bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+
+    #[test]
+    fn request_ids_follow_rid() {
+        assert_eq!(
+            request_ids(Some(&json!("r")), 1, true).unwrap(),
+            vec!["r".to_string()]
+        );
+        assert_eq!(
+            request_ids(Some(&json!(["a", "b"])), 2, false).unwrap(),
+            vec!["a".to_string(), "b".to_string()]
+        );
+        assert_eq!(request_ids(None, 3, false).unwrap().len(), 3);
+        assert!(request_ids(Some(&json!("r")), 2, false).is_err());
+        assert!(request_ids(Some(&json!(["a"])), 2, false).is_err());
+    }
+}
