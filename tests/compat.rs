@@ -401,3 +401,68 @@ fn sglang_classify_as_polar_sends_it() {
         assert!(message.contains(says), "{bad}: {e}");
     }
 }
+
+/// verl's reward loop with the sglang engine posts one templated sample to SGLang's
+/// OpenAI-compatible /v1/embeddings and reads `data[-1].embedding[-1]`: the raw reward.
+#[test]
+fn sglang_embeddings_as_verl_sends_it() {
+    let server = start();
+    let s = sample("verl_reward_sglang");
+    let body = replay(&server, &s);
+    let want = native(&server, vec![s["body"]["input"].clone()]);
+    assert_eq!(body["object"], "list");
+    let last = body["data"].as_array().unwrap().last().unwrap();
+    assert_eq!(last["object"], "embedding");
+    close(
+        last["embedding"].as_array().unwrap().last().unwrap(),
+        want[0],
+        "verl sglang",
+    );
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+
+    // A list keeps its order; base64 (what OpenAI's Python client asks for) holds the same
+    // floats, little-endian f32.
+    let texts = vec![json!("2+2 is 4"), json!("2+2 is 5"), json!("Paris.")];
+    let want = native(&server, texts.clone());
+    for format in ["float", "base64"] {
+        let (status, b) = server.post(
+            "/v1/embeddings",
+            &json!({"model": "rm", "input": texts, "encoding_format": format}),
+        );
+        assert_eq!(status, 200, "{b}");
+        for (i, w) in want.iter().enumerate() {
+            assert_eq!(b["data"][i]["index"], i);
+            let got = match format {
+                "float" => b["data"][i]["embedding"][0].as_f64().unwrap(),
+                _ => {
+                    use base64::Engine;
+                    let text = b["data"][i]["embedding"].as_str().unwrap();
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(text)
+                        .unwrap();
+                    f64::from(f32::from_le_bytes(bytes[..4].try_into().unwrap()))
+                }
+            };
+            close(&json!(got), *w, format);
+        }
+    }
+
+    for (bad, says) in [
+        (json!({"input": [[1, 2, 3]]}), "token id"),
+        (json!({"input": "a", "dimensions": 8}), "dimensions"),
+        (
+            json!({"input": "a", "encoding_format": "int8"}),
+            "encoding_format",
+        ),
+        (json!({"model": "rm"}), "input"),
+    ] {
+        let (status, e) = server.post("/v1/embeddings", &bad);
+        assert_eq!(status, 400, "{bad}: {e}");
+        assert_eq!(e["object"], "error", "{e}");
+        assert_eq!(e["code"], 400, "{e}");
+        assert!(
+            e["message"].as_str().unwrap_or_default().contains(says),
+            "{e}"
+        );
+    }
+}

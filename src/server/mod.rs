@@ -321,6 +321,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/classify", post(compat::classify))
         .route("/v1/classify", post(compat::vllm_classify))
         .route("/pooling", post(compat::pooling))
+        .route("/v1/embeddings", post(compat::embeddings))
         .route("/score", post(compat::vllm_score))
         .route("/get_reward", post(compat::get_reward))
         .route("/info", get(native::info))

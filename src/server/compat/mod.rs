@@ -22,6 +22,7 @@ use super::pipeline::ApiJson;
 use super::AppState;
 
 pub use openrlhf::get_reward;
+pub use sglang::embeddings;
 pub use tei::predict;
 pub use vllm::{classify as vllm_classify, pooling, score as vllm_score};
 
@@ -139,6 +140,28 @@ fn request_id(prefix: &str) -> String {
     let a = h.finish();
     h.write_u64(a);
     format!("{prefix}-{a:016x}{:016x}", h.finish())
+}
+
+/// `encoding_format`: `float` (or absent) or `base64` (OpenAI's client asks for it).
+fn base64_requested(format: Option<&str>) -> Result<bool, ApiError> {
+    match format {
+        None | Some("float") => Ok(false),
+        Some("base64") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "encoding_format '{other}': expected 'float' or 'base64'"
+        ))),
+    }
+}
+
+/// Floats as a JSON array, or as base64 of their little-endian f32 bytes.
+fn float_array(values: &[f32], base64: bool) -> Value {
+    if base64 {
+        use base64::Engine;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+    } else {
+        serde_json::json!(values)
+    }
 }
 
 fn unix_time() -> u64 {

@@ -1,21 +1,26 @@
-//! SGLang's native reward-model route: `POST /classify` with `text` (SGLang's
-//! `EmbeddingReqInput`), answered as SGLang answers it: for one string one object, for a
-//! list an array in input order, each `{"embedding": [...], "meta_info": {...}}` with the
-//! raw logits in `embedding`. POLAR's `RewardModelClient` (server_type "sglang", its
-//! default) posts `{"model", "text": [...]}` here and reads `embedding[0]`. The text is
-//! encoded as it is, with the tokenizer's special tokens, as SGLang does: no chat template.
-//! Errors are SGLang's `{"error": {"message"}}`.
+//! SGLang's routes for a reward model, whose "embedding" is the head's raw output:
+//! - native `POST /classify` with `text` (SGLang's `EmbeddingReqInput`): for one string one
+//!   object, for a list an array in input order, each `{"embedding", "meta_info"}`; errors
+//!   `{"error": {"message"}}`. POLAR's `RewardModelClient` (server_type "sglang", its
+//!   default) posts `{"model", "text": [...]}` and reads `embedding[0]`.
+//! - OpenAI-compatible `POST /v1/embeddings` (`{"model", "input"}`): verl's reward loop with
+//!   the sglang engine posts one templated sample and reads `data[-1].embedding[-1]`;
+//!   errors in SGLang's OpenAI shape `{"object": "error", "message", "type", "param", "code"}`.
+//!
+//! Text is encoded as it is, with the tokenizer's special tokens, as SGLang does: no chat
+//! template.
 
 use std::sync::Arc;
 
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::request_id;
+use super::{base64_requested, float_array, request_id};
 use crate::server::error::ApiError;
-use crate::server::pipeline::{self, ScoringRequest};
+use crate::server::pipeline::{self, ApiJson, ScoringRequest};
 use crate::server::AppState;
 use crate::text::Input;
 
@@ -147,6 +152,104 @@ async fn classify_inner(state: &Arc<AppState>, body: Value) -> Result<Response, 
         _ => Value::Array(items),
     };
     Ok(outcome.respond(body))
+}
+
+/// The error body of SGLang's OpenAI-compatible routes.
+struct OpenAiError(ApiError);
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let status = self.0.status;
+        let kind = if status.is_client_error() {
+            "BadRequestError"
+        } else {
+            "InternalServerError"
+        };
+        let body = json!({"object": "error", "message": self.0.message, "type": kind,
+                          "param": null, "code": status.as_u16()});
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<ApiError> for OpenAiError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+#[derive(Deserialize)]
+struct EmbeddingsRequest {
+    #[serde(default)]
+    input: Option<Value>,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<Value>,
+}
+
+/// `POST /v1/embeddings`: each input's logits as its embedding, OpenAI's envelope.
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
+    embeddings_inner(&state, body.map(|ApiJson(b)| b))
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn embeddings_inner(
+    state: &Arc<AppState>,
+    body: Result<Value, ApiError>,
+) -> Result<Response, OpenAiError> {
+    let req: EmbeddingsRequest = serde_json::from_value(body?)
+        .map_err(|e| ApiError::bad_request(format!("invalid /v1/embeddings body: {e}")))?;
+    let input = req
+        .input
+        .as_ref()
+        .ok_or_else(|| ApiError::bad_request("give `input`: a string or a list of strings"))?;
+    let inputs = match input {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_string) => items
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect(),
+        Value::Array(items) if items.iter().any(|x| x.is_number() || x.is_array()) => {
+            return Err(ApiError::bad_request(
+                "`input`: token id inputs are not supported, send text",
+            )
+            .into())
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "`input` must be a non-empty string or list of strings",
+            )
+            .into())
+        }
+    };
+    if req.dimensions.as_ref().is_some_and(|d| !d.is_null()) {
+        return Err(ApiError::bad_request(
+            "`dimensions`: a reward model's embedding is its head's output, which has a fixed size",
+        )
+        .into());
+    }
+    let base64 = base64_requested(req.encoding_format.as_deref())?;
+    let request = ScoringRequest::new(inputs.into_iter().map(Input::Text).collect());
+    let outcome = pipeline::run(state, "sglang_embeddings", request).await?;
+    let data: Vec<Value> = outcome
+        .scores
+        .iter()
+        .enumerate()
+        .map(|(index, score)| {
+            json!({"object": "embedding", "embedding": float_array(&score.logits, base64),
+                   "index": index})
+        })
+        .collect();
+    Ok(outcome.respond(json!({
+        "object": "list",
+        "data": data,
+        "model": state.model_name,
+        "usage": {"prompt_tokens": outcome.prompt_tokens, "total_tokens": outcome.prompt_tokens},
+    })))
 }
 
 #[cfg(test)]

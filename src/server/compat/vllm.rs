@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::activation::Activation;
-use super::{request_id, unix_time};
+use super::{base64_requested, float_array, request_id, unix_time};
 use crate::server::error::ApiError;
 use crate::server::pipeline::{self, parse_direction, ApiJson, ScoringOutcome, ScoringRequest};
 use crate::server::AppState;
@@ -156,16 +156,7 @@ async fn pooling_inner(
         )
         .into());
     }
-    let base64 = match req.encoding_format.as_deref() {
-        None | Some("float") => false,
-        Some("base64") => true,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "encoding_format '{other}': expected 'float' or 'base64'"
-            ))
-            .into())
-        }
-    };
+    let base64 = base64_requested(req.encoding_format.as_deref())?;
     let positive = state
         .ready
         .get()
@@ -185,13 +176,7 @@ async fn pooling_inner(
             };
             let pairs: Vec<[f32; 2]> = s.steps.iter().flatten().map(|&p| pair(p)).collect();
             let data = if base64 {
-                use base64::Engine;
-                let bytes: Vec<u8> = pairs
-                    .iter()
-                    .flatten()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect();
-                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                float_array(pairs.as_flattened(), true)
             } else {
                 json!(pairs)
             };
