@@ -142,6 +142,27 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{a:016x}{:016x}", h.finish())
 }
 
+/// A string or a non-empty list of strings (token id inputs are refused by name).
+fn string_list(v: &Value, field: &str) -> Result<Vec<String>, ApiError> {
+    match v {
+        Value::String(s) => Ok(vec![s.clone()]),
+        Value::Array(items) if items.iter().all(Value::is_string) && !items.is_empty() => Ok(items
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect()),
+        Value::Array(items)
+            if items.iter().any(Value::is_number) || items.iter().any(Value::is_array) =>
+        {
+            Err(ApiError::bad_request(format!(
+                "`{field}`: token id inputs are not supported, send text"
+            )))
+        }
+        _ => Err(ApiError::bad_request(format!(
+            "`{field}` must be a non-empty string or list of strings"
+        ))),
+    }
+}
+
 /// `encoding_format`: `float` (or absent) or `base64` (OpenAI's client asks for it).
 fn base64_requested(format: Option<&str>) -> Result<bool, ApiError> {
     match format {

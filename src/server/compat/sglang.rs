@@ -18,7 +18,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{base64_requested, float_array, request_id};
+use super::{base64_requested, float_array, request_id, string_list};
 use crate::server::error::ApiError;
 use crate::server::pipeline::{self, ApiJson, ScoringRequest};
 use crate::server::AppState;
@@ -207,25 +207,7 @@ async fn embeddings_inner(
         .input
         .as_ref()
         .ok_or_else(|| ApiError::bad_request("give `input`: a string or a list of strings"))?;
-    let inputs = match input {
-        Value::String(s) => vec![s.clone()],
-        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_string) => items
-            .iter()
-            .filter_map(|x| x.as_str().map(str::to_string))
-            .collect(),
-        Value::Array(items) if items.iter().any(|x| x.is_number() || x.is_array()) => {
-            return Err(ApiError::bad_request(
-                "`input`: token id inputs are not supported, send text",
-            )
-            .into())
-        }
-        _ => {
-            return Err(ApiError::bad_request(
-                "`input` must be a non-empty string or list of strings",
-            )
-            .into())
-        }
-    };
+    let inputs = string_list(input, "input")?;
     if req.dimensions.as_ref().is_some_and(|d| !d.is_null()) {
         return Err(ApiError::bad_request(
             "`dimensions`: a reward model's embedding is its head's output, which has a fixed size",

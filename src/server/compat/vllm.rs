@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::activation::Activation;
-use super::{base64_requested, float_array, request_id, unix_time};
+use super::{base64_requested, float_array, request_id, string_list, unix_time};
 use crate::server::error::ApiError;
 use crate::server::pipeline::{self, parse_direction, ApiJson, ScoringOutcome, ScoringRequest};
 use crate::server::AppState;
@@ -225,26 +225,6 @@ fn truncation(tokens: Option<i64>) -> Result<(Option<bool>, Option<usize>), ApiE
         Some(k) if k >= 1 => Ok((Some(true), Some(k as usize))),
         Some(k) => Err(ApiError::bad_request(format!(
             "truncate_prompt_tokens {k}: expected -1 or a positive number"
-        ))),
-    }
-}
-
-fn string_list(v: &Value, field: &str) -> Result<Vec<String>, ApiError> {
-    match v {
-        Value::String(s) => Ok(vec![s.clone()]),
-        Value::Array(items) if items.iter().all(Value::is_string) && !items.is_empty() => Ok(items
-            .iter()
-            .filter_map(|x| x.as_str().map(str::to_string))
-            .collect()),
-        Value::Array(items)
-            if items.iter().any(Value::is_number) || items.iter().any(Value::is_array) =>
-        {
-            Err(ApiError::bad_request(format!(
-                "`{field}`: token id inputs are not supported, send text"
-            )))
-        }
-        _ => Err(ApiError::bad_request(format!(
-            "`{field}` must be a non-empty string or list of strings"
         ))),
     }
 }
