@@ -60,23 +60,15 @@ struct NativeRequest {
 
 /// The texts, and whether the request was one string (answered with one object).
 fn texts(text: &Value) -> Result<(Vec<String>, bool), ApiError> {
-    match text {
-        Value::String(s) => Ok((vec![s.clone()], true)),
-        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_string) => Ok((
-            items
-                .iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect(),
-            false,
-        )),
-        Value::Array(items) if items.iter().any(Value::is_array) => Err(ApiError::bad_request(
-            "`text`: pairs of texts (a cross-encoder's) are not taken on /classify: send each \
-             input as one string, or use /rerank",
-        )),
-        _ => Err(ApiError::bad_request(
-            "`text` must be a non-empty string or list of strings",
-        )),
+    if let Value::Array(items) = text {
+        if items.iter().any(Value::is_array) {
+            return Err(ApiError::bad_request(
+                "`text`: pairs of texts (a cross-encoder's) are not taken on /classify: send \
+                 each input as one string, or use /rerank",
+            ));
+        }
     }
+    Ok((string_list(text, "text")?, text.is_string()))
 }
 
 /// `meta_info.id` of each input: the request's `rid` (a string for one text, a list of as
