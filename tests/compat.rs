@@ -330,7 +330,7 @@ fn get_reward_takes_batches_of_thousands() {
 
 /// POLAR's reward client (server_type "sglang", its default) posts its texts to SGLang's
 /// native /classify and reads `embedding[0]` of each item: transformers' scores, with the
-/// reward token the client wrote and no second one.
+/// reward token the client wrote and no second one. Its lmdeploy mode (/pooling) too.
 #[test]
 fn sglang_classify_as_polar_sends_it() {
     let server = Server::started(&["--model", &fixture("polar-rm").display().to_string()]);
@@ -359,6 +359,27 @@ fn sglang_classify_as_polar_sends_it() {
         assert!(item["meta_info"]["id"].is_string());
         assert!(item["meta_info"]["e2e_latency"].is_f64());
     }
+
+    // POLAR's lmdeploy mode posts the same texts to /pooling and reads `data[i].data`, a
+    // number per input, as lmdeploy answers for its reward models.
+    let s = sample("lmdeploy_pooling_polar");
+    let pooled = replay(&server, &s);
+    assert_eq!(pooled["object"], "list");
+    for (i, case) in cases.iter().enumerate() {
+        let item = &pooled["data"][i];
+        assert_eq!(item["index"], i);
+        assert_eq!(item["object"], "pooling");
+        let got = item["data"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("not a number: {item}"));
+        let score = case["score"].as_f64().unwrap();
+        assert!((got - score).abs() < 1e-4, "pooling {i}: {got} vs {score}");
+    }
+    let (status, e) = server.post(
+        "/pooling",
+        &json!({"input": texts[0], "use_activation": true}),
+    );
+    assert_eq!(status, 400, "{e}");
 
     // One string: one object, `rid` as its id.
     let (status, one) = server.post("/classify", &json!({"text": texts[0], "rid": "r-1"}));

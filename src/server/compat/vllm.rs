@@ -1,6 +1,7 @@
 //! vLLM's pooling API: `POST /classify` (and `/v1/classify`, as SGLang names it), `/score`
-//! and `/v1/score`, `/rerank` and `/v1/rerank` with `documents`, and `/pooling` for a
-//! process reward model; errors in vLLM's shape.
+//! and `/v1/score`, `/rerank` and `/v1/rerank` with `documents`, and `/pooling` (vLLM's
+//! answer for a process reward model, lmdeploy's for one that scores whole inputs); errors
+//! in vLLM's shape.
 //! verl's reward loop posts `{"model", "input", "use_activation": false}` to /classify and
 //! reads `data[-1].probs[-1]`.
 
@@ -143,11 +144,7 @@ async fn pooling_inner(
         return Err(ApiError::not_ready().into());
     }
     if !super::scores_are_probabilities(state) {
-        return Err(ApiError::bad_request(
-            "warm answers /pooling for process reward models (per-step rewards), and this \
-             model scores whole inputs: use /classify",
-        )
-        .into());
+        return whole_input_pooling(state, req).await;
     }
     if req.classify.flags.requested() == Some(false) {
         return Err(ApiError::bad_request(
@@ -277,6 +274,40 @@ async fn classify_inner(
         })
         .collect();
     Ok(list_response(state, "classify", &outcome, data))
+}
+
+/// `/pooling` for a model that scores whole inputs, as lmdeploy answers it for its reward
+/// models (InternLM2's, POLAR, Qwen2.5-Math-RM; POLAR's client reads `data[i].data`): each
+/// item's `data` is the raw score at the last token, a number (the logits, a list, for a
+/// model with several labels). vLLM's per-token rewards for these classes (`[[s0], [s1],
+/// ...]`, ALL pooling) are not computed: the head runs at the last token only.
+async fn whole_input_pooling(
+    state: &Arc<AppState>,
+    req: PoolingRequest,
+) -> Result<Response, VllmError> {
+    if req.classify.flags.requested() == Some(true) {
+        return Err(ApiError::bad_request(
+            "/pooling answers this model's raw scores, as lmdeploy does: for an activation \
+             use /classify",
+        )
+        .into());
+    }
+    let base64 = base64_requested(req.encoding_format.as_deref())?;
+    let request = req.classify.scoring_request()?;
+    let outcome = pipeline::run(state, "lmdeploy_pooling", request).await?;
+    let data: Vec<Value> = outcome
+        .scores
+        .iter()
+        .enumerate()
+        .map(|(index, s)| {
+            let data = match (base64, s.logits.as_slice()) {
+                (false, [score]) => json!(score),
+                (_, logits) => float_array(logits, base64),
+            };
+            json!({"index": index, "object": "pooling", "data": data})
+        })
+        .collect();
+    Ok(list_response(state, "pool", &outcome, data))
 }
 
 /// The fields that mark a body as vLLM's /score request: `ScoreRequest`'s fields and aliases
