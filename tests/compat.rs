@@ -487,3 +487,56 @@ fn sglang_embeddings_as_verl_sends_it() {
         );
     }
 }
+
+/// LLaMA-Factory's PPO with `reward_model_type: api` posts the decoded query and response
+/// texts (template tokens as text) and reads `scores`: transformers' scores of its
+/// value-head reward model, in order.
+#[test]
+fn llamafactory_score_evaluation() {
+    let server = Server::started(&[
+        "--model",
+        &fixture("llamafactory-qwen2").display().to_string(),
+    ]);
+    let expected = common::cases::expected("llamafactory-qwen2");
+    let want: Vec<f64> = expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c.get("rendered").is_some())
+        .map(|c| c["score"].as_f64().unwrap())
+        .collect();
+    let s = sample("llamafactory_score_evaluation");
+    let body = replay(&server, &s);
+    assert_eq!(body["object"], "score.evaluation");
+    assert!(body["id"].as_str().unwrap().starts_with("scoreval-"));
+    assert_eq!(body["model"], "model");
+    let scores = body["scores"].as_array().unwrap();
+    assert_eq!(scores.len(), want.len());
+    for (i, (got, want)) in scores.iter().zip(&want).enumerate() {
+        let got = got.as_f64().unwrap();
+        assert!(
+            (got - want).abs() < 1e-4,
+            "{i}: {got} vs transformers {want}"
+        );
+    }
+
+    // `max_length` truncates (keeping the end, where the value head reads) instead of
+    // refusing; the score then differs from the whole text's.
+    let first = &s["body"]["messages"][0];
+    let (status, cut) = server.post(
+        "/v1/score/evaluation",
+        &json!({"model": "model", "messages": [first], "max_length": 8}),
+    );
+    assert_eq!(status, 200, "{cut}");
+    assert!((cut["scores"][0].as_f64().unwrap() - want[0]).abs() > 1e-4);
+
+    for bad in [
+        json!({"model": "model", "messages": []}),
+        json!({"model": "model"}),
+        json!({"model": "model", "messages": ["a"], "max_length": 0}),
+    ] {
+        let (status, e) = server.post("/v1/score/evaluation", &bad);
+        assert_eq!(status, 400, "{bad}: {e}");
+        assert!(e["detail"].is_string(), "{e}");
+    }
+}

@@ -324,6 +324,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(compat::embeddings))
         .route("/score", post(compat::vllm_score))
         .route("/get_reward", post(compat::get_reward))
+        .route("/v1/score/evaluation", post(compat::score_evaluation))
         .route("/info", get(native::info))
         .route("/openapi.json", get(native::openapi))
         .layer(axum::middleware::from_fn_with_state(

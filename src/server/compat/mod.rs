@@ -1,10 +1,11 @@
 //! Routes in the shapes existing clients send and parse (docs/compat-sources.md has the
 //! upstream file and function behind every shape): TEI, Hugging Face's InferenceClient,
 //! vLLM's pooling API (which verl calls), SGLang's native /classify (which POLAR's client
-//! calls), OpenRLHF's remote reward model. Routes that two
+//! calls), OpenRLHF's remote reward model, LLaMA-Factory's reward API. Routes that two
 //! APIs share tell the bodies apart by their fields.
 
 pub mod activation;
+mod llamafactory;
 mod openrlhf;
 mod sglang;
 mod tei;
@@ -21,6 +22,7 @@ use super::native;
 use super::pipeline::ApiJson;
 use super::AppState;
 
+pub use llamafactory::score_evaluation;
 pub use openrlhf::get_reward;
 pub use sglang::embeddings;
 pub use tei::predict;
