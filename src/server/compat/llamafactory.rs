@@ -15,31 +15,16 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::error_shape::ErrorShape;
 use super::{request_id, string_list};
 use crate::server::error::ApiError;
 use crate::server::pipeline::{self, ApiJson, ScoringRequest};
 use crate::server::AppState;
 use crate::text::Input;
-
-/// FastAPI's error body, `{"detail": message}`.
-struct FastApiError(ApiError);
-
-impl IntoResponse for FastApiError {
-    fn into_response(self) -> Response {
-        (self.0.status, Json(json!({"detail": self.0.message}))).into_response()
-    }
-}
-
-impl From<ApiError> for FastApiError {
-    fn from(e: ApiError) -> Self {
-        Self(e)
-    }
-}
 
 /// `ScoreEvaluationRequest` (api/protocol.py).
 #[derive(Deserialize)]
@@ -59,13 +44,13 @@ pub async fn score_evaluation(
 ) -> Response {
     score_evaluation_inner(&state, body.map(|ApiJson(b)| b))
         .await
-        .unwrap_or_else(IntoResponse::into_response)
+        .unwrap_or_else(|e| ErrorShape::FastApi.respond(e))
 }
 
 async fn score_evaluation_inner(
     state: &Arc<AppState>,
     body: Result<Value, ApiError>,
-) -> Result<Response, FastApiError> {
+) -> Result<Response, ApiError> {
     let req: ScoreEvaluationRequest = serde_json::from_value(body?)
         .map_err(|e| ApiError::bad_request(format!("invalid /v1/score/evaluation body: {e}")))?;
     let messages = req
@@ -79,8 +64,7 @@ async fn score_evaluation_inner(
         Some(n) => {
             return Err(ApiError::bad_request(format!(
                 "max_length {n}: expected a positive number"
-            ))
-            .into())
+            )))
         }
     };
     let request = ScoringRequest {

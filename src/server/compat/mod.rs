@@ -5,6 +5,7 @@
 //! APIs share tell the bodies apart by their fields.
 
 pub mod activation;
+mod error_shape;
 mod llamafactory;
 mod openrlhf;
 mod sglang;

@@ -13,11 +13,11 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::error_shape::ErrorShape;
 use super::{base64_requested, float_array, request_id, string_list};
 use crate::server::error::ApiError;
 use crate::server::pipeline::{self, ApiJson, ScoringRequest};
@@ -28,22 +28,6 @@ use crate::text::Input;
 pub fn is_native_body(body: &Value) -> bool {
     let has = |key| body.get(key).is_some();
     (has("text") || has("input_ids")) && !has("input") && !has("messages")
-}
-
-/// SGLang's error body for the errors its handler catches: `{"error": {"message"}}`.
-struct SglangError(ApiError);
-
-impl IntoResponse for SglangError {
-    fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.0.message}});
-        (self.0.status, Json(body)).into_response()
-    }
-}
-
-impl From<ApiError> for SglangError {
-    fn from(e: ApiError) -> Self {
-        Self(e)
-    }
 }
 
 /// The fields of `EmbeddingReqInput` warm reads; the others (`model`, `sampling_params`,
@@ -95,10 +79,10 @@ fn request_ids(rid: Option<&Value>, count: usize, single: bool) -> Result<Vec<St
 pub async fn classify_body(state: &Arc<AppState>, body: Value) -> Response {
     classify_inner(state, body)
         .await
-        .unwrap_or_else(IntoResponse::into_response)
+        .unwrap_or_else(|e| ErrorShape::Sglang.respond(e))
 }
 
-async fn classify_inner(state: &Arc<AppState>, body: Value) -> Result<Response, SglangError> {
+async fn classify_inner(state: &Arc<AppState>, body: Value) -> Result<Response, ApiError> {
     let req: NativeRequest = serde_json::from_value(body)
         .map_err(|e| ApiError::bad_request(format!("invalid /classify body: {e}")))?;
     let text = match (&req.text, &req.input_ids) {
@@ -106,16 +90,14 @@ async fn classify_inner(state: &Arc<AppState>, body: Value) -> Result<Response, 
         (None, Some(_)) => {
             return Err(ApiError::bad_request(
                 "`input_ids`: token id inputs are not supported, send `text`",
-            )
-            .into())
+            ))
         }
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request(
                 "text and input_ids cannot be provided at the same time",
-            )
-            .into())
+            ))
         }
-        (None, None) => return Err(ApiError::bad_request("give `text`").into()),
+        (None, None) => return Err(ApiError::bad_request("give `text`")),
     };
     let (texts, single) = texts(text)?;
     let ids = request_ids(req.rid.as_ref(), texts.len(), single)?;
@@ -146,29 +128,6 @@ async fn classify_inner(state: &Arc<AppState>, body: Value) -> Result<Response, 
     Ok(outcome.respond(body))
 }
 
-/// The error body of SGLang's OpenAI-compatible routes.
-struct OpenAiError(ApiError);
-
-impl IntoResponse for OpenAiError {
-    fn into_response(self) -> Response {
-        let status = self.0.status;
-        let kind = if status.is_client_error() {
-            "BadRequestError"
-        } else {
-            "InternalServerError"
-        };
-        let body = json!({"object": "error", "message": self.0.message, "type": kind,
-                          "param": null, "code": status.as_u16()});
-        (status, Json(body)).into_response()
-    }
-}
-
-impl From<ApiError> for OpenAiError {
-    fn from(e: ApiError) -> Self {
-        Self(e)
-    }
-}
-
 #[derive(Deserialize)]
 struct EmbeddingsRequest {
     #[serde(default)]
@@ -186,13 +145,13 @@ pub async fn embeddings(
 ) -> Response {
     embeddings_inner(&state, body.map(|ApiJson(b)| b))
         .await
-        .unwrap_or_else(IntoResponse::into_response)
+        .unwrap_or_else(|e| ErrorShape::OpenAiFlat.respond(e))
 }
 
 async fn embeddings_inner(
     state: &Arc<AppState>,
     body: Result<Value, ApiError>,
-) -> Result<Response, OpenAiError> {
+) -> Result<Response, ApiError> {
     let req: EmbeddingsRequest = serde_json::from_value(body?)
         .map_err(|e| ApiError::bad_request(format!("invalid /v1/embeddings body: {e}")))?;
     let input = req
@@ -203,8 +162,7 @@ async fn embeddings_inner(
     if req.dimensions.as_ref().is_some_and(|d| !d.is_null()) {
         return Err(ApiError::bad_request(
             "`dimensions`: a reward model's embedding is its head's output, which has a fixed size",
-        )
-        .into());
+        ));
     }
     let base64 = base64_requested(req.encoding_format.as_deref())?;
     let request = ScoringRequest::new(inputs.into_iter().map(Input::Text).collect());

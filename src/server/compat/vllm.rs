@@ -8,44 +8,18 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::activation::Activation;
+use super::error_shape::ErrorShape;
 use super::{base64_requested, float_array, request_id, string_list, unix_time};
 use crate::server::error::ApiError;
 use crate::server::pipeline::{self, parse_direction, ApiJson, ScoringOutcome, ScoringRequest};
 use crate::server::AppState;
 use crate::text::{Input, Message};
-
-/// vLLM's error body: `{"error": {"message", "type", "param", "code"}}`.
-struct VllmError(ApiError);
-
-impl IntoResponse for VllmError {
-    fn into_response(self) -> Response {
-        let status = self.0.status;
-        let kind = match status {
-            StatusCode::UNAUTHORIZED => "AuthenticationError",
-            StatusCode::NOT_FOUND => "NotFoundError",
-            StatusCode::TOO_MANY_REQUESTS => "RateLimitError",
-            StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
-            StatusCode::GATEWAY_TIMEOUT => "TimeoutError",
-            s if s.is_client_error() => "BadRequestError",
-            _ => "InternalServerError",
-        };
-        let body = json!({"error": {"message": self.0.message, "type": kind, "param": null, "code": status.as_u16()}});
-        (status, Json(body)).into_response()
-    }
-}
-
-impl From<ApiError> for VllmError {
-    fn from(e: ApiError) -> Self {
-        Self(e)
-    }
-}
 
 /// The activation switches: `softmax` over `activation` over `use_activation` (vLLM up
 /// to 0.14 accepted all three; verl sent `activation` before `use_activation`).
@@ -127,7 +101,7 @@ pub async fn pooling(
 ) -> Response {
     pooling_inner(&state, body.map(|ApiJson(b)| b))
         .await
-        .unwrap_or_else(IntoResponse::into_response)
+        .unwrap_or_else(|e| ErrorShape::Vllm.respond(e))
 }
 
 /// A process reward model's pooled output as vLLM's STEP pooler gives it: per input, one
@@ -137,11 +111,11 @@ pub async fn pooling(
 async fn pooling_inner(
     state: &Arc<AppState>,
     body: Result<Value, ApiError>,
-) -> Result<Response, VllmError> {
+) -> Result<Response, ApiError> {
     let req: PoolingRequest = serde_json::from_value(body?)
         .map_err(|e| ApiError::bad_request(format!("invalid /pooling body: {e}")))?;
     if state.ready.get().is_none() {
-        return Err(ApiError::not_ready().into());
+        return Err(ApiError::not_ready());
     }
     if !super::scores_are_probabilities(state) {
         return whole_input_pooling(state, req).await;
@@ -150,8 +124,7 @@ async fn pooling_inner(
         return Err(ApiError::bad_request(
             "a process reward model's steps are served as probabilities: raw logits \
              (`use_activation: false`) are not available",
-        )
-        .into());
+        ));
     }
     let base64 = base64_requested(req.encoding_format.as_deref())?;
     let positive = state
@@ -232,13 +205,13 @@ pub async fn classify(
 ) -> Response {
     classify_inner(&state, body.map(|ApiJson(b)| b))
         .await
-        .unwrap_or_else(IntoResponse::into_response)
+        .unwrap_or_else(|e| ErrorShape::Vllm.respond(e))
 }
 
 async fn classify_inner(
     state: &Arc<AppState>,
     body: Result<Value, ApiError>,
-) -> Result<Response, VllmError> {
+) -> Result<Response, ApiError> {
     let req: ClassifyRequest = serde_json::from_value(body?)
         .map_err(|e| ApiError::bad_request(format!("invalid /classify body: {e}")))?;
     let outcome = pipeline::run(state, "vllm_classify", req.scoring_request()?).await?;
@@ -284,13 +257,12 @@ async fn classify_inner(
 async fn whole_input_pooling(
     state: &Arc<AppState>,
     req: PoolingRequest,
-) -> Result<Response, VllmError> {
+) -> Result<Response, ApiError> {
     if req.classify.flags.requested() == Some(true) {
         return Err(ApiError::bad_request(
             "/pooling answers this model's raw scores, as lmdeploy does: for an activation \
              use /classify",
-        )
-        .into());
+        ));
     }
     let base64 = base64_requested(req.encoding_format.as_deref())?;
     let request = req.classify.scoring_request()?;
@@ -376,20 +348,19 @@ pub async fn score(
 pub async fn score_body(state: &Arc<AppState>, body: Result<Value, ApiError>) -> Response {
     score_inner(state, body)
         .await
-        .unwrap_or_else(IntoResponse::into_response)
+        .unwrap_or_else(|e| ErrorShape::Vllm.respond(e))
 }
 
 async fn score_inner(
     state: &Arc<AppState>,
     body: Result<Value, ApiError>,
-) -> Result<Response, VllmError> {
+) -> Result<Response, ApiError> {
     let req: ScoreRequest = serde_json::from_value(body?)
         .map_err(|e| ApiError::bad_request(format!("invalid /score body: {e}")))?;
     let (Some(q), Some(d)) = (&req.queries, &req.documents) else {
         return Err(ApiError::bad_request(
             "give `queries` and `documents` (or `text_1` and `text_2`)",
-        )
-        .into());
+        ));
     };
     let inputs = score_pairs(string_list(q, "queries")?, string_list(d, "documents")?)?;
     let (truncate, max_length) = truncation(req.truncate_prompt_tokens)?;
@@ -424,13 +395,13 @@ struct RerankRequest {
 pub async fn rerank_body(state: &Arc<AppState>, body: Result<Value, ApiError>) -> Response {
     rerank_inner(state, body)
         .await
-        .unwrap_or_else(IntoResponse::into_response)
+        .unwrap_or_else(|e| ErrorShape::Vllm.respond(e))
 }
 
 async fn rerank_inner(
     state: &Arc<AppState>,
     body: Result<Value, ApiError>,
-) -> Result<Response, VllmError> {
+) -> Result<Response, ApiError> {
     let req: RerankRequest = serde_json::from_value(body?)
         .map_err(|e| ApiError::bad_request(format!("invalid /rerank body: {e}")))?;
     let documents = string_list(&req.documents, "documents")?;
