@@ -237,6 +237,23 @@ fn vllm_score_and_rerank() {
     let (status, again) = server.post("/rerank", &s["body"]);
     assert_eq!(status, 200);
     assert_eq!(again["results"], body["results"]);
+
+    // Cohere's v2 client on /v2/rerank (vLLM serves it there too): the same ranking.
+    let s = sample("cohere_v2_rerank");
+    let cohere = replay(&server, &s);
+    let docs = s["body"]["documents"].as_array().unwrap();
+    let want = native(
+        &server,
+        docs.iter().map(|d| pair(&s["body"]["query"], d)).collect(),
+    );
+    let results = cohere["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "top_n");
+    let mut best = (0..want.len()).collect::<Vec<_>>();
+    best.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+    for (r, &i) in results.iter().zip(&best) {
+        assert_eq!(r["index"], i);
+        close(&r["relevance_score"], sigmoid(want[i]), "cohere v2 rerank");
+    }
     // vLLM's error shape.
     let (status, err) = server.post("/classify", &json!({"model": "x"}));
     assert_eq!(status, 400);

@@ -315,6 +315,7 @@ fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/v1/score", post(compat::v1_score))
         .route("/v1/rerank", post(compat::v1_rerank))
+        .route("/v2/rerank", post(compat::v2_rerank))
         .route("/", post(compat::root))
         .route("/predict", post(compat::predict))
         .route("/rerank", post(compat::rerank))

@@ -130,6 +130,16 @@ pub async fn v1_score(
     }
 }
 
+/// `POST /v2/rerank`: vLLM serves its rerank here too for Cohere's v2 client
+/// (`ClientV2.rerank` posts `{"model", "query", "documents", "top_n"}` and reads
+/// `results[].index`, `relevance_score`).
+pub async fn v2_rerank(
+    State(state): State<Arc<AppState>>,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
+    vllm::rerank_body(&state, body.map(|ApiJson(b)| b)).await
+}
+
 /// A response id in the style vLLM gives (`classify-<32 hex>`).
 fn request_id(prefix: &str) -> String {
     use std::hash::{BuildHasher, Hasher};
