@@ -56,7 +56,7 @@ pub async fn score_value(state: &Arc<AppState>, body: Value) -> Result<Response,
             .collect::<Option<Vec<_>>>(),
         model: state.model_name.clone(),
         usage: Usage {
-            prompt_tokens: outcome.prompt_tokens,
+            prompt_tokens: outcome.prompt_tokens(),
         },
     };
     Ok(outcome.respond(response))
@@ -143,7 +143,7 @@ pub async fn rerank_value(state: &Arc<AppState>, body: Value) -> Result<Response
         best_index,
         model: state.model_name.clone(),
         usage: Usage {
-            prompt_tokens: outcome.prompt_tokens,
+            prompt_tokens: outcome.prompt_tokens(),
         },
     };
     Ok(outcome.respond(response))

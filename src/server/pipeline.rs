@@ -83,18 +83,23 @@ impl ScoringRequest {
 
 pub struct ScoringOutcome {
     pub scores: Vec<Score>,
-    /// Each input's tokens, in order, and their sum.
+    /// Each input's tokens, in order.
     pub input_tokens: Vec<usize>,
-    pub prompt_tokens: usize,
     pub timings: Timings,
 }
 
 impl ScoringOutcome {
+    /// The request's tokens, all inputs together.
+    pub fn prompt_tokens(&self) -> usize {
+        self.input_tokens.iter().sum()
+    }
+
     /// A 200 with `body` and the timing headers of this request.
     pub fn respond(&self, body: impl serde::Serialize) -> axum::response::Response {
         use axum::response::IntoResponse;
         (
-            self.timings.headers(self.scores.len(), self.prompt_tokens),
+            self.timings
+                .headers(self.scores.len(), self.prompt_tokens()),
             axum::Json(body),
         )
             .into_response()
@@ -275,7 +280,7 @@ pub async fn run(
         .await;
     span.in_scope(|| match &result {
         Ok(o) => tracing::debug!(
-            tokens = o.prompt_tokens,
+            tokens = o.prompt_tokens(),
             total_ms = o.timings.total.as_secs_f64() * 1000.0,
             "scored"
         ),
@@ -375,7 +380,6 @@ async fn run_inner(
     })??;
     let tokenization = tokenizing.elapsed();
     let input_tokens: Vec<usize> = encoded.iter().map(|s| s.ids.len()).collect();
-    let prompt_tokens = input_tokens.iter().sum();
     let scored = tokio::time::timeout(config.request_timeout, ready.engine.score(encoded))
         .await
         .map_err(|_| {
@@ -391,7 +395,6 @@ async fn run_inner(
     Ok(ScoringOutcome {
         scores: scored.scores,
         input_tokens,
-        prompt_tokens,
         timings: Timings {
             tokenization,
             queue: scored.queue_time,

@@ -180,7 +180,7 @@ async fn embeddings_inner(
         "object": "list",
         "data": data,
         "model": state.model_name,
-        "usage": {"prompt_tokens": outcome.prompt_tokens, "total_tokens": outcome.prompt_tokens},
+        "usage": {"prompt_tokens": outcome.prompt_tokens(), "total_tokens": outcome.prompt_tokens()},
     })))
 }
 

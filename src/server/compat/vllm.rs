@@ -179,8 +179,8 @@ fn list_response(
 
 fn usage(outcome: &ScoringOutcome) -> Value {
     json!({
-        "prompt_tokens": outcome.prompt_tokens,
-        "total_tokens": outcome.prompt_tokens,
+        "prompt_tokens": outcome.prompt_tokens(),
+        "total_tokens": outcome.prompt_tokens(),
         "completion_tokens": 0,
         "prompt_tokens_details": null,
     })
@@ -434,13 +434,13 @@ async fn rerank_inner(
     let body = json!({
         "id": request_id("rerank"),
         "model": model_name(state),
-        "usage": {"prompt_tokens": outcome.prompt_tokens, "total_tokens": outcome.prompt_tokens},
+        "usage": {"prompt_tokens": outcome.prompt_tokens(), "total_tokens": outcome.prompt_tokens()},
         "results": results,
     });
     Ok((
         outcome
             .timings
-            .headers(outcome.scores.len(), outcome.prompt_tokens),
+            .headers(outcome.scores.len(), outcome.prompt_tokens()),
         Json(body),
     )
         .into_response())
