@@ -314,6 +314,16 @@ fn missing_files_and_weights() {
         "{msg}"
     );
 
+    // Sharded pickles: the index is what is found.
+    let bin_sharded = good_member(tmp.path(), "binsharded", 4);
+    std::fs::remove_file(bin_sharded.join("model.safetensors")).unwrap();
+    std::fs::write(bin_sharded.join("pytorch_model.bin.index.json"), "{}").unwrap();
+    let msg = refusal(&[a.clone(), bin_sharded], None);
+    assert!(
+        msg.contains("found pytorch_model.bin.index.json: convert it to safetensors first"),
+        "{msg}"
+    );
+
     let sharded = tmp.path().join("sharded");
     write_checkpoint(
         &sharded,

@@ -210,6 +210,8 @@ parity! {
     qwen2_skywork_prm => "qwen2-skywork-prm",
     internlm2_rm => "internlm2-rm",
     polar_rm => "polar-rm",
+    ultrarm_llama => "ultrarm-llama",
+    eurus_rm_mistral => "eurus-rm-mistral",
 }
 
 /// Real pre-trained weights (too large for the repository): run

@@ -253,14 +253,15 @@ fn model_weight_files(dir: &Path) -> Result<Vec<String>, CheckpointError> {
     if dir.join(SINGLE_WEIGHTS_FILE).is_file() {
         return Ok(vec![SINGLE_WEIGHTS_FILE.to_string()]);
     }
-    let hint = if dir.join("pytorch_model.bin").is_file() {
-        " (found pytorch_model.bin: convert it to safetensors first)"
-    } else {
-        ""
-    };
+    // Older releases (UltraRM-13b among them) ship PyTorch pickles only, often sharded.
+    let hint = ["pytorch_model.bin", "pytorch_model.bin.index.json"]
+        .iter()
+        .find(|name| dir.join(name).is_file())
+        .map(|name| format!(" (found {name}: convert it to safetensors first)"))
+        .unwrap_or_default();
     Err(CheckpointError::NoWeights {
         dir: dir.to_path_buf(),
-        hint: hint.to_string(),
+        hint,
     })
 }
 

@@ -12,6 +12,7 @@ mod internlm2;
 mod layers;
 mod openrlhf;
 mod packed_attention;
+mod regression_head;
 mod relative_position;
 mod score_head;
 mod segments;
@@ -74,6 +75,8 @@ pub const SUPPORTED: &[&str] = &[
     "Gemma2ForTokenClassification",
     "Qwen2ForPrmModel",
     internlm2::ARCHITECTURE,
+    "LlamaRewardModel",
+    "EurusRewardModel",
 ];
 
 /// Which token's hidden state the score head reads, as transformers does.
@@ -386,6 +389,10 @@ pub fn load(
         ),
         name if openrlhf::ARCHITECTURES.contains(&name) => openrlhf::load(&raw, vb),
         other => {
+            // OpenBMB's classes (UltraRM, Eurus-RM): a backbone under a regression head.
+            if let Some(backbone) = regression_head::backbone(other) {
+                return regression_head::load(other, backbone, &raw, vb);
+            }
             // A decoder's token classification: a process reward model as TRL's
             // PRMTrainer trains one, read after every step.
             if let Some(family) = decoder::token_classification_family(other) {
