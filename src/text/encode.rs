@@ -170,7 +170,7 @@ impl TextEncoder {
         let mut ids = encoding.get_ids().to_vec();
         let mut type_ids = encoding.get_type_ids().to_vec();
         // A client that appends the token itself (to text it formats) gets no second one.
-        if let Some(id) = self.appended.filter(|id| ids.last() != Some(id)) {
+        if let Some(id) = self.appended.filter(|_| self.will_append(&encoding)) {
             ids.push(id);
             type_ids.push(type_ids.last().copied().unwrap_or(0));
         }
@@ -204,13 +204,32 @@ impl TextEncoder {
         } else {
             0
         };
-        let added = special + usize::from(self.appended.is_some());
+        let post_process = |a: Encoding, b: Option<Encoding>| {
+            self.tokenizer
+                .post_process(a, b, add_special_tokens)
+                .map_err(|e| TextError::Tokenizer(e.to_string()))
+        };
         let content = a.get_ids().len() + b.as_ref().map_or(0, |b| b.get_ids().len());
-        let (a, b) = if content + added <= options.max_length {
-            (a, b)
-        } else if options.truncate {
+        let room = usize::from(self.appended.is_some());
+        if content + special + room <= options.max_length {
+            return post_process(a, b);
+        }
+        // Over the limit with room for the appended token, which an input that ends with
+        // it does not get: its length is then that of its own tokens.
+        let whole = post_process(a.clone(), b.clone())?;
+        let length = whole.get_ids().len() + usize::from(self.will_append(&whole));
+        if length <= options.max_length {
+            return Ok(whole);
+        }
+        if !options.truncate {
+            return Err(TextError::TooLong {
+                length,
+                max: options.max_length,
+            });
+        }
+        let truncated = |room: usize| {
             let params = TruncationParams {
-                max_length: options.max_length.saturating_sub(added),
+                max_length: options.max_length.saturating_sub(special + room),
                 strategy: TruncationStrategy::LongestFirst,
                 stride: 0,
                 direction: match options.direction {
@@ -218,16 +237,26 @@ impl TextEncoder {
                     Direction::Right => TruncationDirection::Right,
                 },
             };
-            truncate_encodings(a, b, &params).map_err(|e| TextError::Tokenizer(e.to_string()))?
-        } else {
-            return Err(TextError::TooLong {
-                length: content + added,
-                max: options.max_length,
-            });
+            let (a, b) = truncate_encodings(a.clone(), b.clone(), &params)
+                .map_err(|e| TextError::Tokenizer(e.to_string()))?;
+            post_process(a, b)
         };
-        self.tokenizer
-            .post_process(a, b, add_special_tokens)
-            .map_err(|e| TextError::Tokenizer(e.to_string()))
+        let reserved = truncated(room)?;
+        // Room was left for the token, and the cut kept the input's own (a text that ends
+        // with it, cut from the left): that room is the input's, as without the token.
+        if room == 1 && !self.will_append(&reserved) {
+            let full = truncated(0)?;
+            if !self.will_append(&full) {
+                return Ok(full);
+            }
+        }
+        Ok(reserved)
+    }
+
+    /// Whether `encoding` gets the appended token: there is one and it does not end so.
+    fn will_append(&self, encoding: &Encoding) -> bool {
+        self.appended
+            .is_some_and(|id| encoding.get_ids().last() != Some(&id))
     }
 }
 
@@ -243,4 +272,106 @@ pub fn pair_messages(prompt: &str, response: &str) -> Vec<Message> {
             content: response.into(),
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const REWARD_TOKEN: &str = "[UNUSED_TOKEN_130]";
+
+    /// The internlm2-rm fixture's encoder, which appends its reward token.
+    fn internlm2() -> (TextEncoder, u32) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/internlm2-rm");
+        let mut encoder = super::super::load_text_encoder(&dir).expect("the fixture's tokenizer");
+        let id = encoder
+            .tokenizer()
+            .token_to_id(REWARD_TOKEN)
+            .expect("the fixture has the reward token");
+        encoder.append_token(id);
+        (encoder, id)
+    }
+
+    fn options(max_length: usize, truncate: bool, direction: Direction) -> EncodeOptions {
+        EncodeOptions {
+            max_length,
+            truncate,
+            direction,
+            add_special_tokens: true,
+        }
+    }
+
+    fn text(s: &str) -> Input {
+        Input::Text(s.to_string())
+    }
+
+    const TEXT: &str = "The assistant explained the long report with care, step by step.";
+
+    /// An input that ends with the appended token is as long as its own tokens: it fits a
+    /// limit of exactly that, and a cut from the left keeps the token and fills the limit.
+    #[test]
+    fn a_text_that_ends_with_the_appended_token_spends_no_room_on_it() {
+        let (encoder, id) = internlm2();
+        let unlimited = options(usize::MAX, false, Direction::Left);
+        let own = format!("{TEXT}{REWARD_TOKEN}");
+        let whole = encoder.encode(&text(&own), &unlimited).unwrap().ids;
+        let n = whole.len();
+        assert_eq!(whole.last(), Some(&id));
+        assert_eq!(whole.iter().filter(|&&t| t == id).count(), 1);
+        // The same ids as the server appending the token itself.
+        assert_eq!(encoder.encode(&text(TEXT), &unlimited).unwrap().ids, whole);
+
+        let exact = encoder.encode(&text(&own), &options(n, false, Direction::Left));
+        assert_eq!(exact.unwrap().ids, whole);
+        match encoder.encode(&text(&own), &options(n - 1, false, Direction::Left)) {
+            Err(TextError::TooLong { length, max }) => assert_eq!((length, max), (n, n - 1)),
+            other => panic!("{other:?}"),
+        }
+
+        let left = encoder
+            .encode(&text(&own), &options(n - 3, true, Direction::Left))
+            .unwrap()
+            .ids;
+        assert_eq!(left.len(), n - 3);
+        assert_eq!(left[0], whole[0], "the BOS token is kept");
+        assert_eq!(left[1..], whole[4..], "the end is kept, the token once");
+    }
+
+    /// Without the token in the text, or when the cut takes it (from the right), the room
+    /// for it is kept and it is appended: still the limit's length, ending with it.
+    #[test]
+    fn room_is_kept_for_the_token_the_encoder_appends() {
+        let (encoder, id) = internlm2();
+        let unlimited = options(usize::MAX, false, Direction::Left);
+        let whole = encoder.encode(&text(TEXT), &unlimited).unwrap().ids;
+        let n = whole.len();
+        assert_eq!(
+            encoder
+                .encode(&text(TEXT), &options(n, false, Direction::Left))
+                .unwrap()
+                .ids,
+            whole
+        );
+        assert!(matches!(
+            encoder.encode(&text(TEXT), &options(n - 1, false, Direction::Left)),
+            Err(TextError::TooLong { length, .. }) if length == n
+        ));
+        let left = encoder
+            .encode(&text(TEXT), &options(n - 3, true, Direction::Left))
+            .unwrap()
+            .ids;
+        assert_eq!(left.len(), n - 3);
+        assert_eq!((left[0], &left[1..]), (whole[0], &whole[4..]));
+
+        let own = format!("{TEXT}{REWARD_TOKEN}");
+        let right = encoder
+            .encode(&text(&own), &options(n - 3, true, Direction::Right))
+            .unwrap()
+            .ids;
+        assert_eq!(right.len(), n - 3);
+        assert_eq!(right[..n - 4], whole[..n - 4]);
+        assert_eq!(right.last(), Some(&id));
+    }
 }
