@@ -88,5 +88,45 @@ fn shared_prefix(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, forward, shared_prefix);
+/// A process reward model reads a row at every step tag: 8 inputs of 256 tokens with a tag
+/// after every 32 (8 steps each), on the qwen2-prm fixture and, when WARM_BENCH_PRM names
+/// one (benches/make_prm.py), on a Qwen2.5-Math-PRM of SmolLM2-135M's shapes.
+fn step_rows(c: &mut Criterion) {
+    const INPUTS: usize = 8;
+    const LEN: usize = 256;
+    const STEP: usize = 32;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    let mut models = vec![("qwen2-prm".to_string(), root.join("qwen2-prm"))];
+    if let Ok(dir) = std::env::var("WARM_BENCH_PRM") {
+        models.push(("custom".into(), PathBuf::from(dir)));
+    }
+    let mut group = c.benchmark_group("step_rows");
+    group.sample_size(10);
+    for (name, dir) in models {
+        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+            .expect("the model's tokenizer.json");
+        let tag = tokenizer
+            .token_to_id("<extra_0>")
+            .expect("Qwen2.5-Math-PRM's step tag");
+        let scorer = load(dir);
+        let seqs: Vec<Sequence> = Sequence::synthetic_batch(INPUTS, LEN, 5..305)
+            .into_iter()
+            .map(|s| {
+                let mut ids: Vec<u32> = s.ids.into_iter().filter(|&id| id != tag).collect();
+                for step_end in (STEP - 1..ids.len()).step_by(STEP) {
+                    ids[step_end] = tag;
+                }
+                Sequence::plain(ids)
+            })
+            .collect();
+        let refs: Vec<&Sequence> = seqs.iter().collect();
+        group.throughput(Throughput::Elements((INPUTS * LEN) as u64));
+        group.bench_function(BenchmarkId::new(&name, format!("{INPUTS}x{LEN}")), |b| {
+            b.iter(|| scorer.score(&refs).expect("forward"));
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, forward, shared_prefix, step_rows);
 criterion_main!(benches);

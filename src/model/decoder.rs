@@ -511,22 +511,28 @@ impl DecoderModel {
         let rows = PackedRows::new(segments, device)?;
         let total = ids.len();
         let mut x = self.embed_rows(&Tensor::from_vec(ids, total, device)?)?;
-        // The last layer computes the last rows alone, unless the head reads other rows too.
-        let last_only = read_rows.is_none() && !self.layers.is_empty();
-        let last = self.layers.len().saturating_sub(1);
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = self.packed_layer_forward(layer, &x, &rows, last_only && i == last)?;
-        }
-        let last_rows = if last_only {
-            x.clone()
-        } else {
-            x.index_select(&rows.last_rows, 0)?
-        };
         let work = Work {
             tokens: total,
             shared,
         };
-        Ok((self.read_out(&x, &last_rows, read_rows)?, work))
+        let Some(last) = self.layers.len().checked_sub(1) else {
+            let last_rows = x.index_select(&rows.last_rows, 0)?;
+            return Ok((self.read_out(&x, &last_rows, read_rows)?, work));
+        };
+        // The last layer computes only the rows the head reads: each input's last one and,
+        // for a head that reads others (where prompts end, steps), those after them.
+        let selected = Selected::new(&rows, read_rows.as_ref(), device)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let only = (i == last).then_some(&selected);
+            x = self.packed_layer_forward(layer, &x, &rows, only)?;
+        }
+        let inputs = rows.segments.inputs();
+        let last_rows = x.narrow(0, 0, inputs)?;
+        let read = match read_rows {
+            Some(ReadRows { rows, counts }) => Some((x.narrow(0, inputs, rows.len())?, counts)),
+            None => None,
+        };
+        Ok((self.head(&last_rows, read)?, work))
     }
 
     /// The score head on the last rows `last` `[b, h]` and, for a head that reads them, the
@@ -536,8 +542,18 @@ impl DecoderModel {
             Some(ReadRows { rows, counts }) => {
                 let count = rows.len();
                 let rows = Tensor::from_vec(rows, count, x.device())?;
-                Some((self.norm.forward(&x.index_select(&rows, 0)?)?, counts))
+                Some((x.index_select(&rows, 0)?, counts))
             }
+            None => None,
+        };
+        self.head(last, read)
+    }
+
+    /// The score head on the last rows `last` `[b, h]` and, for a head that reads them,
+    /// the rows `read` with how many are each input's (final norm not yet applied).
+    fn head(&self, last: &Tensor, read: Option<(Tensor, Vec<usize>)>) -> Result<HeadOutput> {
+        let read = match read {
+            Some((rows, counts)) => Some((self.norm.forward(&rows)?, counts)),
             None => None,
         };
         self.score.forward(
@@ -610,23 +626,25 @@ impl DecoderModel {
     }
 
     /// One layer on packed rows `[t, h]` with attention on them as well (CPU, f32). In the
-    /// last layer only each sequence's last row goes on (the score head reads nothing
-    /// else): its query, attention output and MLP are computed for that row alone, while
-    /// keys and values still come from every row. Returns `[b, h]` then.
+    /// last layer only the `selected` rows go on (those the score head reads): their
+    /// queries, attention outputs and MLP are computed alone, while keys and values still
+    /// come from every row. Returns those rows then, in the selection's order.
     fn packed_layer_forward(
         &self,
         l: &Layer,
         x: &Tensor,
         rows: &PackedRows,
-        last_only: bool,
+        selected: Option<&Selected>,
     ) -> Result<Tensor> {
         let h = l.input_norm.forward(x)?;
-        let (x, q_in, q_positions, queries) = if last_only {
-            let x = x.index_select(&rows.last_rows, 0)?;
-            let q_in = h.index_select(&rows.last_rows, 0)?;
-            (x, q_in, &rows.last_positions, Queries::Last)
-        } else {
-            (x.clone(), h.clone(), &rows.positions, Queries::Every)
+        let (x, q_in, q_positions, queries) = match selected {
+            Some(selected) => (
+                x.index_select(&selected.index, 0)?,
+                h.index_select(&selected.index, 0)?,
+                &selected.positions,
+                selected.queries(),
+            ),
+            None => (x.clone(), h.clone(), &rows.positions, Queries::Every),
         };
         let mut q = l.q.forward(&q_in)?;
         let mut k = l.k.forward(&h)?;
@@ -701,6 +719,47 @@ impl PackedRows {
             last_rows: Tensor::from_vec(last_rows, inputs, device)?,
             segments,
         })
+    }
+}
+
+/// The rows a decoder's last layer computes: each input's last row (in input order), then
+/// the rows the score head reads besides, if any.
+struct Selected {
+    index: Tensor,
+    positions: Vec<usize>,
+    /// The rows, where the head reads more than the last ones.
+    rows: Option<Vec<usize>>,
+}
+
+impl Selected {
+    fn new(packed: &PackedRows, read: Option<&ReadRows>, device: &Device) -> Result<Self> {
+        let Some(read) = read else {
+            return Ok(Self {
+                index: packed.last_rows.clone(),
+                positions: packed.last_positions.clone(),
+                rows: None,
+            });
+        };
+        let rows: Vec<usize> = packed
+            .segments
+            .last_rows()
+            .into_iter()
+            .chain(read.rows.iter().copied())
+            .map(|row| row as usize)
+            .collect();
+        let index: Vec<u32> = rows.iter().map(|&row| row as u32).collect();
+        Ok(Self {
+            index: Tensor::from_vec(index, rows.len(), device)?,
+            positions: rows.iter().map(|&row| packed.positions[row]).collect(),
+            rows: Some(rows),
+        })
+    }
+
+    fn queries(&self) -> Queries<'_> {
+        match &self.rows {
+            Some(rows) => Queries::Rows(rows),
+            None => Queries::Last,
+        }
     }
 }
 

@@ -60,13 +60,16 @@ impl KeySpan {
 
 /// Which rows the queries are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Queries {
+pub enum Queries<'a> {
     /// Every packed row: q is `[t, heads * d]`.
     Every,
     /// One row per sequence, its first token: q is `[b, heads * d]` (encoders' last layer).
     First,
     /// One row per sequence, its last token: q is `[b, heads * d]` (decoders' last layer).
     Last,
+    /// These packed rows, in this order (repeats allowed): q is `[n, heads * d]` (a
+    /// decoder's last layer when its head reads rows besides the last ones).
+    Rows(&'a [usize]),
 }
 
 /// Shape and scaling of one attention layer.
@@ -99,7 +102,7 @@ pub struct RelativeBias<'a> {
 pub fn attend(
     spec: &Spec,
     segments: &Segments,
-    queries: Queries,
+    queries: Queries<'_>,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -111,7 +114,7 @@ pub fn attend(
 pub fn attend_biased(
     spec: &Spec,
     segments: &Segments,
-    queries: Queries,
+    queries: Queries<'_>,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -125,7 +128,13 @@ pub fn attend_biased(
     let q_rows = match queries {
         Queries::Every => total,
         Queries::First | Queries::Last => segments.inputs(),
+        Queries::Rows(rows) => rows.len(),
     };
+    if let Queries::Rows(rows) = queries {
+        if rows.iter().any(|&row| row >= total) {
+            return Ok(None);
+        }
+    }
     let shapes_fit = q.dims() == [q_rows, heads * d]
         && k.dims() == [total, kv_heads * d]
         && v.dims() == [total, kv_heads * d];
@@ -253,7 +262,7 @@ impl BiasSlices<'_> {
 fn attend_slices(
     spec: &Spec,
     segments: &Segments,
-    queries: Queries,
+    queries: Queries<'_>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -262,10 +271,12 @@ fn attend_slices(
     let heads = spec.heads;
     let q_stride = heads * spec.head_dim;
     let q_rows = q.len() / q_stride;
-    // One task per (segment, head) for every row, per (input, head) for one row each.
+    // One task per (segment, head) for every row, per (input, head) for one row each,
+    // per (query row, head) for given rows.
     let owners = match queries {
         Queries::Every => segments.count(),
         Queries::First | Queries::Last => segments.inputs(),
+        Queries::Rows(rows) => rows.len(),
     };
     let mut out: Vec<f32> = Vec::with_capacity(q_rows * q_stride);
     let dst = Shared(out.as_mut_ptr());
@@ -274,6 +285,7 @@ fn attend_slices(
         let segment = match queries {
             Queries::Every => owner,
             Queries::First | Queries::Last => segments.end_of(owner),
+            Queries::Rows(rows) => segments.segment_of(rows[owner]),
         };
         let (start, len) = segments.rows(segment);
         let (prefix_start, prefix_len) = segments.prefix_rows(segment);
@@ -284,6 +296,7 @@ fn attend_slices(
             Queries::Every => (start, prefix_len, len),
             Queries::First => (owner, 0, 1),
             Queries::Last => (owner, keys.saturating_sub(1), 1),
+            Queries::Rows(rows) => (owner, prefix_len + rows[owner] - start, 1),
         };
         // SAFETY: this task alone writes columns h*d..(h+1)*d of rows row..row+count.
         let out_block = unsafe { dst.at(row * q_stride + h * spec.head_dim) };
@@ -304,7 +317,7 @@ fn attend_slices(
         );
     });
     // SAFETY: the tasks wrote every element: each (query row, head) block belongs to
-    // exactly one task (its segment's or input's), which fills it by gemm or with zeros.
+    // exactly one task (its segment's, input's or own), which fills it by gemm or with zeros.
     unsafe { out.set_len(q_rows * q_stride) };
     out
 }
@@ -859,6 +872,7 @@ mod tests {
                     _ => {
                         let rows: Vec<u32> = match queries {
                             Queries::Last => segments.last_rows(),
+                            Queries::Rows(rows) => rows.iter().map(|&r| r as u32).collect(),
                             _ => (0..segments.inputs())
                                 .map(|i| {
                                     let s = segments.end_of(i);
@@ -906,6 +920,18 @@ mod tests {
                     );
                     assert!(diff < 1e-5, "input {i} position {p}: {what}");
                 }
+            }
+            // Given rows (a prefix's and inputs' own, out of order, repeated): those rows
+            // of every row's attention.
+            let total = shared.total_rows();
+            let picked: Vec<usize> = (0..total).rev().step_by(3).chain([0, 0, 5]).collect();
+            let rows = run(&shared, &shared_ids, Queries::Rows(&picked));
+            for (i, &row) in picked.iter().enumerate() {
+                let diff = max_diff(
+                    &rows.narrow(0, i, 1).unwrap(),
+                    &got.narrow(0, row, 1).unwrap(),
+                );
+                assert!(diff < 1e-5, "row {row} as query {i}: {what}");
             }
         }
     }
@@ -974,6 +1000,39 @@ mod tests {
                     .expect("f32 CPU takes this path");
                 assert!(max_diff(&got, &pick) < 1e-5, "{queries:?}: {what}");
             }
+            // Rows of any input, the one-token input's included, in any order.
+            let picked = [24usize, 7, 0, 8, 8, 3, 19];
+            let index = Tensor::from_vec(
+                picked.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                picked.len(),
+                &dev,
+            )
+            .unwrap();
+            let got = attend(
+                &spec,
+                &segments,
+                Queries::Rows(&picked),
+                &q.index_select(&index, 0).unwrap(),
+                &k,
+                &v,
+            )
+            .unwrap()
+            .expect("f32 CPU takes this path");
+            let pick = want.index_select(&index, 0).unwrap();
+            assert!(max_diff(&got, &pick) < 1e-5, "given rows: {what}");
+            let beyond = [total];
+            let refused = attend(
+                &spec,
+                &segments,
+                Queries::Rows(&beyond),
+                &q.narrow(0, 0, 1).unwrap(),
+                &k,
+                &v,
+            );
+            assert!(
+                refused.unwrap().is_none(),
+                "a row beyond the batch is not attended"
+            );
         }
     }
 

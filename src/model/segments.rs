@@ -111,6 +111,14 @@ impl Segments {
         self.prefix[s].map_or((0, 0), |p| self.rows(p))
     }
 
+    /// The segment holding packed row `row` (< `total_rows`).
+    pub fn segment_of(&self, row: usize) -> usize {
+        // The last segment starting at or before the row: later empty ones start after it.
+        self.starts
+            .partition_point(|&start| start <= row)
+            .saturating_sub(1)
+    }
+
     /// The last segment of input `i`.
     pub fn end_of(&self, input: usize) -> usize {
         self.ends[input]
