@@ -49,6 +49,19 @@ pub struct EncodeOptions {
     pub add_special_tokens: bool,
 }
 
+#[cfg(test)]
+impl EncodeOptions {
+    /// Options for a test, the tokenizer's special tokens added.
+    pub fn up_to(max_length: usize, truncate: bool, direction: Direction) -> Self {
+        Self {
+            max_length,
+            truncate,
+            direction,
+            add_special_tokens: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
     pub ids: Vec<u32>,
@@ -294,15 +307,6 @@ mod tests {
         (encoder, id)
     }
 
-    fn options(max_length: usize, truncate: bool, direction: Direction) -> EncodeOptions {
-        EncodeOptions {
-            max_length,
-            truncate,
-            direction,
-            add_special_tokens: true,
-        }
-    }
-
     fn text(s: &str) -> Input {
         Input::Text(s.to_string())
     }
@@ -314,7 +318,7 @@ mod tests {
     #[test]
     fn a_text_that_ends_with_the_appended_token_spends_no_room_on_it() {
         let (encoder, id) = internlm2();
-        let unlimited = options(usize::MAX, false, Direction::Left);
+        let unlimited = EncodeOptions::up_to(usize::MAX, false, Direction::Left);
         let own = format!("{TEXT}{REWARD_TOKEN}");
         let whole = encoder.encode(&text(&own), &unlimited).unwrap().ids;
         let n = whole.len();
@@ -323,15 +327,24 @@ mod tests {
         // The same ids as the server appending the token itself.
         assert_eq!(encoder.encode(&text(TEXT), &unlimited).unwrap().ids, whole);
 
-        let exact = encoder.encode(&text(&own), &options(n, false, Direction::Left));
+        let exact = encoder.encode(
+            &text(&own),
+            &EncodeOptions::up_to(n, false, Direction::Left),
+        );
         assert_eq!(exact.unwrap().ids, whole);
-        match encoder.encode(&text(&own), &options(n - 1, false, Direction::Left)) {
+        match encoder.encode(
+            &text(&own),
+            &EncodeOptions::up_to(n - 1, false, Direction::Left),
+        ) {
             Err(TextError::TooLong { length, max }) => assert_eq!((length, max), (n, n - 1)),
             other => panic!("{other:?}"),
         }
 
         let left = encoder
-            .encode(&text(&own), &options(n - 3, true, Direction::Left))
+            .encode(
+                &text(&own),
+                &EncodeOptions::up_to(n - 3, true, Direction::Left),
+            )
             .unwrap()
             .ids;
         assert_eq!(left.len(), n - 3);
@@ -344,22 +357,28 @@ mod tests {
     #[test]
     fn room_is_kept_for_the_token_the_encoder_appends() {
         let (encoder, id) = internlm2();
-        let unlimited = options(usize::MAX, false, Direction::Left);
+        let unlimited = EncodeOptions::up_to(usize::MAX, false, Direction::Left);
         let whole = encoder.encode(&text(TEXT), &unlimited).unwrap().ids;
         let n = whole.len();
         assert_eq!(
             encoder
-                .encode(&text(TEXT), &options(n, false, Direction::Left))
+                .encode(
+                    &text(TEXT),
+                    &EncodeOptions::up_to(n, false, Direction::Left)
+                )
                 .unwrap()
                 .ids,
             whole
         );
         assert!(matches!(
-            encoder.encode(&text(TEXT), &options(n - 1, false, Direction::Left)),
+            encoder.encode(&text(TEXT), &EncodeOptions::up_to(n - 1, false, Direction::Left)),
             Err(TextError::TooLong { length, .. }) if length == n
         ));
         let left = encoder
-            .encode(&text(TEXT), &options(n - 3, true, Direction::Left))
+            .encode(
+                &text(TEXT),
+                &EncodeOptions::up_to(n - 3, true, Direction::Left),
+            )
             .unwrap()
             .ids;
         assert_eq!(left.len(), n - 3);
@@ -367,7 +386,10 @@ mod tests {
 
         let own = format!("{TEXT}{REWARD_TOKEN}");
         let right = encoder
-            .encode(&text(&own), &options(n - 3, true, Direction::Right))
+            .encode(
+                &text(&own),
+                &EncodeOptions::up_to(n - 3, true, Direction::Right),
+            )
             .unwrap()
             .ids;
         assert_eq!(right.len(), n - 3);

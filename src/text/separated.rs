@@ -136,15 +136,6 @@ mod tests {
         }
     }
 
-    fn options(max_length: usize, truncate: bool, direction: Direction) -> EncodeOptions {
-        EncodeOptions {
-            max_length,
-            truncate,
-            direction,
-            add_special_tokens: true,
-        }
-    }
-
     fn steps(prompt: &str, steps: &[&str]) -> Input {
         Input::Steps {
             prompt: prompt.into(),
@@ -154,7 +145,7 @@ mod tests {
 
     #[test]
     fn steps_follow_the_prompt_each_with_the_separator() {
-        let wide = options(100, false, Direction::Right);
+        let wide = EncodeOptions::up_to(100, false, Direction::Right);
         let got = layout(Some(1))
             .encode(&steps("q", &["ab", "c"]), &wide, chars)
             .unwrap();
@@ -189,27 +180,43 @@ mod tests {
         let input = steps("q", &["ab", "c", "d"]);
         // [bos] q a b \n c \n d \n: nine tokens.
         let right = layout(Some(1))
-            .encode(&input, &options(6, true, Direction::Right), chars)
+            .encode(
+                &input,
+                &EncodeOptions::up_to(6, true, Direction::Right),
+                chars,
+            )
             .unwrap();
         assert_eq!(right.ids, vec![1, 113, 97, 98, 10, 99]);
         assert_eq!(right.read_at, Some(vec![4]));
         let left = layout(Some(1))
-            .encode(&input, &options(5, true, Direction::Left), chars)
+            .encode(
+                &input,
+                &EncodeOptions::up_to(5, true, Direction::Left),
+                chars,
+            )
             .unwrap();
         assert_eq!(left.ids, vec![1, 99, 10, 100, 10]);
         assert_eq!(left.read_at, Some(vec![2, 4]));
-        let refused = layout(Some(1)).encode(&input, &options(8, false, Direction::Left), chars);
+        let refused = layout(Some(1)).encode(
+            &input,
+            &EncodeOptions::up_to(8, false, Direction::Left),
+            chars,
+        );
         assert!(matches!(
             refused,
             Err(TextError::TooLong { length: 9, max: 8 })
         ));
-        let none_left = layout(Some(1)).encode(&input, &options(4, true, Direction::Right), chars);
+        let none_left = layout(Some(1)).encode(
+            &input,
+            &EncodeOptions::up_to(4, true, Direction::Right),
+            chars,
+        );
         assert!(matches!(none_left, Err(TextError::Unscorable(_))));
     }
 
     #[test]
     fn text_conversations_and_empty_responses_are_refused() {
-        let wide = options(100, false, Direction::Right);
+        let wide = EncodeOptions::up_to(100, false, Direction::Right);
         for input in [
             Input::Text("q\na\n".into()),
             Input::Messages(vec![]),
