@@ -557,3 +557,88 @@ fn llamafactory_score_evaluation() {
         assert!(e["detail"].is_string(), "{e}");
     }
 }
+
+/// slime's `remote_rm` posts one sample at a time, `{"prompt", "response", "label"}`, and
+/// takes the JSON answer as the reward: a number. The prompt as the dataset holds it is
+/// the user's turn (transformers' score of the pair through the chat template); the
+/// policy's templated prompt (`?prompt=templated`) is text that the response continues,
+/// scored as `/get_reward` scores that text.
+#[test]
+fn slime_remote_rm() {
+    let server = start();
+    let expected = common::cases::expected("llama");
+    let pairs: Vec<&Value> = expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "pair")
+        .collect();
+
+    let s = sample("slime_remote_rm");
+    let reward = replay(&server, &s);
+    assert_eq!(s["body"]["prompt"], pairs[0]["prompt"]);
+    close(
+        &reward,
+        pairs[0]["score"].as_f64().unwrap(),
+        "raw prompt vs transformers",
+    );
+
+    let s = sample("slime_remote_rm_templated");
+    let reward = replay(&server, &s);
+    let text = format!(
+        "{}{}",
+        s["body"]["prompt"].as_str().unwrap(),
+        s["body"]["response"].as_str().unwrap()
+    );
+    let (status, got) = server.post("/get_reward", &json!({ "query": [text] }));
+    assert_eq!(status, 200, "{got}");
+    close(
+        &reward,
+        got["rewards"][0].as_f64().unwrap(),
+        "templated vs /get_reward",
+    );
+    // Not the pair's score: the template's end of turn after the response is not there.
+    assert!((reward.as_f64().unwrap() - pairs[1]["score"].as_f64().unwrap()).abs() > 1e-4);
+
+    // A message list is the conversation the response answers.
+    let chat = expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "chat")
+        .unwrap();
+    let messages = chat["messages"].as_array().unwrap();
+    let (last, before) = messages.split_last().unwrap();
+    let (status, reward) = server.post(
+        "/remote_rm",
+        &json!({"prompt": before, "response": last["content"], "label": "x"}),
+    );
+    assert_eq!(status, 200, "{reward}");
+    close(
+        &reward,
+        chat["score"].as_f64().unwrap(),
+        "messages vs transformers",
+    );
+
+    for (route, bad) in [
+        (
+            "/remote_rm?prompt=chat",
+            json!({"prompt": "a", "response": "b"}),
+        ),
+        ("/remote_rm", json!({"prompt": "a"})),
+        ("/remote_rm", json!({"response": "b"})),
+        ("/remote_rm", json!({"prompt": 3, "response": "b"})),
+        (
+            "/remote_rm",
+            json!({"prompt": [{"role": "user"}], "response": "b"}),
+        ),
+        (
+            "/remote_rm?prompt=templated",
+            json!({"prompt": [], "response": "b"}),
+        ),
+    ] {
+        let (status, e) = server.post(route, &bad);
+        assert_eq!(status, 400, "{route} {bad}: {e}");
+        assert!(e["error"].is_string(), "{e}");
+    }
+}

@@ -326,6 +326,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/score", post(compat::vllm_score))
         .route("/get_reward", post(compat::get_reward))
         .route("/v1/score/evaluation", post(compat::score_evaluation))
+        .route("/remote_rm", post(compat::remote_rm))
         .route("/info", get(native::info))
         .route("/openapi.json", get(native::openapi))
         .layer(axum::middleware::from_fn_with_state(

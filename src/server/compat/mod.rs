@@ -1,7 +1,8 @@
 //! Routes in the shapes existing clients send and parse (docs/compat-sources.md has the
 //! upstream file and function behind every shape): TEI, Hugging Face's InferenceClient,
 //! vLLM's pooling API (which verl calls), SGLang's native /classify (which POLAR's client
-//! calls), OpenRLHF's remote reward model, LLaMA-Factory's reward API. Routes that two
+//! calls), OpenRLHF's remote reward model, LLaMA-Factory's reward API, slime's remote
+//! reward model. Routes that two
 //! APIs share tell the bodies apart by their fields.
 
 pub mod activation;
@@ -9,6 +10,7 @@ mod error_shape;
 mod llamafactory;
 mod openrlhf;
 mod sglang;
+mod slime;
 mod tei;
 mod vllm;
 
@@ -26,6 +28,7 @@ use super::AppState;
 pub use llamafactory::score_evaluation;
 pub use openrlhf::get_reward;
 pub use sglang::embeddings;
+pub use slime::remote_rm;
 pub use tei::predict;
 pub use vllm::{classify as vllm_classify, pooling, score as vllm_score};
 
