@@ -301,7 +301,10 @@ impl Scorer {
         let encoded = self.encoder.encode(input, &options)?;
         if let Some(rows) = self.embedding_rows {
             if let Some(&id) = encoded.ids.iter().find(|&&id| id as usize >= rows) {
-                return Err(TextError::BeyondEmbedding { id, rows });
+                return Err(match input {
+                    Input::Ids(_) => TextError::IdBeyondVocabulary { id, rows },
+                    _ => TextError::BeyondEmbedding { id, rows },
+                });
             }
         }
         if let Some(rows) = self.models[0].token_type_rows() {

@@ -429,7 +429,8 @@ fn sglang_classify_as_polar_sends_it() {
             json!({"text": "a", "input_ids": [1, 2]}),
             "at the same time",
         ),
-        (json!({"input_ids": [[1, 2]]}), "token id"),
+        (json!({"input_ids": [[1, -2]]}), "non-negative"),
+        (json!({"input_ids": "1 2"}), "list of token ids"),
         (json!({"text": []}), "non-empty"),
         (json!({"text": ["a", "b"], "rid": "one"}), "rid"),
     ] {
@@ -486,7 +487,8 @@ fn sglang_embeddings_as_verl_sends_it() {
     }
 
     for (bad, says) in [
-        (json!({"input": [[1, 2, 3]]}), "token id"),
+        (json!({"input": [[1, 2, 3], []]}), "empty list of token ids"),
+        (json!({"input": [1, "a"]}), "list of token ids"),
         (json!({"input": "a", "dimensions": 8}), "dimensions"),
         (
             json!({"input": "a", "encoding_format": "int8"}),
@@ -641,4 +643,74 @@ fn slime_remote_rm() {
         assert_eq!(status, 400, "{route} {bad}: {e}");
         assert!(e["error"].is_string(), "{e}");
     }
+}
+
+/// Token-id inputs (vLLM's `input` as ids or lists of ids, SGLang's `input_ids`, OpenAI's
+/// embeddings input) are scored as given: the fixture's ids as transformers encoded them
+/// get transformers' scores on every route that takes them.
+#[test]
+fn token_id_inputs_score_as_given() {
+    let server = start();
+    let expected = common::cases::expected("llama");
+    let cases = expected["cases"].as_array().unwrap();
+    let ids: Vec<Value> = cases.iter().map(|c| c["ids"].clone()).collect();
+    let want: Vec<f64> = cases.iter().map(|c| c["score"].as_f64().unwrap()).collect();
+
+    let (status, b) = server.post(
+        "/classify",
+        &json!({"model": "m", "input": ids, "use_activation": false}),
+    );
+    assert_eq!(status, 200, "{b}");
+    for (i, w) in want.iter().enumerate() {
+        close(
+            &b["data"][i]["probs"][0],
+            *w,
+            &format!("vLLM /classify ids {i}"),
+        );
+    }
+    assert_eq!(
+        b["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+        ids.iter()
+            .map(|i| i.as_array().unwrap().len())
+            .sum::<usize>()
+    );
+    // One flat list of ids is one input.
+    let (status, b) = server.post("/pooling", &json!({"input": ids[1]}));
+    assert_eq!(status, 200, "{b}");
+    close(&b["data"][0]["data"], want[1], "/pooling one id list");
+    let (status, b) = server.post("/classify", &json!({"input_ids": ids}));
+    assert_eq!(status, 200, "{b}");
+    for (i, w) in want.iter().enumerate() {
+        close(&b[i]["embedding"][0], *w, &format!("SGLang input_ids {i}"));
+    }
+    let (status, b) = server.post("/classify", &json!({"input_ids": ids[2]}));
+    assert_eq!(status, 200, "{b}");
+    close(&b["embedding"][0], want[2], "SGLang one id list");
+    let (status, b) = server.post("/v1/embeddings", &json!({"input": [ids[0], ids[3]]}));
+    assert_eq!(status, 200, "{b}");
+    close(&b["data"][1]["embedding"][0], want[3], "/v1/embeddings ids");
+
+    // truncate_prompt_tokens keeps the last tokens of ids too: those ids' score alone.
+    let long = ids[2].as_array().unwrap();
+    let tail: Vec<Value> = long[long.len() - 10..].to_vec();
+    let (status, cut) = server.post(
+        "/classify",
+        &json!({"input": [long], "truncate_prompt_tokens": 10, "use_activation": false}),
+    );
+    assert_eq!(status, 200, "{cut}");
+    let (status, alone) = server.post(
+        "/classify",
+        &json!({"input": [tail], "use_activation": false}),
+    );
+    assert_eq!(status, 200, "{alone}");
+    assert_eq!(cut["data"][0]["probs"], alone["data"][0]["probs"]);
+
+    // An id the model has no embedding for: the model cannot serve it (422), by name.
+    let vocab = common::read_config(&fixture("llama"))["vocab_size"]
+        .as_u64()
+        .unwrap();
+    let (status, e) = server.post("/classify", &json!({"input": [[1, vocab]]}));
+    assert_eq!(status, 422, "{e}");
+    let message = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&format!("token id {vocab}")), "{e}");
 }

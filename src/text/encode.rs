@@ -29,6 +29,9 @@ pub enum Input {
         prompt: String,
         steps: Vec<String>,
     },
+    /// Token ids, taken as they are (special tokens included or not, as the client
+    /// tokenized them): vLLM's and SGLang's token-id inputs.
+    Ids(Vec<u32>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +179,7 @@ impl TextEncoder {
                 self.encode_parts(&rendered, None, false, options)?
             }
             Input::Steps { .. } => return Err(TextError::StepsUnseparated),
+            Input::Ids(ids) => return self.encode_ids(ids, options),
         };
         if encoding.get_ids().is_empty() {
             return Err(TextError::Empty);
@@ -190,6 +194,53 @@ impl TextEncoder {
         Ok(Encoded {
             ids,
             type_ids,
+            read_at: None,
+        })
+    }
+
+    /// Token ids as they are, truncated as text is (no special tokens to keep), then the
+    /// appended token where there is one.
+    fn encode_ids(&self, ids: &[u32], options: &EncodeOptions) -> Result<Encoded, TextError> {
+        if ids.is_empty() {
+            return Err(TextError::Empty);
+        }
+        let ends_with_token = |ids: &[u32]| {
+            self.appended
+                .is_some_and(|token| ids.last() == Some(&token))
+        };
+        let room = |ids: &[u32]| usize::from(self.appended.is_some() && !ends_with_token(ids));
+        let length = ids.len() + room(ids);
+        let mut ids = if length <= options.max_length {
+            ids.to_vec()
+        } else if options.truncate {
+            let cut = |keep: usize| match options.direction {
+                Direction::Left => ids[ids.len().saturating_sub(keep)..].to_vec(),
+                Direction::Right => ids[..keep.min(ids.len())].to_vec(),
+            };
+            let reserved = usize::from(self.appended.is_some());
+            let kept = cut(options.max_length.saturating_sub(reserved));
+            // As for text: a cut that keeps the input's own token spends no room on it.
+            let wider = cut(options.max_length);
+            if reserved == 1 && ends_with_token(&kept) && ends_with_token(&wider) {
+                wider
+            } else {
+                kept
+            }
+        } else {
+            return Err(TextError::TooLong {
+                length,
+                max: options.max_length,
+            });
+        };
+        if let Some(token) = self.appended.filter(|_| !ends_with_token(&ids)) {
+            ids.push(token);
+        }
+        if ids.is_empty() {
+            return Err(TextError::Empty);
+        }
+        Ok(Encoded {
+            type_ids: vec![0; ids.len()],
+            ids,
             read_at: None,
         })
     }
@@ -395,5 +446,43 @@ mod tests {
         assert_eq!(right.len(), n - 3);
         assert_eq!(right[..n - 4], whole[..n - 4]);
         assert_eq!(right.last(), Some(&id));
+    }
+
+    /// Token ids are taken as they are: no special tokens added, the appended token once,
+    /// truncated as text is.
+    #[test]
+    fn token_ids_get_the_appended_token_once_and_are_cut_alike() {
+        let (encoder, id) = internlm2();
+        let unlimited = EncodeOptions::up_to(usize::MAX, false, Direction::Left);
+        let whole = encoder.encode(&text(TEXT), &unlimited).unwrap().ids;
+        let n = whole.len();
+        let without = whole[..n - 1].to_vec();
+        for given in [&without, &whole] {
+            let ids = Input::Ids(given.clone());
+            assert_eq!(encoder.encode(&ids, &unlimited).unwrap().ids, whole);
+            let exact = EncodeOptions::up_to(n, false, Direction::Left);
+            assert_eq!(encoder.encode(&ids, &exact).unwrap().ids, whole);
+            let left = encoder
+                .encode(&ids, &EncodeOptions::up_to(n - 3, true, Direction::Left))
+                .unwrap()
+                .ids;
+            assert_eq!(left, whole[3..], "the end is kept, the token once");
+            let right = encoder
+                .encode(&ids, &EncodeOptions::up_to(n - 3, true, Direction::Right))
+                .unwrap()
+                .ids;
+            assert_eq!(
+                (&right[..n - 4], right.last()),
+                (&whole[..n - 4], Some(&id))
+            );
+        }
+        assert!(matches!(
+            encoder.encode(&Input::Ids(vec![]), &unlimited),
+            Err(TextError::Empty)
+        ));
+        assert!(matches!(
+            encoder.encode(&Input::Ids(without), &EncodeOptions::up_to(n - 1, false, Direction::Left)),
+            Err(TextError::TooLong { length, .. }) if length == n
+        ));
     }
 }

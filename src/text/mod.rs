@@ -36,6 +36,9 @@ pub enum TextError {
     /// an out-of-range id on a GPU is a device-side assert that breaks the context.
     #[error("the tokenizer gave token id {id}, beyond the model's {rows} embedding rows (tokenizer.json and config.json's vocab_size disagree)")]
     BeyondEmbedding { id: u32, rows: usize },
+    /// A token id a client sent that the model has no embedding for.
+    #[error("token id {id} is beyond the model's vocabulary ({rows} embedding rows)")]
+    IdBeyondVocabulary { id: u32, rows: usize },
     /// The same for token type ids (a pair template giving a type the model lacks).
     #[error("the tokenizer gave token type id {id}, beyond the model's {rows} token types (tokenizer.json's post-processor and config.json's type_vocab_size disagree)")]
     TypeBeyondEmbedding { id: u32, rows: usize },

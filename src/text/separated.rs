@@ -48,7 +48,7 @@ impl SeparatedSteps {
             Input::Pair { prompt, response } => {
                 (prompt, Cow::Owned(split_steps(response, &self.separator)))
             }
-            Input::Text(_) | Input::Messages(_) => {
+            Input::Text(_) | Input::Messages(_) | Input::Ids(_) => {
                 return Err(TextError::Unscorable(format!(
                     "this process reward model (TRL's PRMTrainer layout) reads a plain prompt \
                      and the steps of its response, each tokenized apart and followed by \

@@ -24,6 +24,7 @@ use super::error::ApiError;
 use super::native;
 use super::pipeline::ApiJson;
 use super::AppState;
+use crate::text::Input;
 
 pub use llamafactory::score_evaluation;
 pub use openrlhf::get_reward;
@@ -175,6 +176,53 @@ fn string_list(v: &Value, field: &str) -> Result<Vec<String>, ApiError> {
         }
         _ => Err(ApiError::bad_request(format!(
             "`{field}` must be a non-empty string or list of strings"
+        ))),
+    }
+}
+
+/// Inputs as vLLM, SGLang and OpenAI's embeddings take them: a string, a non-empty list of
+/// strings, a list of token ids (one input) or a non-empty list of such lists. Also whether
+/// one input was given bare (a string, or one list of ids).
+fn input_list(v: &Value, field: &str) -> Result<(Vec<Input>, bool), ApiError> {
+    let ids = |items: &[Value], at: &str| -> Result<Input, ApiError> {
+        items
+            .iter()
+            .map(|id| id.as_u64().and_then(|id| u32::try_from(id).ok()))
+            .collect::<Option<Vec<u32>>>()
+            .map(Input::Ids)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("`{at}`: token ids are non-negative integers"))
+            })
+    };
+    match v {
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            Ok((vec![ids(items, field)?], true))
+        }
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_array) => {
+            let inputs = items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    Value::Array(list) if !list.is_empty() => ids(list, &format!("{field}[{i}]")),
+                    _ => Err(ApiError::bad_request(format!(
+                        "`{field}[{i}]`: an empty list of token ids"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((inputs, false))
+        }
+        Value::String(_) | Value::Array(_) => {
+            let texts = string_list(v, field).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "`{field}` must be a string, a non-empty list of strings, a list of token \
+                     ids or a list of such lists"
+                ))
+            })?;
+            Ok((texts.into_iter().map(Input::Text).collect(), v.is_string()))
+        }
+        _ => Err(ApiError::bad_request(format!(
+            "`{field}` must be a string, a non-empty list of strings, a list of token ids or \
+             a list of such lists"
         ))),
     }
 }

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error_shape::ErrorShape;
-use super::{base64_requested, float_array, request_id, string_list};
+use super::{base64_requested, float_array, input_list, request_id, string_list};
 use crate::server::error::ApiError;
 use crate::server::pipeline::{self, ApiJson, ScoringRequest};
 use crate::server::AppState;
@@ -85,11 +85,17 @@ pub async fn classify_body(state: &Arc<AppState>, body: Value) -> Response {
 async fn classify_inner(state: &Arc<AppState>, body: Value) -> Result<Response, ApiError> {
     let req: NativeRequest = serde_json::from_value(body)
         .map_err(|e| ApiError::bad_request(format!("invalid /classify body: {e}")))?;
-    let text = match (&req.text, &req.input_ids) {
-        (Some(text), None) => text,
+    let (inputs, single) = match (&req.text, &req.input_ids) {
+        (Some(text), None) => {
+            let (texts, single) = texts(text)?;
+            (texts.into_iter().map(Input::Text).collect(), single)
+        }
+        (None, Some(Value::Array(ids))) if !ids.is_empty() => {
+            input_list(&Value::Array(ids.clone()), "input_ids")?
+        }
         (None, Some(_)) => {
             return Err(ApiError::bad_request(
-                "`input_ids`: token id inputs are not supported, send `text`",
+                "`input_ids` must be a list of token ids or a list of such lists",
             ))
         }
         (Some(_), Some(_)) => {
@@ -97,15 +103,14 @@ async fn classify_inner(state: &Arc<AppState>, body: Value) -> Result<Response, 
                 "text and input_ids cannot be provided at the same time",
             ))
         }
-        (None, None) => return Err(ApiError::bad_request("give `text`")),
+        (None, None) => return Err(ApiError::bad_request("give `text` or `input_ids`")),
     };
-    let (texts, single) = texts(text)?;
-    let ids = request_ids(req.rid.as_ref(), texts.len(), single)?;
+    let ids = request_ids(req.rid.as_ref(), inputs.len(), single)?;
     // POLAR's verl recipe sends a whole training batch (1,024 samples) in one request: exempt
     // from --max-client-batch-size, as /get_reward is (the payload limit still applies).
     let request = ScoringRequest {
         client_batch_limit: false,
-        ..ScoringRequest::new(texts.into_iter().map(Input::Text).collect())
+        ..ScoringRequest::new(inputs)
     };
     let outcome = pipeline::run(state, "sglang_classify", request).await?;
     let latency = outcome.timings.total.as_secs_f64();
@@ -158,14 +163,14 @@ async fn embeddings_inner(
         .input
         .as_ref()
         .ok_or_else(|| ApiError::bad_request("give `input`: a string or a list of strings"))?;
-    let inputs = string_list(input, "input")?;
+    let (inputs, _) = input_list(input, "input")?;
     if req.dimensions.as_ref().is_some_and(|d| !d.is_null()) {
         return Err(ApiError::bad_request(
             "`dimensions`: a reward model's embedding is its head's output, which has a fixed size",
         ));
     }
     let base64 = base64_requested(req.encoding_format.as_deref())?;
-    let request = ScoringRequest::new(inputs.into_iter().map(Input::Text).collect());
+    let request = ScoringRequest::new(inputs);
     let outcome = pipeline::run(state, "sglang_embeddings", request).await?;
     let data: Vec<Value> = outcome
         .scores

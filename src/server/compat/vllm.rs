@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::activation::Activation;
 use super::error_shape::ErrorShape;
-use super::{base64_requested, float_array, request_id, string_list, unix_time};
+use super::{base64_requested, float_array, input_list, request_id, string_list, unix_time};
 use crate::server::error::ApiError;
 use crate::server::pipeline::{self, parse_direction, ApiJson, ScoringOutcome, ScoringRequest};
 use crate::server::AppState;
@@ -61,13 +61,7 @@ impl ClassifyRequest {
     /// `truncate_prompt_tokens`.
     fn scoring_request(&self) -> Result<ScoringRequest, ApiError> {
         let (inputs, default_special) = match (&self.input, &self.messages) {
-            (Some(input), None) => (
-                string_list(input, "input")?
-                    .into_iter()
-                    .map(Input::Text)
-                    .collect(),
-                true,
-            ),
+            (Some(input), None) => (input_list(input, "input")?.0, true),
             (None, Some(messages)) => (vec![Input::Messages(messages.clone())], false),
             _ => {
                 return Err(ApiError::bad_request(
