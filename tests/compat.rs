@@ -690,6 +690,25 @@ fn token_id_inputs_score_as_given() {
     assert_eq!(status, 200, "{b}");
     close(&b["data"][1]["embedding"][0], want[3], "/v1/embeddings ids");
 
+    // The native route takes them as `{"input_ids"}` inputs, beside texts.
+    let inputs: Vec<Value> = ids.iter().map(|i| json!({ "input_ids": i })).collect();
+    let (status, b) = server.post("/v1/score", &json!({ "inputs": inputs }));
+    assert_eq!(status, 200, "{b}");
+    for (i, w) in want.iter().enumerate() {
+        close(&b["scores"][i], *w, &format!("native input_ids {i}"));
+    }
+    for bad in [
+        json!({"input_ids": [1, -2]}),
+        json!({"input_ids": [1, 2], "prompt": "a"}),
+        json!({"input_ids": "1 2"}),
+    ] {
+        let (status, e) = server.post("/v1/score", &json!({ "inputs": [bad] }));
+        assert_eq!(status, 400, "{bad}: {e}");
+        assert!(e["error"].as_str().unwrap().contains("input_ids"), "{e}");
+    }
+    let (status, e) = server.post("/v1/score", &json!({"inputs": [{"input_ids": []}]}));
+    assert_eq!(status, 422, "{e}");
+
     // truncate_prompt_tokens keeps the last tokens of ids too: those ids' score alone.
     let long = ids[2].as_array().unwrap();
     let tail: Vec<Value> = long[long.len() - 10..].to_vec();

@@ -10,8 +10,8 @@ pub struct ChatMessage {
     pub content: String,
 }
 
-/// `POST /v1/score`. Each input is a pre-formatted string, `{"prompt", "response"}`, or
-/// `{"messages": [...]}`; for a process reward model, `{"prompt", "steps": [...]}` or
+/// `POST /v1/score`. Each input is a pre-formatted string, `{"prompt", "response"}`,
+/// `{"messages": [...]}` or `{"input_ids": [...]}` (token ids, scored as given); for a process reward model, `{"prompt", "steps": [...]}` or
 /// `{"messages", "steps"}` give the response as its steps (one whose steps are tokenized
 /// apart, TRL's, takes `{"prompt", "steps"}` or `{"prompt", "response"}` only).
 #[derive(Debug, Deserialize, ToSchema)]

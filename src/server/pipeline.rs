@@ -139,9 +139,9 @@ impl Timings {
     }
 }
 
-/// One native input: a string, `{"prompt", "response"}` or `{"messages"}`; for a process
-/// reward model the response may be given as its `steps` instead (after `messages`, the
-/// assistant's last turn).
+/// One native input: a string, `{"prompt", "response"}`, `{"messages"}` or
+/// `{"input_ids"}` (token ids, scored as given); for a process reward model the response
+/// may be given as its `steps` instead (after `messages`, the assistant's last turn).
 pub fn parse_input(
     state: &AppState,
     value: &serde_json::Value,
@@ -153,10 +153,23 @@ pub fn parse_input(
         return match value {
             serde_json::Value::String(s) => Ok(Input::Text(s.clone())),
             _ => Err(bad(
-                "expected a string, {\"prompt\", \"response\"} or {\"messages\": [...]}",
+                "expected a string, {\"prompt\", \"response\"}, {\"messages\": [...]} or {\"input_ids\": [...]}",
             )),
         };
     };
+    if let Some(ids) = map.get("input_ids") {
+        let ids: Vec<u32> = serde_json::from_value(ids.clone()).map_err(|e| {
+            bad(&format!(
+                "'input_ids' must be a list of token ids (non-negative integers): {e}"
+            ))
+        })?;
+        if map.len() > 1 {
+            return Err(bad(
+                "'input_ids' is an input on its own: give no other field",
+            ));
+        }
+        return Ok(Input::Ids(ids));
+    }
     let steps = match map.get("steps") {
         Some(steps) => {
             let steps: Vec<String> = serde_json::from_value(steps.clone())
