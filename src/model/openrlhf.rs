@@ -8,7 +8,7 @@
 use candle_nn::VarBuilder;
 
 use super::decoder;
-use super::score_head::{HeadShape, HeadSpec};
+use super::score_head::HeadSpec;
 use super::{ModelError, RewardModel};
 
 /// config.json `architectures` entries of OpenRLHF reward models.
@@ -29,14 +29,7 @@ pub fn load(raw: &serde_json::Value, vb: VarBuilder) -> Result<Box<dyn RewardMod
         .find(|family| family.model_type == model_type)
         .map(|family| family.classification)
         .ok_or_else(|| ModelError::UnsupportedBackbone(model_type.to_string()))?;
-    let name = head_name(raw, &vb)?;
-    let head = HeadSpec {
-        shape: HeadShape::Linear {
-            bias: vb.contains_tensor(&format!("{name}.bias")),
-        },
-        name,
-        labels: 1,
-    };
+    let head = HeadSpec::value(&head_name(raw, &vb)?, &vb);
     decoder::load(architecture, raw, vb, &head)
 }
 

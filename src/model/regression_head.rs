@@ -7,7 +7,7 @@
 use candle_nn::VarBuilder;
 
 use super::decoder;
-use super::score_head::{HeadShape, HeadSpec};
+use super::score_head::HeadSpec;
 use super::{ModelError, RewardModel};
 
 const HEAD: &str = "regression_head";
@@ -37,13 +37,7 @@ pub fn load(
             "{architecture} reads its reward from {HEAD}.weight, which the checkpoint does not hold"
         )));
     }
-    let head = HeadSpec {
-        name: HEAD.into(),
-        labels: 1,
-        shape: HeadShape::Linear {
-            // The classes have none; a bias saved by a variant is read, not dropped.
-            bias: vb.contains_tensor(&format!("{HEAD}.bias")),
-        },
-    };
+    // The classes have no bias; one saved by a variant is read, not dropped.
+    let head = HeadSpec::value(HEAD, &vb);
     decoder::load(backbone, raw, vb, &head)
 }

@@ -46,6 +46,18 @@ impl HeadSpec {
         }
     }
 
+    /// One reward from a linear layer named `name`, with a bias where the checkpoint holds
+    /// one (the value heads of OpenRLHF, TRL/LLaMA-Factory and OpenBMB's classes).
+    pub fn value(name: &str, vb: &candle_nn::VarBuilder) -> Self {
+        Self {
+            name: name.into(),
+            labels: 1,
+            shape: HeadShape::Linear {
+                bias: vb.contains_tensor(&format!("{name}.bias")),
+            },
+        }
+    }
+
     /// `score` as a two-layer MLP with one output (one reward, whatever config.json's
     /// num_labels says: the classes that use it are loaded with num_labels 1).
     pub fn relu_mlp() -> Self {

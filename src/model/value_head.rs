@@ -8,7 +8,7 @@
 use candle_nn::VarBuilder;
 
 use super::decoder;
-use super::score_head::{HeadShape, HeadSpec};
+use super::score_head::HeadSpec;
 use super::{ModelError, RewardModel};
 
 const HEAD: &str = "v_head.summary";
@@ -31,12 +31,6 @@ pub fn load(
     if !vb.contains_tensor(&format!("{HEAD}.weight")) {
         return Err(ModelError::NoRewardHead(causal.to_string()));
     }
-    let head = HeadSpec {
-        name: HEAD.into(),
-        labels: 1,
-        shape: HeadShape::Linear {
-            bias: vb.contains_tensor(&format!("{HEAD}.bias")),
-        },
-    };
+    let head = HeadSpec::value(HEAD, &vb);
     decoder::load(family, raw, vb, &head)
 }
