@@ -7,7 +7,7 @@
 use tokenizers::utils::truncation::{
     truncate_encodings, TruncationDirection, TruncationParams, TruncationStrategy,
 };
-use tokenizers::{Encoding, PostProcessor, Tokenizer};
+use tokenizers::{Encoding, PostProcessor, Token, Tokenizer};
 
 use super::separated::SeparatedSteps;
 use super::template::{ChatTemplate, Message};
@@ -179,7 +179,8 @@ impl TextEncoder {
                 self.encode_parts(&rendered, None, false, options)?
             }
             Input::Steps { .. } => return Err(TextError::StepsUnseparated),
-            Input::Ids(ids) => return self.encode_ids(ids, options),
+            // Taken as given: no special tokens added, cut as text is.
+            Input::Ids(ids) => self.fit(ids_encoding(ids), None, false, options)?,
         };
         if encoding.get_ids().is_empty() {
             return Err(TextError::Empty);
@@ -194,53 +195,6 @@ impl TextEncoder {
         Ok(Encoded {
             ids,
             type_ids,
-            read_at: None,
-        })
-    }
-
-    /// Token ids as they are, truncated as text is (no special tokens to keep), then the
-    /// appended token where there is one.
-    fn encode_ids(&self, ids: &[u32], options: &EncodeOptions) -> Result<Encoded, TextError> {
-        if ids.is_empty() {
-            return Err(TextError::Empty);
-        }
-        let ends_with_token = |ids: &[u32]| {
-            self.appended
-                .is_some_and(|token| ids.last() == Some(&token))
-        };
-        let room = |ids: &[u32]| usize::from(self.appended.is_some() && !ends_with_token(ids));
-        let length = ids.len() + room(ids);
-        let mut ids = if length <= options.max_length {
-            ids.to_vec()
-        } else if options.truncate {
-            let cut = |keep: usize| match options.direction {
-                Direction::Left => ids[ids.len().saturating_sub(keep)..].to_vec(),
-                Direction::Right => ids[..keep.min(ids.len())].to_vec(),
-            };
-            let reserved = usize::from(self.appended.is_some());
-            let kept = cut(options.max_length.saturating_sub(reserved));
-            // As for text: a cut that keeps the input's own token spends no room on it.
-            let wider = cut(options.max_length);
-            if reserved == 1 && ends_with_token(&kept) && ends_with_token(&wider) {
-                wider
-            } else {
-                kept
-            }
-        } else {
-            return Err(TextError::TooLong {
-                length,
-                max: options.max_length,
-            });
-        };
-        if let Some(token) = self.appended.filter(|_| !ends_with_token(&ids)) {
-            ids.push(token);
-        }
-        if ids.is_empty() {
-            return Err(TextError::Empty);
-        }
-        Ok(Encoded {
-            type_ids: vec![0; ids.len()],
-            ids,
             read_at: None,
         })
     }
@@ -261,6 +215,18 @@ impl TextEncoder {
         };
         let a = tok(first)?;
         let b = second.map(tok).transpose()?;
+        self.fit(a, b, add_special_tokens, options)
+    }
+
+    /// Fits tokenized parts to `options.max_length` (truncated, or refused when too long)
+    /// with room for the appended token, then adds the special tokens.
+    fn fit(
+        &self,
+        a: Encoding,
+        b: Option<Encoding>,
+        add_special_tokens: bool,
+        options: &EncodeOptions,
+    ) -> Result<Encoding, TextError> {
         let special = if add_special_tokens {
             self.tokenizer
                 .get_post_processor()
@@ -322,6 +288,15 @@ impl TextEncoder {
         self.appended
             .is_some_and(|id| encoding.get_ids().last() != Some(&id))
     }
+}
+
+/// Token ids a client sent, as an encoding to fit like tokenized text.
+fn ids_encoding(ids: &[u32]) -> Encoding {
+    let tokens = ids
+        .iter()
+        .map(|&id| Token::new(id, String::new(), (0, 0)))
+        .collect();
+    Encoding::from_tokens(tokens, 0)
 }
 
 /// A prompt/response pair as the conversation a chat template renders.
