@@ -181,9 +181,23 @@ fn string_list(v: &Value, field: &str) -> Result<Vec<String>, ApiError> {
 }
 
 /// Inputs as vLLM, SGLang and OpenAI's embeddings take them: a string, a non-empty list of
-/// strings, a list of token ids (one input) or a non-empty list of such lists. Also whether
-/// one input was given bare (a string, or one list of ids).
+/// strings, or token ids ([`id_inputs`]). Also whether one input was given bare.
 fn input_list(v: &Value, field: &str) -> Result<(Vec<Input>, bool), ApiError> {
+    if let Some(ids) = id_inputs(v, field) {
+        return ids;
+    }
+    let texts = string_list(v, field).map_err(|_| {
+        ApiError::bad_request(format!(
+            "`{field}` must be a string, a non-empty list of strings, a list of token ids or \
+             a list of such lists"
+        ))
+    })?;
+    Ok((texts.into_iter().map(Input::Text).collect(), v.is_string()))
+}
+
+/// Token-id inputs: a list of ids (one input, given bare) or a non-empty list of such
+/// lists; `None` when `v` is neither shape.
+fn id_inputs(v: &Value, field: &str) -> Option<Result<(Vec<Input>, bool), ApiError>> {
     let ids = |items: &[Value], at: &str| -> Result<Input, ApiError> {
         items
             .iter()
@@ -194,37 +208,29 @@ fn input_list(v: &Value, field: &str) -> Result<(Vec<Input>, bool), ApiError> {
                 ApiError::bad_request(format!("`{at}`: token ids are non-negative integers"))
             })
     };
-    match v {
-        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => {
-            Ok((vec![ids(items, field)?], true))
-        }
-        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_array) => {
-            let inputs = items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| match item {
-                    Value::Array(list) if !list.is_empty() => ids(list, &format!("{field}[{i}]")),
-                    _ => Err(ApiError::bad_request(format!(
-                        "`{field}[{i}]`: an empty list of token ids"
-                    ))),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((inputs, false))
-        }
-        Value::String(_) | Value::Array(_) => {
-            let texts = string_list(v, field).map_err(|_| {
-                ApiError::bad_request(format!(
-                    "`{field}` must be a string, a non-empty list of strings, a list of token \
-                     ids or a list of such lists"
-                ))
-            })?;
-            Ok((texts.into_iter().map(Input::Text).collect(), v.is_string()))
-        }
-        _ => Err(ApiError::bad_request(format!(
-            "`{field}` must be a string, a non-empty list of strings, a list of token ids or \
-             a list of such lists"
-        ))),
+    let Value::Array(items) = v else {
+        return None;
+    };
+    if items.is_empty() {
+        return None;
     }
+    if items.iter().all(Value::is_number) {
+        return Some(ids(items, field).map(|input| (vec![input], true)));
+    }
+    if !items.iter().all(Value::is_array) {
+        return None;
+    }
+    let inputs = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            Value::Array(list) if !list.is_empty() => ids(list, &format!("{field}[{i}]")),
+            _ => Err(ApiError::bad_request(format!(
+                "`{field}[{i}]`: an empty list of token ids"
+            ))),
+        })
+        .collect::<Result<Vec<_>, _>>();
+    Some(inputs.map(|inputs| (inputs, false)))
 }
 
 /// `encoding_format`: `float` (or absent) or `base64` (OpenAI's client asks for it).

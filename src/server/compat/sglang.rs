@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error_shape::ErrorShape;
-use super::{base64_requested, float_array, input_list, request_id, string_list};
+use super::{base64_requested, float_array, id_inputs, input_list, request_id, string_list};
 use crate::server::error::ApiError;
 use crate::server::pipeline::{self, ApiJson, ScoringRequest};
 use crate::server::AppState;
@@ -90,14 +90,11 @@ async fn classify_inner(state: &Arc<AppState>, body: Value) -> Result<Response, 
             let (texts, single) = texts(text)?;
             (texts.into_iter().map(Input::Text).collect(), single)
         }
-        (None, Some(Value::Array(ids))) if !ids.is_empty() => {
-            input_list(&Value::Array(ids.clone()), "input_ids")?
-        }
-        (None, Some(_)) => {
-            return Err(ApiError::bad_request(
+        (None, Some(ids)) => id_inputs(ids, "input_ids").unwrap_or_else(|| {
+            Err(ApiError::bad_request(
                 "`input_ids` must be a list of token ids or a list of such lists",
             ))
-        }
+        })?,
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request(
                 "text and input_ids cannot be provided at the same time",
