@@ -212,6 +212,7 @@ parity! {
     polar_rm => "polar-rm",
     ultrarm_llama => "ultrarm-llama",
     eurus_rm_mistral => "eurus-rm-mistral",
+    gemma => "gemma",
 }
 
 /// Real pre-trained weights (too large for the repository): run

@@ -1,12 +1,14 @@
-//! Decoder reward models (Llama, Mistral, Qwen2, Qwen3, Gemma2 `*ForSequenceClassification`):
+//! Decoder reward models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2
+//! `*ForSequenceClassification`):
 //! a causal transformer with grouped-query attention and rotary positions; the `score`
 //! head reads the hidden state at each sequence's last real token. Batches are padded on
 //! the right, so a causal mask alone keeps real tokens from seeing padding.
 //!
 //! The families differ in a few switches, gathered in [`Variant`]: q/k/v biases (Qwen2),
 //! per-head q/k RMSNorm (Qwen3), sliding-window attention (Mistral on every layer, Gemma2 on
-//! even layers), and Gemma2's scaled embeddings, (1 + w) norms, extra norms around
-//! attention and MLP, tanh soft-capping of attention scores and `query_pre_attn_scalar`.
+//! even layers), Gemma's scaled embeddings, (1 + w) norms and tanh GELU, and Gemma2's
+//! extra norms around attention and MLP, tanh soft-capping of attention scores and
+//! `query_pre_attn_scalar`.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Activation, Embedding, VarBuilder};
@@ -71,6 +73,12 @@ pub const FAMILIES: &[Family] = &[
         token_classification: "Qwen3ForTokenClassification",
     },
     Family {
+        model_type: "gemma",
+        causal_lm: "GemmaForCausalLM",
+        classification: "GemmaForSequenceClassification",
+        token_classification: "GemmaForTokenClassification",
+    },
+    Family {
         model_type: "gemma2",
         causal_lm: "Gemma2ForCausalLM",
         classification: "Gemma2ForSequenceClassification",
@@ -129,7 +137,11 @@ struct Variant {
     o_bias: bool,
     mlp_bias: bool,
     qk_norm: bool,
+    /// Gemma and Gemma2: embeddings scaled by sqrt(hidden), (1 + w) norms, the activation
+    /// named by `hidden_activation` (tanh GELU when absent; `hidden_act` is not read).
     gemma: bool,
+    /// Gemma2: norms after attention and MLP, soft-capped scores, `query_pre_attn_scalar`.
+    gemma2: bool,
     /// Which layers use the sliding window.
     sliding: SlidingLayers,
 }
@@ -150,6 +162,7 @@ impl Variant {
             mlp_bias: cfg.mlp_bias.unwrap_or(false),
             qk_norm: false,
             gemma: false,
+            gemma2: false,
             sliding: SlidingLayers::None,
         };
         match architecture {
@@ -171,8 +184,13 @@ impl Variant {
                 qk_norm: true,
                 ..base
             },
+            "GemmaForSequenceClassification" => Self {
+                gemma: true,
+                ..base
+            },
             "Gemma2ForSequenceClassification" => Self {
                 gemma: true,
+                gemma2: true,
                 sliding: if cfg.sliding_window.is_some() {
                     SlidingLayers::Even
                 } else {
@@ -339,16 +357,16 @@ impl DecoderModel {
                         .then(|| norm(a.pp("k_norm"), head_dim))
                         .transpose()?,
                     post_attn_norm: v
-                        .gemma
+                        .gemma2
                         .then(|| norm(l.pp("post_attention_layernorm"), h))
                         .transpose()?,
-                    pre_mlp_norm: if v.gemma {
+                    pre_mlp_norm: if v.gemma2 {
                         norm(l.pp("pre_feedforward_layernorm"), h)?
                     } else {
                         norm(l.pp("post_attention_layernorm"), h)?
                     },
                     post_mlp_norm: v
-                        .gemma
+                        .gemma2
                         .then(|| norm(l.pp("post_feedforward_layernorm"), h))
                         .transpose()?,
                     gate: linear(mlp.pp("gate_proj"), h, cfg.intermediate_size, v.mlp_bias)?,
@@ -364,10 +382,10 @@ impl DecoderModel {
             .collect::<Result<Vec<_>>>()?;
         let dtype = vb.dtype();
         let device = vb.device().clone();
+        // transformers' Gemma and Gemma2 MLPs read `hidden_activation` only (early Gemma
+        // configs say `hidden_act: gelu`, which transformers ignores).
         let act = if v.gemma {
-            cfg.hidden_activation
-                .or(cfg.hidden_act)
-                .unwrap_or(Activation::GeluPytorchTanh)
+            cfg.hidden_activation.unwrap_or(Activation::GeluPytorchTanh)
         } else {
             cfg.hidden_act.unwrap_or(Activation::Silu)
         };
@@ -382,11 +400,11 @@ impl DecoderModel {
             heads,
             kv_heads,
             head_dim,
-            scale: match (v.gemma, cfg.query_pre_attn_scalar) {
+            scale: match (v.gemma2, cfg.query_pre_attn_scalar) {
                 (true, Some(s)) => 1.0 / s.sqrt(),
                 _ => 1.0 / (head_dim as f64).sqrt(),
             },
-            softcap: if v.gemma {
+            softcap: if v.gemma2 {
                 cfg.attn_logit_softcapping
             } else {
                 None
@@ -568,7 +586,7 @@ impl DecoderModel {
         let x = self.embed.forward(ids)?;
         match self.embed_scale {
             Some(scale) => {
-                // Gemma2 multiplies by sqrt(hidden) rounded to the compute dtype.
+                // Gemma and Gemma2 multiply by sqrt(hidden) rounded to the compute dtype.
                 let s = Tensor::new(scale as f32, x.device())?.to_dtype(x.dtype())?;
                 x.broadcast_mul(&s)
             }

@@ -1,5 +1,5 @@
 //! The gated MLP's `act(gate) * up` in one vectorized pass on the CPU in f32, for SiLU
-//! (Llama, Mistral, Qwen2, Qwen3) and the tanh GELU (Gemma2's `gelu_pytorch_tanh`). candle
+//! (Llama, Mistral, Qwen2, Qwen3) and the tanh GELU (Gemma's `gelu_pytorch_tanh`). candle
 //! runs it as two passes over `[t, intermediate]`, a unary map calling libm's scalar `expf`
 //! or `tanhf` per element and a binary map for the product: 7% of a SmolLM2-135M forward
 //! pass.

@@ -63,6 +63,7 @@ pub const SUPPORTED: &[&str] = &[
     "MistralForSequenceClassification",
     "Qwen2ForSequenceClassification",
     "Qwen3ForSequenceClassification",
+    "GemmaForSequenceClassification",
     "Gemma2ForSequenceClassification",
     "Qwen2ForRewardModel",
     "INFORMForSequenceClassification",
@@ -72,6 +73,7 @@ pub const SUPPORTED: &[&str] = &[
     "MistralForTokenClassification",
     "Qwen2ForTokenClassification",
     "Qwen3ForTokenClassification",
+    "GemmaForTokenClassification",
     "Gemma2ForTokenClassification",
     "Qwen2ForPrmModel",
     internlm2::ARCHITECTURE,
@@ -345,6 +347,7 @@ pub fn load(
         | "MistralForSequenceClassification"
         | "Qwen2ForSequenceClassification"
         | "Qwen3ForSequenceClassification"
+        | "GemmaForSequenceClassification"
         | "Gemma2ForSequenceClassification" => decoder::load(
             architecture,
             &raw,
