@@ -396,7 +396,7 @@ fn sglang_classify_as_polar_sends_it() {
         "/pooling",
         &json!({"input": texts[0], "use_activation": true}),
     );
-    assert_eq!(status, 400, "{e}");
+    assert_eq!(status, 422, "{e}");
 
     // One string: one object, `rid` as its id.
     let (status, one) = server.post("/classify", &json!({"text": texts[0], "rid": "r-1"}));
@@ -429,7 +429,7 @@ fn sglang_classify_as_polar_sends_it() {
             json!({"text": "a", "input_ids": [1, 2]}),
             "at the same time",
         ),
-        (json!({"input_ids": [[1, -2]]}), "non-negative"),
+        (json!({"input_ids": [[1, -2]]}), "integers from 0"),
         (json!({"input_ids": "1 2"}), "list of token ids"),
         (json!({"text": []}), "non-empty"),
         (json!({"text": ["a", "b"], "rid": "one"}), "rid"),
@@ -732,4 +732,68 @@ fn token_id_inputs_score_as_given() {
     assert_eq!(status, 422, "{e}");
     let message = e["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains(&format!("token id {vocab}")), "{e}");
+}
+
+/// What the OpenAPI document allows and Python servers take (scripts/fuzz-api.sh found
+/// each of these refused): integers written as floats (`7.0`), counts beyond any list
+/// (`top_n` 1e30), optional fields set to null, and errors in JSON even for a bad query
+/// string.
+#[test]
+fn numbers_nulls_and_query_strings_as_clients_may_write_them() {
+    let server = start();
+    let ids = [600.0, 39.0, 72.0, 0.0];
+    let as_ints: Vec<u64> = ids.iter().map(|&f| f as u64).collect();
+    let want = native(&server, vec![json!({"input_ids": as_ints})]);
+    let (s, b) = server.post("/v1/score", &json!({"inputs": [{"input_ids": ids}]}));
+    assert_eq!(s, 200, "{b}");
+    close(&b["scores"][0], want[0], "ids written as floats");
+    let (s, b) = server.post(
+        "/classify",
+        &json!({"input": [ids], "use_activation": false}),
+    );
+    assert_eq!(s, 200, "{b}");
+    close(
+        &b["data"][0]["probs"][0],
+        want[0],
+        "/classify ids written as floats",
+    );
+    let (s, b) = server.post("/v1/score", &json!({"inputs": [{"input_ids": [1.5]}]}));
+    assert_eq!(s, 400, "{b}");
+
+    let (s, b) = server.post(
+        "/v1/rerank",
+        &json!({"prompt": "2+2?", "responses": ["4", "5"], "top_n": 1e30}),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["results"].as_array().unwrap().len(), 2, "{b}");
+    let (s, b) = server.post(
+        "/rerank",
+        &json!({"query": "2+2?", "documents": ["4", "5"], "top_n": 1.0,
+                "truncate_prompt_tokens": 64.0}),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["results"].as_array().unwrap().len(), 1, "{b}");
+
+    let (s, b) = server.post(
+        "/v1/score",
+        &json!({"inputs": [{"prompt": "2+2?", "response": "4", "steps": null, "messages": null}]}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = server.post("/", &json!({"inputs": "fine", "parameters": null}));
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = server.post("/", &json!({"inputs": "fine", "parameters": []}));
+    assert_eq!(s, 422, "{b}");
+
+    let client = reqwest::blocking::Client::new();
+    let r = client
+        .post(format!("{}/remote_rm?prompt=raw&prompt=raw", server.base))
+        .json(&json!({"prompt": "2+2?", "response": "4"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let body: Value = r.json().expect("a JSON error");
+    assert!(
+        body["error"].as_str().unwrap().contains("query string"),
+        "{body}"
+    );
 }

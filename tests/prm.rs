@@ -394,7 +394,7 @@ fn vllm_pooling_returns_each_steps_class_probabilities() {
         "/pooling",
         &json!({"input": rendered[0], "use_activation": false}),
     );
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(status, 422, "{body}");
     assert!(
         body["error"]["message"]
             .as_str()

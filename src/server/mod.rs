@@ -335,7 +335,7 @@ fn router(state: Arc<AppState>) -> Router {
         ));
     let open = Router::new()
         .route("/health", get(native::health))
-        .route("/", get(native::health))
+        .route("/", get(native::root_health))
         .route("/live", get(native::live))
         .route("/metrics", get(native::metrics));
     let mut app = protected

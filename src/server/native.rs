@@ -7,11 +7,9 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use utoipa::OpenApi;
 
 use super::api::{
-    ApiDoc, Candidate, RerankRequest, RerankResponse, RerankResult, ScoreRequest, ScoreResponse,
-    Usage,
+    Candidate, RerankRequest, RerankResponse, RerankResult, ScoreRequest, ScoreResponse, Usage,
 };
 use super::error::ApiError;
 use super::pipeline::{self, parse_direction, parse_input, ScoringRequest};
@@ -155,7 +153,9 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
-#[utoipa::path(get, path = "/health", responses((status = 200, description = "ready"), (status = 503, description = "loading")))]
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "ready", body = super::api::Status),
+        (status = 503, description = "loading", body = super::api::ErrorResponse)))]
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     if state.ready.get().is_some() {
         (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response()
@@ -164,16 +164,31 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// `GET /`: /health, as TEI answers it.
+#[utoipa::path(get, path = "/", tag = "operations",
+    responses((status = 200, description = "ready", body = super::api::Status),
+        (status = 503, description = "loading", body = super::api::ErrorResponse)))]
+pub async fn root_health(state: State<Arc<AppState>>) -> Response {
+    health(state).await
+}
+
+#[utoipa::path(get, path = "/live", tag = "operations",
+    responses((status = 200, description = "the process runs", body = super::api::Status)))]
 pub async fn live() -> Response {
     (StatusCode::OK, Json(serde_json::json!({"status": "alive"}))).into_response()
 }
 
-#[utoipa::path(get, path = "/info", responses((status = 200, description = "model, members, limits")))]
+#[utoipa::path(get, path = "/info", tag = "operations",
+    responses((status = 200, description = "model, members, limits", body = Object),
+        (status = 401, description = "a missing or wrong API key", body = super::api::ErrorResponse),
+        (status = 503, description = "loading", body = super::api::ErrorResponse)))]
 pub async fn info(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let ready = state.ready.get().ok_or_else(ApiError::not_ready)?;
     Ok(Json(ready.info.clone()).into_response())
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text", body = String, content_type = "text/plain")))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     if let Some(ready) = state.ready.get() {
         state
@@ -188,8 +203,11 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "this document", body = Object),
+        (status = 401, description = "a missing or wrong API key", body = super::api::ErrorResponse)))]
 pub async fn openapi() -> Response {
-    Json(ApiDoc::openapi()).into_response()
+    Json(super::api::document()).into_response()
 }
 
 pub async fn not_found() -> ApiError {

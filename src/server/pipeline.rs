@@ -149,7 +149,7 @@ pub fn parse_input(
 ) -> Result<Input, ApiError> {
     let at = format!("inputs[{index}]");
     let bad = |what: &str| ApiError::bad_request(format!("{at}: {what}"));
-    let serde_json::Value::Object(map) = value else {
+    let serde_json::Value::Object(fields) = value else {
         return match value {
             serde_json::Value::String(s) => Ok(Input::Text(s.clone())),
             _ => Err(bad(
@@ -157,20 +157,23 @@ pub fn parse_input(
             )),
         };
     };
-    if let Some(ids) = map.get("input_ids") {
-        let ids: Vec<u32> = serde_json::from_value(ids.clone()).map_err(|e| {
-            bad(&format!(
-                "'input_ids' must be a list of token ids (non-negative integers): {e}"
-            ))
-        })?;
-        if map.len() > 1 {
+    // A field set to null is one left out, as serde reads the optional fields elsewhere.
+    let field = |name: &str| fields.get(name).filter(|v| !v.is_null());
+    if let Some(ids) = field("input_ids") {
+        let ids: Vec<u32> = ids
+            .as_array()
+            .and_then(|ids| ids.iter().map(token_id).collect())
+            .ok_or_else(|| {
+                bad("'input_ids' must be a list of token ids (integers from 0 to 4294967295)")
+            })?;
+        if fields.values().filter(|v| !v.is_null()).count() > 1 {
             return Err(bad(
                 "'input_ids' is an input on its own: give no other field",
             ));
         }
         return Ok(Input::Ids(ids));
     }
-    let steps = match map.get("steps") {
+    let steps = match field("steps") {
         Some(steps) => {
             let steps: Vec<String> = serde_json::from_value(steps.clone())
                 .map_err(|e| bad(&format!("'steps' must be a list of strings: {e}")))?;
@@ -178,7 +181,7 @@ pub fn parse_input(
         }
         None => None,
     };
-    if let Some(messages) = map.get("messages") {
+    if let Some(messages) = field("messages") {
         let messages: Vec<Message> = serde_json::from_value(messages.clone()).map_err(|e| {
             bad(&format!(
                 "'messages' must be a list of {{\"role\", \"content\"}}: {e}"
@@ -189,7 +192,7 @@ pub fn parse_input(
             None => Ok(Input::Messages(messages)),
         };
     }
-    match (map.get("prompt"), map.get("response"), steps) {
+    match (field("prompt"), field("response"), steps) {
         (Some(serde_json::Value::String(p)), Some(serde_json::Value::String(r)), None) => {
             Ok(Input::Pair {
                 prompt: p.clone(),
@@ -204,6 +207,17 @@ pub fn parse_input(
             "an object input needs string fields 'prompt' and 'response' (or 'steps'), or 'messages'",
         )),
     }
+}
+
+/// A token id as JSON gives it: an integer from 0 to 2^32 - 1, written `7` or `7.0` (both
+/// integers to JSON Schema, and to the Python servers whose clients send them).
+pub fn token_id(v: &serde_json::Value) -> Option<u32> {
+    if let Some(n) = v.as_u64() {
+        return u32::try_from(n).ok();
+    }
+    v.as_f64()
+        .filter(|f| f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(f))
+        .map(|f| f as u32)
 }
 
 /// A response as a process reward model takes it: its text, or (steps tokenized apart,

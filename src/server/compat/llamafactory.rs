@@ -33,10 +33,12 @@ struct ScoreEvaluationRequest {
     model: Option<String>,
     #[serde(default)]
     messages: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::server::api::integer")]
     max_length: Option<i64>,
 }
 
+#[utoipa::path(post, path = "/v1/score/evaluation", tag = "LLaMA-Factory", request_body = crate::server::compat::schema::ScoreEvaluationRequest,
+    responses((status = 200, body = crate::server::compat::schema::ScoreEvaluationResponse), crate::server::compat::schema::FastApiErrors))]
 /// `POST /v1/score/evaluation`.
 pub async fn score_evaluation(
     State(state): State<Arc<AppState>>,

@@ -9,6 +9,7 @@ pub mod activation;
 mod error_shape;
 mod llamafactory;
 mod openrlhf;
+pub mod schema;
 mod sglang;
 mod slime;
 mod tei;
@@ -33,6 +34,36 @@ pub use slime::remote_rm;
 pub use tei::predict;
 pub use vllm::{classify as vllm_classify, pooling, score as vllm_score};
 
+/// The compat routes' part of the OpenAPI document (merged into warm's own in
+/// `api::document`).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    v1_score,
+    v1_rerank,
+    root,
+    tei::predict,
+    rerank,
+    classify,
+    vllm::classify,
+    vllm::pooling,
+    vllm::score,
+    v2_rerank,
+    sglang::embeddings,
+    openrlhf::get_reward,
+    llamafactory::score_evaluation,
+    slime::remote_rm
+), components(schemas(
+    // Those of error responses and query parameters, which paths do not collect.
+    schema::VllmError,
+    schema::OpenAiFlatError,
+    schema::SglangError,
+    schema::FastApiError,
+    schema::WarmOrVllmError,
+    schema::VllmOrSglangError,
+    schema::RemoteRmPrompt
+)))]
+pub struct CompatDoc;
+
 /// Whether the scores are probabilities already (a process reward model's weakest step):
 /// the routes then apply no activation unless a request asks for one.
 fn scores_are_probabilities(state: &AppState) -> bool {
@@ -46,6 +77,8 @@ fn has(body: &Value, key: &str) -> bool {
     body.get(key).is_some()
 }
 
+#[utoipa::path(post, path = "/", tag = "TEI", request_body = crate::server::compat::schema::RootRequest,
+    responses((status = 200, body = crate::server::compat::schema::RootResponse), crate::server::compat::schema::WarmErrors))]
 /// `POST /`: TEI answers it as /predict for classifiers and as /rerank for one-label
 /// models; Hugging Face's InferenceClient posts `{"inputs", "parameters"}` here and
 /// expects the Inference API's nested list. All three are told apart by their fields.
@@ -66,6 +99,8 @@ pub async fn root(
     }
 }
 
+#[utoipa::path(post, path = "/classify", tag = "vLLM", request_body = crate::server::compat::schema::SharedClassifyRequest,
+    responses((status = 200, body = crate::server::compat::schema::SharedClassifyResponse), crate::server::compat::schema::VllmOrSglangErrors))]
 /// `POST /classify`: vLLM's `{"input"}` or `{"messages"}`, or SGLang's native `{"text"}`.
 pub async fn classify(
     State(state): State<Arc<AppState>>,
@@ -79,6 +114,8 @@ pub async fn classify(
     }
 }
 
+#[utoipa::path(post, path = "/rerank", tag = "TEI", request_body = crate::server::compat::schema::SharedRerankRequest,
+    responses((status = 200, body = crate::server::compat::schema::SharedRerankResponse), crate::server::compat::schema::WarmOrVllmErrors))]
 /// `POST /rerank`: TEI's `{"query", "texts"}` or vLLM's `{"query", "documents"}`.
 pub async fn rerank(
     State(state): State<Arc<AppState>>,
@@ -94,8 +131,8 @@ pub async fn rerank(
     }
 }
 
-#[utoipa::path(post, path = "/v1/rerank", request_body = crate::server::api::RerankRequest,
-    responses((status = 200, body = crate::server::api::RerankResponse), crate::server::api::ScoringErrors))]
+#[utoipa::path(post, path = "/v1/rerank", tag = "warm", request_body = crate::server::compat::schema::SharedV1RerankRequest,
+    responses((status = 200, body = crate::server::compat::schema::SharedV1RerankResponse), crate::server::compat::schema::WarmOrVllmErrors))]
 /// `POST /v1/rerank`: warm's `{"prompt", "responses"}` or vLLM's `{"query", "documents"}`.
 pub async fn v1_rerank(
     State(state): State<Arc<AppState>>,
@@ -111,8 +148,8 @@ pub async fn v1_rerank(
     }
 }
 
-#[utoipa::path(post, path = "/v1/score", request_body = crate::server::api::ScoreRequest,
-    responses((status = 200, body = crate::server::api::ScoreResponse), crate::server::api::ScoringErrors))]
+#[utoipa::path(post, path = "/v1/score", tag = "warm", request_body = crate::server::compat::schema::SharedScoreRequest,
+    responses((status = 200, body = crate::server::compat::schema::SharedScoreResponse), crate::server::compat::schema::WarmOrVllmErrors))]
 /// `POST /v1/score`: warm's `{"inputs"}` or vLLM's pairs (`queries`/`documents`,
 /// `text_1`/`text_2`, ...).
 pub async fn v1_score(
@@ -134,6 +171,8 @@ pub async fn v1_score(
     }
 }
 
+#[utoipa::path(post, path = "/v2/rerank", tag = "vLLM", request_body = crate::server::compat::schema::VllmRerankRequest,
+    responses((status = 200, body = crate::server::compat::schema::VllmRerankResponse), crate::server::compat::schema::VllmErrors))]
 /// `POST /v2/rerank`: vLLM serves its rerank here too for Cohere's v2 client
 /// (`ClientV2.rerank` posts `{"model", "query", "documents", "top_n"}` and reads
 /// `results[].index`, `relevance_score`).
@@ -201,11 +240,13 @@ fn id_inputs(v: &Value, field: &str) -> Option<Result<(Vec<Input>, bool), ApiErr
     let ids = |items: &[Value], at: &str| -> Result<Input, ApiError> {
         items
             .iter()
-            .map(|id| id.as_u64().and_then(|id| u32::try_from(id).ok()))
+            .map(super::pipeline::token_id)
             .collect::<Option<Vec<u32>>>()
             .map(Input::Ids)
             .ok_or_else(|| {
-                ApiError::bad_request(format!("`{at}`: token ids are non-negative integers"))
+                ApiError::bad_request(format!(
+                    "`{at}`: token ids are integers from 0 to 4294967295"
+                ))
             })
     };
     let Value::Array(items) = v else {

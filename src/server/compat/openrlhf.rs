@@ -16,6 +16,8 @@ use crate::server::pipeline::{self, ApiJson, ScoringRequest};
 use crate::server::AppState;
 use crate::text::Input;
 
+#[utoipa::path(post, path = "/get_reward", tag = "OpenRLHF", request_body = crate::server::compat::schema::GetRewardRequest,
+    responses((status = 200, body = crate::server::compat::schema::GetRewardResponse), crate::server::compat::schema::WarmErrors))]
 pub async fn get_reward(
     State(state): State<Arc<AppState>>,
     ApiJson(body): ApiJson<Value>,

@@ -140,6 +140,8 @@ struct EmbeddingsRequest {
     dimensions: Option<Value>,
 }
 
+#[utoipa::path(post, path = "/v1/embeddings", tag = "SGLang", request_body = crate::server::compat::schema::EmbeddingsRequest,
+    responses((status = 200, body = crate::server::compat::schema::EmbeddingsResponse), crate::server::compat::schema::OpenAiFlatErrors))]
 /// `POST /v1/embeddings`: each input's logits as its embedding, OpenAI's envelope.
 pub async fn embeddings(
     State(state): State<Arc<AppState>>,

@@ -16,6 +16,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::Response;
 use serde::Deserialize;
@@ -33,12 +34,18 @@ pub struct RemoteRmParams {
     prompt: Option<String>,
 }
 
+#[utoipa::path(post, path = "/remote_rm", tag = "slime", request_body = crate::server::compat::schema::RemoteRmRequest,
+    params(("prompt" = Option<crate::server::compat::schema::RemoteRmPrompt>, Query, description = "`raw` (default) or `templated`")),
+    responses((status = 200, body = f32, content_type = "application/json", description = "the reward"), crate::server::compat::schema::WarmErrors))]
 /// `POST /remote_rm`.
 pub async fn remote_rm(
     State(state): State<Arc<AppState>>,
-    Query(params): Query<RemoteRmParams>,
+    params: Result<Query<RemoteRmParams>, QueryRejection>,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
+    // axum's own rejection is plain text: answered in JSON like every other error.
+    let Query(params) = params
+        .map_err(|e| ApiError::bad_request(format!("the query string: {}", e.body_text())))?;
     let templated = match params.prompt.as_deref() {
         None | Some("raw") => false,
         Some("templated") => true,

@@ -102,6 +102,8 @@ fn num_labels(state: &AppState) -> usize {
     state.ready.get().map_or(1, |r| r.scorer.num_labels())
 }
 
+#[utoipa::path(post, path = "/predict", tag = "TEI", request_body = crate::server::compat::schema::TeiPredictRequest,
+    responses((status = 200, body = crate::server::compat::schema::TeiPredictResponse), crate::server::compat::schema::WarmErrors))]
 pub async fn predict(
     State(state): State<Arc<AppState>>,
     ApiJson(body): ApiJson<Value>,
@@ -203,14 +205,14 @@ pub async fn rerank_body(state: &Arc<AppState>, body: Value) -> Result<Response,
 struct TextClassificationRequest {
     inputs: Value,
     #[serde(default)]
-    parameters: TextClassificationParameters,
+    parameters: Option<TextClassificationParameters>,
 }
 
 #[derive(Deserialize, Default)]
 struct TextClassificationParameters {
     #[serde(default)]
     function_to_apply: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::server::api::saturating_count")]
     top_k: Option<usize>,
 }
 
@@ -221,6 +223,15 @@ pub async fn text_classification_body(
     state: &Arc<AppState>,
     body: Value,
 ) -> Result<Response, ApiError> {
+    // serde would read a struct from a list too (by position): `parameters` is an object.
+    if !matches!(
+        body.get("parameters"),
+        None | Some(Value::Null | Value::Object(_))
+    ) {
+        return Err(ApiError::unprocessable(
+            "`parameters` must be an object: {\"function_to_apply\", \"top_k\"}",
+        ));
+    }
     let req: TextClassificationRequest = serde_json::from_value(body)
         .map_err(|e| ApiError::unprocessable(format!("invalid text classification body: {e}")))?;
     let inputs: Vec<Input> = match &req.inputs {
@@ -242,7 +253,8 @@ pub async fn text_classification_body(
             ))
         }
     };
-    let activation = match req.parameters.function_to_apply.as_deref() {
+    let parameters = req.parameters.unwrap_or_default();
+    let activation = match parameters.function_to_apply.as_deref() {
         None if super::scores_are_probabilities(state) => Activation::None,
         None => {
             let problem_type = state
@@ -266,7 +278,7 @@ pub async fn text_classification_body(
         .iter()
         .map(|s| {
             let mut row = labelled(state, &s.logits, activation);
-            if let Some(k) = req.parameters.top_k {
+            if let Some(k) = parameters.top_k {
                 row.truncate(k);
             }
             row

@@ -47,7 +47,7 @@ struct ClassifyRequest {
     messages: Option<Vec<Message>>,
     #[serde(default)]
     add_special_tokens: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::server::api::integer")]
     truncate_prompt_tokens: Option<i64>,
     #[serde(default)]
     truncation_side: Option<String>,
@@ -89,6 +89,8 @@ struct PoolingRequest {
     encoding_format: Option<String>,
 }
 
+#[utoipa::path(post, path = "/pooling", tag = "vLLM", request_body = crate::server::compat::schema::PoolingRequest,
+    responses((status = 200, body = crate::server::compat::schema::PoolingResponse), crate::server::compat::schema::VllmErrors))]
 pub async fn pooling(
     State(state): State<Arc<AppState>>,
     body: Result<ApiJson<Value>, ApiError>,
@@ -115,7 +117,7 @@ async fn pooling_inner(
         return whole_input_pooling(state, req).await;
     }
     if req.classify.flags.requested() == Some(false) {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::unprocessable(
             "a process reward model's steps are served as probabilities: raw logits \
              (`use_activation: false`) are not available",
         ));
@@ -193,6 +195,8 @@ fn truncation(tokens: Option<i64>) -> Result<(Option<bool>, Option<usize>), ApiE
     }
 }
 
+#[utoipa::path(post, path = "/v1/classify", tag = "vLLM", request_body = crate::server::compat::schema::VllmClassifyRequest,
+    responses((status = 200, body = crate::server::compat::schema::VllmClassifyResponse), crate::server::compat::schema::VllmErrors))]
 pub async fn classify(
     State(state): State<Arc<AppState>>,
     body: Result<ApiJson<Value>, ApiError>,
@@ -253,7 +257,7 @@ async fn whole_input_pooling(
     req: PoolingRequest,
 ) -> Result<Response, ApiError> {
     if req.classify.flags.requested() == Some(true) {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::unprocessable(
             "/pooling answers this model's raw scores, as lmdeploy does: for an activation \
              use /classify",
         ));
@@ -294,7 +298,7 @@ struct ScoreRequest {
     queries: Option<Value>,
     #[serde(default, alias = "text_2", alias = "data_2", alias = "items")]
     documents: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::server::api::integer")]
     truncate_prompt_tokens: Option<i64>,
     #[serde(flatten)]
     flags: ActivationFlags,
@@ -332,6 +336,8 @@ fn score_activation(state: &AppState, flags: &ActivationFlags) -> Activation {
     }
 }
 
+#[utoipa::path(post, path = "/score", tag = "vLLM", request_body = crate::server::compat::schema::VllmScoreRequest,
+    responses((status = 200, body = crate::server::compat::schema::VllmScoreResponse), crate::server::compat::schema::VllmErrors))]
 pub async fn score(
     State(state): State<Arc<AppState>>,
     body: Result<ApiJson<Value>, ApiError>,
@@ -378,9 +384,9 @@ async fn score_inner(
 struct RerankRequest {
     query: String,
     documents: Value,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::server::api::saturating_count")]
     top_n: Option<usize>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::server::api::integer")]
     truncate_prompt_tokens: Option<i64>,
     #[serde(flatten)]
     flags: ActivationFlags,
