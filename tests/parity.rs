@@ -213,6 +213,7 @@ parity! {
     ultrarm_llama => "ultrarm-llama",
     eurus_rm_mistral => "eurus-rm-mistral",
     gemma => "gemma",
+    gpt_neox => "gpt-neox",
 }
 
 /// Real pre-trained weights (too large for the repository): run

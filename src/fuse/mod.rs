@@ -181,21 +181,27 @@ fn checked_plan(
 }
 
 /// Causal LMs saved as reward models (LLaMA-Factory's) keep a language-model head that
-/// scoring does not read: `lm_head.weight` is left out of a fusion for serving, with its
-/// read and its average (about 7% of a 7-8B model's weights), unless it is the only token
-/// table stored (tied weights saved under that name) or the model reads it (a causal-LM
-/// process reward model; the members agree on that, so the first one tells).
+/// scoring does not read: `lm_head.weight` (GPT-NeoX's `embed_out.weight`) is left out of
+/// a fusion for serving, with its read and its average (about 7% of a 7-8B model's
+/// weights), unless it is the only token table stored (tied weights saved under that
+/// name) or the model reads it (a causal-LM process reward model; the members agree on
+/// that, so the first one tells).
 fn drop_unread_lm_head(plan: &mut FusionPlan, members: &[Checkpoint]) {
+    /// An LM head's name and the input table's whose presence shows it is not tied.
+    const HEADS: &[(&str, &str)] = &[
+        ("lm_head.weight", "embed_tokens.weight"),
+        ("embed_out.weight", "gpt_neox.embed_in.weight"),
+    ];
     let reads_head = members
         .first()
         .is_some_and(|m| crate::model::reads_lm_head(m.config()));
-    if !reads_head
-        && plan
-            .tensors
-            .iter()
-            .any(|t| t.name.ends_with("embed_tokens.weight"))
-    {
-        plan.tensors.retain(|t| t.name != "lm_head.weight");
+    if reads_head {
+        return;
+    }
+    for (head, table) in HEADS {
+        if plan.tensors.iter().any(|t| t.name.ends_with(table)) {
+            plan.tensors.retain(|t| t.name != *head);
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! Decoder reward models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2
+//! Decoder reward models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, GPT-NeoX
 //! `*ForSequenceClassification`):
 //! a causal transformer with grouped-query attention and rotary positions; the `score`
 //! head reads the hidden state at each sequence's last real token. Batches are padded on
@@ -8,7 +8,8 @@
 //! per-head q/k RMSNorm (Qwen3), sliding-window attention (Mistral on every layer, Gemma2 on
 //! even layers), Gemma's scaled embeddings, (1 + w) norms and tanh GELU, and Gemma2's
 //! extra norms around attention and MLP, tanh soft-capping of attention scores and
-//! `query_pre_attn_scalar`.
+//! `query_pre_attn_scalar`, GPT-NeoX's LayerNorms, fused attention projection (cut at load,
+//! src/model/neox.rs), partial rotary embeddings, ungated MLP and parallel residual.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Activation, Embedding, VarBuilder};
@@ -17,8 +18,10 @@ use super::dense::Dense;
 
 use super::gated;
 use super::layers::{
-    attention, causal_mask, embedding, linear, split_heads, Packing, RmsNorm, Rotary, RowRotation,
+    attention, causal_mask, embedding, layer_norm, linear, split_heads, Norm, Packing, RmsNorm,
+    Rotary, RowRotation,
 };
+use super::neox;
 use super::packed_attention::{self, KeySpan, Queries, Spec};
 use super::score_head::{HeadOutput, HeadSpec, ScoreHead};
 use super::segments::Segments;
@@ -36,14 +39,14 @@ pub struct Family {
     pub model_type: &'static str,
     pub causal_lm: &'static str,
     pub classification: &'static str,
-    pub token_classification: &'static str,
+    pub token_classification: Option<&'static str>,
 }
 
 /// The sequence-classification name ([`load`]'s) of a token-classification class.
 pub fn token_classification_family(architecture: &str) -> Option<&'static str> {
     FAMILIES
         .iter()
-        .find(|family| family.token_classification == architecture)
+        .find(|family| family.token_classification == Some(architecture))
         .map(|family| family.classification)
 }
 
@@ -52,37 +55,44 @@ pub const FAMILIES: &[Family] = &[
         model_type: "llama",
         causal_lm: "LlamaForCausalLM",
         classification: "LlamaForSequenceClassification",
-        token_classification: "LlamaForTokenClassification",
+        token_classification: Some("LlamaForTokenClassification"),
     },
     Family {
         model_type: "mistral",
         causal_lm: "MistralForCausalLM",
         classification: "MistralForSequenceClassification",
-        token_classification: "MistralForTokenClassification",
+        token_classification: Some("MistralForTokenClassification"),
     },
     Family {
         model_type: "qwen2",
         causal_lm: "Qwen2ForCausalLM",
         classification: "Qwen2ForSequenceClassification",
-        token_classification: "Qwen2ForTokenClassification",
+        token_classification: Some("Qwen2ForTokenClassification"),
     },
     Family {
         model_type: "qwen3",
         causal_lm: "Qwen3ForCausalLM",
         classification: "Qwen3ForSequenceClassification",
-        token_classification: "Qwen3ForTokenClassification",
+        token_classification: Some("Qwen3ForTokenClassification"),
     },
     Family {
         model_type: "gemma",
         causal_lm: "GemmaForCausalLM",
         classification: "GemmaForSequenceClassification",
-        token_classification: "GemmaForTokenClassification",
+        token_classification: Some("GemmaForTokenClassification"),
     },
     Family {
         model_type: "gemma2",
         causal_lm: "Gemma2ForCausalLM",
         classification: "Gemma2ForSequenceClassification",
-        token_classification: "Gemma2ForTokenClassification",
+        token_classification: Some("Gemma2ForTokenClassification"),
+    },
+    Family {
+        model_type: "gpt_neox",
+        causal_lm: "GPTNeoXForCausalLM",
+        classification: "GPTNeoXForSequenceClassification",
+        // Its head is `classifier`, not `score`: not served (no fixture checks it).
+        token_classification: None,
     },
 ];
 
@@ -120,6 +130,57 @@ struct Config {
     attn_logit_softcapping: Option<f64>,
     #[serde(default)]
     pad_token_id: Option<u32>,
+    /// GPT-NeoX: the share of each head's channels that rotary embeddings turn
+    /// (`partial_rotary_factor` in newer transformers).
+    #[serde(default, alias = "partial_rotary_factor")]
+    rotary_pct: Option<f64>,
+    /// GPT-NeoX's name for the rotary base (`rope_theta` in newer configs).
+    #[serde(default)]
+    rotary_emb_base: Option<f64>,
+    #[serde(default)]
+    layer_norm_eps: Option<f64>,
+    #[serde(default)]
+    use_parallel_residual: Option<bool>,
+}
+
+/// GPTNeoXConfig's `layer_norm_eps`.
+const DEFAULT_LAYER_NORM_EPS: f64 = 1e-5;
+
+/// Where a family keeps its tensors: Llama's names, or GPT-NeoX's.
+struct Names {
+    model: &'static str,
+    embed: &'static str,
+    final_norm: &'static str,
+    attention: &'static str,
+    out: &'static str,
+    up: &'static str,
+    down: &'static str,
+}
+
+impl Names {
+    fn of(v: Variant) -> Self {
+        if v.neox {
+            Self {
+                model: "gpt_neox",
+                embed: "embed_in",
+                final_norm: "final_layer_norm",
+                attention: "attention",
+                out: "dense",
+                up: "dense_h_to_4h",
+                down: "dense_4h_to_h",
+            }
+        } else {
+            Self {
+                model: "model",
+                embed: "embed_tokens",
+                final_norm: "norm",
+                attention: "self_attn",
+                out: "o_proj",
+                up: "up_proj",
+                down: "down_proj",
+            }
+        }
+    }
 }
 
 fn default_eps() -> f64 {
@@ -144,6 +205,10 @@ struct Variant {
     gemma2: bool,
     /// Which layers use the sliding window.
     sliding: SlidingLayers,
+    /// GPT-NeoX: LayerNorms, a fused query/key/value projection, partial rotary
+    /// embeddings, an ungated MLP and (`use_parallel_residual`) attention and MLP both
+    /// reading the layer's input.
+    neox: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +229,7 @@ impl Variant {
             gemma: false,
             gemma2: false,
             sliding: SlidingLayers::None,
+            neox: false,
         };
         match architecture {
             "MistralForSequenceClassification" => Self {
@@ -198,13 +264,20 @@ impl Variant {
                 },
                 ..base
             },
+            "GPTNeoXForSequenceClassification" => Self {
+                qkv_bias: cfg.attention_bias.unwrap_or(true),
+                o_bias: cfg.attention_bias.unwrap_or(true),
+                mlp_bias: true,
+                neox: true,
+                ..base
+            },
             _ => base,
         }
     }
 }
 
 struct Layer {
-    input_norm: RmsNorm,
+    input_norm: Norm,
     q: Dense,
     k: Dense,
     v: Dense,
@@ -215,9 +288,10 @@ struct Layer {
     post_attn_norm: Option<RmsNorm>,
     /// Before the MLP: `post_attention_layernorm` (Llama naming) or Gemma2's
     /// `pre_feedforward_layernorm`.
-    pre_mlp_norm: RmsNorm,
+    pre_mlp_norm: Norm,
     post_mlp_norm: Option<RmsNorm>,
-    gate: Dense,
+    /// None: GPT-NeoX's ungated MLP, `down(act(up(x)))`.
+    gate: Option<Dense>,
     up: Dense,
     down: Dense,
     sliding: bool,
@@ -227,7 +301,10 @@ pub struct DecoderModel {
     embed: Embedding,
     embed_scale: Option<f64>,
     layers: Vec<Layer>,
-    norm: RmsNorm,
+    norm: Norm,
+    /// GPT-NeoX's `use_parallel_residual`: the MLP reads the layer's input, not the
+    /// attention's output, and both are added to it.
+    parallel_residual: bool,
     score: ScoreHead,
     rotary: Rotary,
     act: Activation,
@@ -258,16 +335,38 @@ pub fn load(
     let head_dim = cfg
         .head_dim
         .unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
-    let inv_freq = inv_freq(&cfg, head_dim)?;
+    let inv_freq = inv_freq(&cfg, rotary_dims(&cfg, variant, head_dim)?)?;
     DecoderModel::new(&cfg, variant, head_dim, &inv_freq, head, vb)
         .map(|m| Box::new(m) as Box<dyn RewardModel>)
         .map_err(load_err)
 }
 
-/// Rotary inverse frequencies, in f32 as transformers computes them, with `rope_scaling`
-/// (`linear`, `llama3`; `dynamic` equals the default within max_position_embeddings).
+/// How many of a head's channels rotary embeddings turn: all but in GPT-NeoX, where
+/// `rotary_pct` of them (rounded down, as transformers does).
+fn rotary_dims(
+    cfg: &Config,
+    variant: Variant,
+    head_dim: usize,
+) -> std::result::Result<usize, ModelError> {
+    if !variant.neox {
+        return Ok(head_dim);
+    }
+    // GPTNeoXConfig's default.
+    let share = cfg.rotary_pct.unwrap_or(0.25);
+    let dims = (head_dim as f64 * share) as usize;
+    if !(0.0..=1.0).contains(&share) || dims == 0 || dims % 2 == 1 {
+        return Err(ModelError::Config(format!(
+            "rotary_pct {share} turns {dims} of a head's {head_dim} channels: warm needs an even number above 0"
+        )));
+    }
+    Ok(dims)
+}
+
+/// Rotary inverse frequencies over `head_dim` rotated channels, in f32 as transformers
+/// computes them, with `rope_scaling` (`linear`, `llama3`; `dynamic` equals the default
+/// within max_position_embeddings).
 fn inv_freq(cfg: &Config, head_dim: usize) -> std::result::Result<Vec<f32>, ModelError> {
-    let base = cfg.rope_theta as f32;
+    let base = cfg.rotary_emb_base.unwrap_or(cfg.rope_theta) as f32;
     let mut freqs: Vec<f32> = (0..head_dim / 2)
         .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
         .collect();
@@ -335,19 +434,38 @@ impl DecoderModel {
         let h = cfg.hidden_size;
         let heads = cfg.num_attention_heads;
         let kv_heads = cfg.num_key_value_heads.unwrap_or(heads);
-        let m = vb.pp("model");
+        let names = Names::of(v);
+        let m = vb.pp(names.model);
         let norm = |vb: VarBuilder, size: usize| RmsNorm::load(vb, size, cfg.rms_norm_eps, v.gemma);
+        // The norms every family has: LayerNorms in GPT-NeoX, RMSNorms elsewhere.
+        let main_norm = |vb: VarBuilder, size: usize| -> Result<Norm> {
+            if v.neox {
+                let eps = cfg.layer_norm_eps.unwrap_or(DEFAULT_LAYER_NORM_EPS);
+                layer_norm(vb, size, eps).map(Norm::Layer)
+            } else {
+                norm(vb, size).map(Norm::Rms)
+            }
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let l = m.pp(format!("layers.{i}"));
-                let a = l.pp("self_attn");
+                let a = l.pp(names.attention);
                 let mlp = l.pp("mlp");
+                let [q, k, val] = if v.neox {
+                    neox::split_qkv(a.pp("query_key_value"), h, heads, head_dim, v.qkv_bias)?
+                } else {
+                    [
+                        linear(a.pp("q_proj"), h, heads * head_dim, v.qkv_bias)?,
+                        linear(a.pp("k_proj"), h, kv_heads * head_dim, v.qkv_bias)?,
+                        linear(a.pp("v_proj"), h, kv_heads * head_dim, v.qkv_bias)?,
+                    ]
+                };
                 Ok(Layer {
-                    input_norm: norm(l.pp("input_layernorm"), h)?,
-                    q: linear(a.pp("q_proj"), h, heads * head_dim, v.qkv_bias)?,
-                    k: linear(a.pp("k_proj"), h, kv_heads * head_dim, v.qkv_bias)?,
-                    v: linear(a.pp("v_proj"), h, kv_heads * head_dim, v.qkv_bias)?,
-                    o: linear(a.pp("o_proj"), heads * head_dim, h, v.o_bias)?,
+                    input_norm: main_norm(l.pp("input_layernorm"), h)?,
+                    q,
+                    k,
+                    v: val,
+                    o: linear(a.pp(names.out), heads * head_dim, h, v.o_bias)?,
                     q_norm: v
                         .qk_norm
                         .then(|| norm(a.pp("q_norm"), head_dim))
@@ -361,17 +479,19 @@ impl DecoderModel {
                         .then(|| norm(l.pp("post_attention_layernorm"), h))
                         .transpose()?,
                     pre_mlp_norm: if v.gemma2 {
-                        norm(l.pp("pre_feedforward_layernorm"), h)?
+                        main_norm(l.pp("pre_feedforward_layernorm"), h)?
                     } else {
-                        norm(l.pp("post_attention_layernorm"), h)?
+                        main_norm(l.pp("post_attention_layernorm"), h)?
                     },
                     post_mlp_norm: v
                         .gemma2
                         .then(|| norm(l.pp("post_feedforward_layernorm"), h))
                         .transpose()?,
-                    gate: linear(mlp.pp("gate_proj"), h, cfg.intermediate_size, v.mlp_bias)?,
-                    up: linear(mlp.pp("up_proj"), h, cfg.intermediate_size, v.mlp_bias)?,
-                    down: linear(mlp.pp("down_proj"), cfg.intermediate_size, h, v.mlp_bias)?,
+                    gate: (!v.neox)
+                        .then(|| linear(mlp.pp("gate_proj"), h, cfg.intermediate_size, v.mlp_bias))
+                        .transpose()?,
+                    up: linear(mlp.pp(names.up), h, cfg.intermediate_size, v.mlp_bias)?,
+                    down: linear(mlp.pp(names.down), cfg.intermediate_size, h, v.mlp_bias)?,
                     sliding: match v.sliding {
                         SlidingLayers::None => false,
                         SlidingLayers::All => true,
@@ -386,14 +506,18 @@ impl DecoderModel {
         // configs say `hidden_act: gelu`, which transformers ignores).
         let act = if v.gemma {
             cfg.hidden_activation.unwrap_or(Activation::GeluPytorchTanh)
+        } else if v.neox {
+            cfg.hidden_act.unwrap_or(Activation::Gelu)
         } else {
             cfg.hidden_act.unwrap_or(Activation::Silu)
         };
         Ok(Self {
-            embed: embedding(m.pp("embed_tokens"), cfg.vocab_size, h)?,
+            embed: embedding(m.pp(names.embed), cfg.vocab_size, h)?,
             embed_scale: v.gemma.then(|| (h as f64).sqrt()),
             layers,
-            norm: norm(m.pp("norm"), h)?,
+            norm: main_norm(m.pp(names.final_norm), h)?,
+            // GPTNeoXConfig's default.
+            parallel_residual: v.neox && cfg.use_parallel_residual.unwrap_or(true),
             score: ScoreHead::load(vb.clone(), h, cfg.vocab_size, head)?,
             rotary: Rotary::new(inv_freq, cfg.max_position_embeddings, dtype, &device)?,
             act,
@@ -697,16 +821,31 @@ impl DecoderModel {
     /// The attention output projection, residual adds and MLP, on rows `x` and their
     /// attention output `attn`.
     fn residual_and_mlp(&self, l: &Layer, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
+        // A parallel residual's MLP reads the layer's input.
+        let mlp_in = if self.parallel_residual {
+            Some(l.pre_mlp_norm.forward(x)?)
+        } else {
+            None
+        };
         // Without Gemma2's post-norms the residual add is folded into the projection.
         let x = match &l.post_attn_norm {
             Some(n) => (x + n.forward(&l.o.forward(attn)?)?)?,
             None => l.o.forward_add(attn, x)?,
         };
-        let h = l.pre_mlp_norm.forward(&x)?;
-        let (gate, up) = (l.gate.forward(&h)?, l.up.forward(&h)?);
-        let inner = match gated::act_mul(self.act, &gate, &up)? {
-            Some(inner) => inner,
-            None => (super::gelu::activate(self.act, &gate)? * up)?,
+        let h = match mlp_in {
+            Some(h) => h,
+            None => l.pre_mlp_norm.forward(&x)?,
+        };
+        let up = l.up.forward(&h)?;
+        let inner = match &l.gate {
+            Some(gate) => {
+                let gate = gate.forward(&h)?;
+                match gated::act_mul(self.act, &gate, &up)? {
+                    Some(inner) => inner,
+                    None => (super::gelu::activate(self.act, &gate)? * up)?,
+                }
+            }
+            None => super::gelu::activate(self.act, &up)?,
         };
         match &l.post_mlp_norm {
             Some(n) => x + n.forward(&l.down.forward(&inner)?)?,

@@ -60,7 +60,24 @@ impl RmsNorm {
     }
 }
 
-/// Rotary position embedding tables (the rotate-half layout transformers uses).
+/// A decoder's norm: RMSNorm (Llama and its kin) or LayerNorm with a bias (GPT-NeoX).
+pub enum Norm {
+    Rms(RmsNorm),
+    Layer(LayerNorm),
+}
+
+impl Norm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Rms(norm) => norm.forward(x),
+            Self::Layer(norm) => candle_core::Module::forward(norm, x),
+        }
+    }
+}
+
+/// Rotary position embedding tables (the rotate-half layout transformers uses). A table of
+/// fewer frequencies than half a head rotates the head's first `2 * frequencies` channels
+/// and passes the rest through (GPT-NeoX's `rotary_pct`).
 pub struct Rotary {
     cos: Tensor,
     sin: Tensor,
@@ -98,7 +115,7 @@ impl Rotary {
             && x.dtype() == DType::F32
             && self.cos.dtype() == DType::F32
             && half > 0
-            && head_dim == 2 * half
+            && head_dim >= 2 * half
             && width % head_dim == 0
             && positions.len() == rows
             && positions.iter().all(|&p| p < table_rows);
@@ -122,12 +139,16 @@ impl Rotary {
                 .zip(positions.par_iter())
                 .for_each(|((out_row, row), &p)| {
                     let (cos, sin) = (&cs[p * half..][..half], &ss[p * half..][..half]);
-                    // rotate-half, per head: (a, b) -> (a cos - b sin, b cos + a sin).
+                    // rotate-half, per head: (a, b) -> (a cos - b sin, b cos + a sin);
+                    // channels past the rotated ones pass through.
                     for (o, x) in out_row
-                        .chunks_exact_mut(2 * half)
-                        .zip(row.chunks_exact(2 * half))
+                        .chunks_exact_mut(head_dim)
+                        .zip(row.chunks_exact(head_dim))
                     {
-                        let (a, b) = x.split_at(half);
+                        let (rotated, passed) = x.split_at(2 * half);
+                        let (o, o_passed) = o.split_at_mut(2 * half);
+                        o_passed.copy_from_slice(passed);
+                        let (a, b) = rotated.split_at(half);
                         let (oa, ob) = o.split_at_mut(half);
                         for j in 0..half {
                             oa[j] = a[j] * cos[j] - b[j] * sin[j];
@@ -145,7 +166,9 @@ impl Rotary {
         let seq = x.dim(2)?;
         let cos = self.cos.narrow(0, 0, seq)?;
         let sin = self.sin.narrow(0, 0, seq)?;
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+        partially(x, 2 * self.cos.dim(1)?, |r| {
+            candle_nn::rotary_emb::rope(&r.contiguous()?, &cos, &sin)
+        })
     }
 
     /// The tables' rows at `positions` (`[rows]`, u32): rotates packed rows on any device.
@@ -168,11 +191,28 @@ impl RowRotation {
     /// [`Rotary::apply`] on the padded layout).
     pub fn apply(&self, x: &Tensor, head_dim: usize) -> Result<Tensor> {
         let (rows, width) = x.dims2()?;
-        let x = x
-            .reshape((1, rows, width / head_dim, head_dim))?
-            .contiguous()?;
-        candle_nn::rotary_emb::rope_thd(&x, &self.cos, &self.sin)?.reshape((rows, width))
+        let x = x.reshape((1, rows, width / head_dim, head_dim))?;
+        partially(&x, 2 * self.cos.dim(1)?, |r| {
+            candle_nn::rotary_emb::rope_thd(&r.contiguous()?, &self.cos, &self.sin)
+        })?
+        .reshape((rows, width))
     }
+}
+
+/// `rotate` applied to the first `rotated` channels of `x`'s last axis, the others passed
+/// through unchanged.
+fn partially(
+    x: &Tensor,
+    rotated: usize,
+    rotate: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let width = x.dim(candle_core::D::Minus1)?;
+    if rotated >= width {
+        return rotate(x);
+    }
+    let last = x.rank() - 1;
+    let turned = rotate(&x.narrow(last, 0, rotated)?)?;
+    Tensor::cat(&[&turned, &x.narrow(last, rotated, width - rotated)?], last)
 }
 
 /// The f32 elements of a contiguous CPU tensor, from its storage.

@@ -10,6 +10,7 @@ mod gating_head;
 mod gelu;
 mod internlm2;
 mod layers;
+mod neox;
 mod openrlhf;
 mod packed_attention;
 mod regression_head;
@@ -65,6 +66,7 @@ pub const SUPPORTED: &[&str] = &[
     "Qwen3ForSequenceClassification",
     "GemmaForSequenceClassification",
     "Gemma2ForSequenceClassification",
+    "GPTNeoXForSequenceClassification",
     "Qwen2ForRewardModel",
     "INFORMForSequenceClassification",
     "LlamaForRewardModelWithGating",
@@ -348,7 +350,8 @@ pub fn load(
         | "Qwen2ForSequenceClassification"
         | "Qwen3ForSequenceClassification"
         | "GemmaForSequenceClassification"
-        | "Gemma2ForSequenceClassification" => decoder::load(
+        | "Gemma2ForSequenceClassification"
+        | "GPTNeoXForSequenceClassification" => decoder::load(
             architecture,
             &raw,
             vb,

@@ -325,8 +325,8 @@ pub struct StepHead {
 impl StepHead {
     /// From the checkpoint's root: `score.0` (h -> h) and `score.2` (h -> 2) with biases,
     /// `score` (h -> 2) with a bias, `v_head.summary` (h -> 1) with a bias, or the good and
-    /// bad tokens' rows of `lm_head.weight` (the input embedding when the checkpoint ties
-    /// them and saves no LM head).
+    /// bad tokens' rows of `lm_head.weight` (GPT-NeoX's `embed_out.weight`; the input
+    /// embedding when the checkpoint ties them and saves no LM head).
     pub fn load(vb: VarBuilder, hidden: usize, vocab: usize, spec: &StepSpec) -> Result<Self> {
         let (hidden_layer, out) = match spec.classes {
             StepClasses::Mlp => {
@@ -339,11 +339,16 @@ impl StepHead {
             StepClasses::Linear => (None, linear(vb.pp("score"), hidden, 2, true)?),
             StepClasses::Value => (None, linear(vb.pp("v_head.summary"), hidden, 1, true)?),
             StepClasses::Tokens { good, bad } => {
-                let name = if vb.contains_tensor("lm_head.weight") {
-                    "lm_head.weight"
-                } else {
-                    "model.embed_tokens.weight"
-                };
+                const TABLES: [&str; 4] = [
+                    "lm_head.weight",
+                    "embed_out.weight",
+                    "model.embed_tokens.weight",
+                    "gpt_neox.embed_in.weight",
+                ];
+                let name = TABLES
+                    .into_iter()
+                    .find(|name| vb.contains_tensor(name))
+                    .unwrap_or(TABLES[0]);
                 let weight = vb.get((vocab, hidden), name)?;
                 let rows = Tensor::new(&[good, bad], weight.device())?;
                 (None, Dense::new(weight.index_select(&rows, 0)?, None))
