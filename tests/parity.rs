@@ -214,6 +214,7 @@ parity! {
     eurus_rm_mistral => "eurus-rm-mistral",
     gemma => "gemma",
     gpt_neox => "gpt-neox",
+    gpt2 => "gpt2",
 }
 
 /// Real pre-trained weights (too large for the repository): run

@@ -191,6 +191,7 @@ fn drop_unread_lm_head(plan: &mut FusionPlan, members: &[Checkpoint]) {
     const HEADS: &[(&str, &str)] = &[
         ("lm_head.weight", "embed_tokens.weight"),
         ("embed_out.weight", "gpt_neox.embed_in.weight"),
+        ("lm_head.weight", "transformer.wte.weight"),
     ];
     let reads_head = members
         .first()

@@ -1,4 +1,4 @@
-//! Decoder reward models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, GPT-NeoX
+//! Decoder reward models (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, GPT-NeoX, GPT-2
 //! `*ForSequenceClassification`):
 //! a causal transformer with grouped-query attention and rotary positions; the `score`
 //! head reads the hidden state at each sequence's last real token. Batches are padded on
@@ -9,7 +9,8 @@
 //! even layers), Gemma's scaled embeddings, (1 + w) norms and tanh GELU, and Gemma2's
 //! extra norms around attention and MLP, tanh soft-capping of attention scores and
 //! `query_pre_attn_scalar`, GPT-NeoX's LayerNorms, fused attention projection (cut at load,
-//! src/model/neox.rs), partial rotary embeddings, ungated MLP and parallel residual.
+//! src/model/neox.rs), partial rotary embeddings, ungated MLP and parallel residual, and
+//! GPT-2's learned positions and Conv1D projections (src/model/gpt2.rs).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Activation, Embedding, VarBuilder};
@@ -21,12 +22,12 @@ use super::layers::{
     attention, causal_mask, embedding, layer_norm, linear, split_heads, Norm, Packing, RmsNorm,
     Rotary, RowRotation,
 };
-use super::neox;
 use super::packed_attention::{self, KeySpan, Queries, Spec};
 use super::score_head::{HeadOutput, HeadSpec, ScoreHead};
 use super::segments::Segments;
 use super::shared_padding::{Heads, SharedPadding};
 use super::step_head::StepSpec;
+use super::{gpt2, neox};
 use super::{
     load_err, logits_to_rows, parse_config, unshared_work, BatchLayout, Forward, ModelError,
     PaddedBatch, Pooling, RewardModel, Sequence, Work,
@@ -88,6 +89,13 @@ pub const FAMILIES: &[Family] = &[
         token_classification: Some("Gemma2ForTokenClassification"),
     },
     Family {
+        model_type: "gpt2",
+        causal_lm: "GPT2LMHeadModel",
+        classification: "GPT2ForSequenceClassification",
+        // Its head is `classifier`, not `score`: not served (no fixture checks it).
+        token_classification: None,
+    },
+    Family {
         model_type: "gpt_neox",
         causal_lm: "GPTNeoXForCausalLM",
         classification: "GPTNeoXForSequenceClassification",
@@ -96,12 +104,19 @@ pub const FAMILIES: &[Family] = &[
     },
 ];
 
+/// config.json, under Llama's names; GPT-2's own names (`n_embd`, `n_layer`, ...) are
+/// read as aliases.
 #[derive(serde::Deserialize)]
 struct Config {
     vocab_size: usize,
+    #[serde(alias = "n_embd")]
     hidden_size: usize,
-    intermediate_size: usize,
+    /// GPT-2's `n_inner` may be null: four times the hidden size.
+    #[serde(default, alias = "n_inner")]
+    intermediate_size: Option<usize>,
+    #[serde(alias = "n_layer")]
     num_hidden_layers: usize,
+    #[serde(alias = "n_head")]
     num_attention_heads: usize,
     #[serde(default)]
     num_key_value_heads: Option<usize>,
@@ -113,8 +128,9 @@ struct Config {
     rope_theta: f64,
     #[serde(default)]
     rope_scaling: Option<serde_json::Value>,
+    #[serde(alias = "n_positions")]
     max_position_embeddings: usize,
-    #[serde(default)]
+    #[serde(default, alias = "activation_function")]
     hidden_act: Option<Activation>,
     #[serde(default)]
     hidden_activation: Option<Activation>,
@@ -137,19 +153,43 @@ struct Config {
     /// GPT-NeoX's name for the rotary base (`rope_theta` in newer configs).
     #[serde(default)]
     rotary_emb_base: Option<f64>,
-    #[serde(default)]
+    #[serde(default, alias = "layer_norm_epsilon")]
     layer_norm_eps: Option<f64>,
     #[serde(default)]
     use_parallel_residual: Option<bool>,
+    /// GPT-2: scores divided by sqrt(head_dim) unless false.
+    #[serde(default)]
+    scale_attn_weights: Option<bool>,
+    /// GPT-2's per-layer 1 / (layer + 1) on the scores: not served.
+    #[serde(default)]
+    scale_attn_by_inverse_layer_idx: Option<bool>,
 }
 
-/// GPTNeoXConfig's `layer_norm_eps`.
+impl Config {
+    fn intermediate_size(&self, v: Variant) -> std::result::Result<usize, ModelError> {
+        match (self.intermediate_size, v.gpt2) {
+            (Some(size), _) => Ok(size),
+            (None, true) => Ok(4 * self.hidden_size),
+            (None, false) => Err(ModelError::Config(
+                "missing field `intermediate_size`".into(),
+            )),
+        }
+    }
+}
+
+/// GPTNeoXConfig's `layer_norm_eps` and GPT2Config's `layer_norm_epsilon`.
 const DEFAULT_LAYER_NORM_EPS: f64 = 1e-5;
 
 /// Where a family keeps its tensors: Llama's names, or GPT-NeoX's.
+/// Where a family keeps its tensors: Llama's names, GPT-NeoX's or GPT-2's.
 struct Names {
     model: &'static str,
     embed: &'static str,
+    /// Learned position embeddings (GPT-2's `wpe`).
+    positions: Option<&'static str>,
+    layers: &'static str,
+    input_norm: &'static str,
+    pre_mlp_norm: &'static str,
     final_norm: &'static str,
     attention: &'static str,
     out: &'static str,
@@ -159,6 +199,19 @@ struct Names {
 
 impl Names {
     fn of(v: Variant) -> Self {
+        let llama = Self {
+            model: "model",
+            embed: "embed_tokens",
+            positions: None,
+            layers: "layers",
+            input_norm: "input_layernorm",
+            pre_mlp_norm: "post_attention_layernorm",
+            final_norm: "norm",
+            attention: "self_attn",
+            out: "o_proj",
+            up: "up_proj",
+            down: "down_proj",
+        };
         if v.neox {
             Self {
                 model: "gpt_neox",
@@ -168,17 +221,24 @@ impl Names {
                 out: "dense",
                 up: "dense_h_to_4h",
                 down: "dense_4h_to_h",
+                ..llama
+            }
+        } else if v.gpt2 {
+            Self {
+                model: "transformer",
+                embed: "wte",
+                positions: Some("wpe"),
+                layers: "h",
+                input_norm: "ln_1",
+                pre_mlp_norm: "ln_2",
+                final_norm: "ln_f",
+                attention: "attn",
+                out: "c_proj",
+                up: "c_fc",
+                down: "c_proj",
             }
         } else {
-            Self {
-                model: "model",
-                embed: "embed_tokens",
-                final_norm: "norm",
-                attention: "self_attn",
-                out: "o_proj",
-                up: "up_proj",
-                down: "down_proj",
-            }
+            llama
         }
     }
 }
@@ -209,6 +269,9 @@ struct Variant {
     /// embeddings, an ungated MLP and (`use_parallel_residual`) attention and MLP both
     /// reading the layer's input.
     neox: bool,
+    /// GPT-2: LayerNorms, learned positions instead of rotary ones, Conv1D projections
+    /// (`[in, out]` weights) with a fused `c_attn`, an ungated MLP.
+    gpt2: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,6 +293,7 @@ impl Variant {
             gemma2: false,
             sliding: SlidingLayers::None,
             neox: false,
+            gpt2: false,
         };
         match architecture {
             "MistralForSequenceClassification" => Self {
@@ -271,8 +335,25 @@ impl Variant {
                 neox: true,
                 ..base
             },
+            "GPT2ForSequenceClassification" => Self {
+                qkv_bias: true,
+                o_bias: true,
+                mlp_bias: true,
+                gpt2: true,
+                ..base
+            },
             _ => base,
         }
+    }
+
+    /// LayerNorms with biases in place of RMSNorms.
+    fn layer_norms(self) -> bool {
+        self.neox || self.gpt2
+    }
+
+    /// `down(act(up(x)))`, no gate.
+    fn ungated(self) -> bool {
+        self.neox || self.gpt2
     }
 }
 
@@ -306,7 +387,9 @@ pub struct DecoderModel {
     /// attention's output, and both are added to it.
     parallel_residual: bool,
     score: ScoreHead,
-    rotary: Rotary,
+    /// None: GPT-2, whose positions are learned embeddings (`positions`).
+    rotary: Option<Rotary>,
+    positions: Option<Embedding>,
     act: Activation,
     heads: usize,
     kv_heads: usize,
@@ -332,13 +415,34 @@ pub fn load(
 ) -> std::result::Result<Box<dyn RewardModel>, ModelError> {
     let cfg: Config = parse_config(raw)?;
     let variant = Variant::of(architecture, &cfg);
+    if variant.gpt2 && cfg.scale_attn_by_inverse_layer_idx == Some(true) {
+        return Err(ModelError::Config(
+            "scale_attn_by_inverse_layer_idx is not supported".into(),
+        ));
+    }
     let head_dim = cfg
         .head_dim
         .unwrap_or(cfg.hidden_size / cfg.num_attention_heads);
-    let inv_freq = inv_freq(&cfg, rotary_dims(&cfg, variant, head_dim)?)?;
-    DecoderModel::new(&cfg, variant, head_dim, &inv_freq, head, vb)
+    let inv_freq = if variant.gpt2 {
+        None
+    } else {
+        Some(inv_freq(&cfg, rotary_dims(&cfg, variant, head_dim)?)?)
+    };
+    let intermediate = cfg.intermediate_size(variant)?;
+    let shape = Shape {
+        head_dim,
+        intermediate,
+    };
+    DecoderModel::new(&cfg, variant, shape, inv_freq.as_deref(), head, vb)
         .map(|m| Box::new(m) as Box<dyn RewardModel>)
         .map_err(load_err)
+}
+
+/// Sizes derived from config.json.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    head_dim: usize,
+    intermediate: usize,
 }
 
 /// How many of a head's channels rotary embeddings turn: all but in GPT-NeoX, where
@@ -426,11 +530,15 @@ impl DecoderModel {
     fn new(
         cfg: &Config,
         v: Variant,
-        head_dim: usize,
-        inv_freq: &[f32],
+        shape: Shape,
+        inv_freq: Option<&[f32]>,
         head: &HeadSpec,
         vb: VarBuilder,
     ) -> Result<Self> {
+        let Shape {
+            head_dim,
+            intermediate,
+        } = shape;
         let h = cfg.hidden_size;
         let heads = cfg.num_attention_heads;
         let kv_heads = cfg.num_key_value_heads.unwrap_or(heads);
@@ -439,20 +547,30 @@ impl DecoderModel {
         let norm = |vb: VarBuilder, size: usize| RmsNorm::load(vb, size, cfg.rms_norm_eps, v.gemma);
         // The norms every family has: LayerNorms in GPT-NeoX, RMSNorms elsewhere.
         let main_norm = |vb: VarBuilder, size: usize| -> Result<Norm> {
-            if v.neox {
+            if v.layer_norms() {
                 let eps = cfg.layer_norm_eps.unwrap_or(DEFAULT_LAYER_NORM_EPS);
                 layer_norm(vb, size, eps).map(Norm::Layer)
             } else {
                 norm(vb, size).map(Norm::Rms)
             }
         };
+        // GPT-2's Conv1D layers store `[in, out]` weights.
+        let proj = |vb: VarBuilder, inputs: usize, outputs: usize, bias: bool| {
+            if v.gpt2 {
+                gpt2::conv1d(vb, inputs, outputs)
+            } else {
+                linear(vb, inputs, outputs, bias)
+            }
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
-                let l = m.pp(format!("layers.{i}"));
+                let l = m.pp(format!("{}.{i}", names.layers));
                 let a = l.pp(names.attention);
                 let mlp = l.pp("mlp");
                 let [q, k, val] = if v.neox {
                     neox::split_qkv(a.pp("query_key_value"), h, heads, head_dim, v.qkv_bias)?
+                } else if v.gpt2 {
+                    gpt2::split_c_attn(a.pp("c_attn"), h)?
                 } else {
                     [
                         linear(a.pp("q_proj"), h, heads * head_dim, v.qkv_bias)?,
@@ -461,11 +579,11 @@ impl DecoderModel {
                     ]
                 };
                 Ok(Layer {
-                    input_norm: main_norm(l.pp("input_layernorm"), h)?,
+                    input_norm: main_norm(l.pp(names.input_norm), h)?,
                     q,
                     k,
                     v: val,
-                    o: linear(a.pp(names.out), heads * head_dim, h, v.o_bias)?,
+                    o: proj(a.pp(names.out), heads * head_dim, h, v.o_bias)?,
                     q_norm: v
                         .qk_norm
                         .then(|| norm(a.pp("q_norm"), head_dim))
@@ -481,17 +599,17 @@ impl DecoderModel {
                     pre_mlp_norm: if v.gemma2 {
                         main_norm(l.pp("pre_feedforward_layernorm"), h)?
                     } else {
-                        main_norm(l.pp("post_attention_layernorm"), h)?
+                        main_norm(l.pp(names.pre_mlp_norm), h)?
                     },
                     post_mlp_norm: v
                         .gemma2
                         .then(|| norm(l.pp("post_feedforward_layernorm"), h))
                         .transpose()?,
-                    gate: (!v.neox)
-                        .then(|| linear(mlp.pp("gate_proj"), h, cfg.intermediate_size, v.mlp_bias))
+                    gate: (!v.ungated())
+                        .then(|| linear(mlp.pp("gate_proj"), h, intermediate, v.mlp_bias))
                         .transpose()?,
-                    up: linear(mlp.pp(names.up), h, cfg.intermediate_size, v.mlp_bias)?,
-                    down: linear(mlp.pp(names.down), cfg.intermediate_size, h, v.mlp_bias)?,
+                    up: proj(mlp.pp(names.up), h, intermediate, v.mlp_bias)?,
+                    down: proj(mlp.pp(names.down), intermediate, h, v.mlp_bias)?,
                     sliding: match v.sliding {
                         SlidingLayers::None => false,
                         SlidingLayers::All => true,
@@ -508,6 +626,8 @@ impl DecoderModel {
             cfg.hidden_activation.unwrap_or(Activation::GeluPytorchTanh)
         } else if v.neox {
             cfg.hidden_act.unwrap_or(Activation::Gelu)
+        } else if v.gpt2 {
+            cfg.hidden_act.unwrap_or(Activation::NewGelu)
         } else {
             cfg.hidden_act.unwrap_or(Activation::Silu)
         };
@@ -519,13 +639,20 @@ impl DecoderModel {
             // GPTNeoXConfig's default.
             parallel_residual: v.neox && cfg.use_parallel_residual.unwrap_or(true),
             score: ScoreHead::load(vb.clone(), h, cfg.vocab_size, head)?,
-            rotary: Rotary::new(inv_freq, cfg.max_position_embeddings, dtype, &device)?,
+            rotary: inv_freq
+                .map(|f| Rotary::new(f, cfg.max_position_embeddings, dtype, &device))
+                .transpose()?,
+            positions: names
+                .positions
+                .map(|name| embedding(m.pp(name), cfg.max_position_embeddings, h))
+                .transpose()?,
             act,
             heads,
             kv_heads,
             head_dim,
             scale: match (v.gemma2, cfg.query_pre_attn_scalar) {
                 (true, Some(s)) => 1.0 / s.sqrt(),
+                _ if v.gpt2 && cfg.scale_attn_weights == Some(false) => 1.0,
                 _ => 1.0 / (head_dim as f64).sqrt(),
             },
             softcap: if v.gemma2 {
@@ -560,7 +687,8 @@ impl DecoderModel {
         // layout rebuilt from them. Padding is on the right and the mask causal, so no
         // real token ever attends to a padded one.
         let packing = Packing::new(&batch.lengths, batch.seq_len, &device)?;
-        let mut x = self.embed_rows(&packing.pack(&batch.ids)?)?;
+        let positions: Vec<usize> = batch.lengths.iter().flat_map(|&n| 0..n).collect();
+        let mut x = self.embed_rows(&packing.pack(&batch.ids)?, &positions)?;
         let full_mask = causal_mask(batch.seq_len, None, &device)?;
         let window_mask = match self.window {
             Some(w) if self.layers.iter().any(|l| l.sliding) => {
@@ -605,10 +733,14 @@ impl DecoderModel {
             gathered = layout.gathered_rows(),
             "padded attention rows"
         );
-        let positions: Vec<u32> = segments.positions().iter().map(|&p| p as u32).collect();
-        let rotation = self
-            .rotary
-            .at(&Tensor::from_vec(positions, total, device)?)?;
+        let positions = segments.positions();
+        let rotation = match &self.rotary {
+            Some(rotary) => {
+                let at: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+                Some(rotary.at(&Tensor::from_vec(at, total, device)?)?)
+            }
+            None => None,
+        };
         let heads = Heads {
             heads: self.heads,
             kv_heads: self.kv_heads,
@@ -616,9 +748,9 @@ impl DecoderModel {
             scale: self.scale,
             softcap: self.softcap,
         };
-        let mut x = self.embed_rows(&Tensor::from_vec(ids, total, device)?)?;
+        let mut x = self.embed_rows(&Tensor::from_vec(ids, total, device)?, &positions)?;
         for layer in &self.layers {
-            x = self.shared_layer_forward(layer, &x, &layout, &rotation, &heads)?;
+            x = self.shared_layer_forward(layer, &x, &layout, rotation.as_ref(), &heads)?;
         }
         let last_rows = Tensor::from_vec(segments.last_rows(), segments.inputs(), device)?;
         let last = x.index_select(&last_rows, 0)?;
@@ -652,7 +784,7 @@ impl DecoderModel {
         let read_rows = read.map(|p| ReadRows::new(&segments, &p));
         let rows = PackedRows::new(segments, device)?;
         let total = ids.len();
-        let mut x = self.embed_rows(&Tensor::from_vec(ids, total, device)?)?;
+        let mut x = self.embed_rows(&Tensor::from_vec(ids, total, device)?, &rows.positions)?;
         let work = Work {
             tokens: total,
             shared,
@@ -705,9 +837,15 @@ impl DecoderModel {
         )
     }
 
-    /// Token embeddings of packed ids `[t]` -> `[t, h]`.
-    fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
-        let x = self.embed.forward(ids)?;
+    /// Token embeddings of packed ids `[t]` at `positions` -> `[t, h]` (plus the position
+    /// embeddings where they are learned).
+    fn embed_rows(&self, ids: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        let mut x = self.embed.forward(ids)?;
+        if let Some(table) = &self.positions {
+            let at: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+            let at = Tensor::from_vec(at, positions.len(), ids.device())?;
+            x = (x + table.forward(&at)?)?;
+        }
         match self.embed_scale {
             Some(scale) => {
                 // Gemma and Gemma2 multiply by sqrt(hidden) rounded to the compute dtype.
@@ -735,8 +873,10 @@ impl DecoderModel {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
-        let q = self.rotary.apply(&q)?;
-        let k = self.rotary.apply(&k)?;
+        let (q, k) = match &self.rotary {
+            Some(rotary) => (rotary.apply(&q)?, rotary.apply(&k)?),
+            None => (q, k),
+        };
         let mask = mask.to_dtype(DType::F32)?;
         let attn = attention(&q, &k, &v, &mask, self.scale, self.softcap)?;
         let attn = packing.pack(&attn)?;
@@ -750,7 +890,7 @@ impl DecoderModel {
         l: &Layer,
         x: &Tensor,
         layout: &SharedPadding,
-        rotation: &RowRotation,
+        rotation: Option<&RowRotation>,
         heads: &Heads,
     ) -> Result<Tensor> {
         let h = l.input_norm.forward(x)?;
@@ -761,8 +901,13 @@ impl DecoderModel {
             q = per_head(qn, &q, self.head_dim)?;
             k = per_head(kn, &k, self.head_dim)?;
         }
-        let q = rotation.apply(&q, self.head_dim)?;
-        let k = rotation.apply(&k, self.head_dim)?;
+        let (q, k) = match rotation {
+            Some(rotation) => (
+                rotation.apply(&q, self.head_dim)?,
+                rotation.apply(&k, self.head_dim)?,
+            ),
+            None => (q, k),
+        };
         let attn = layout.attend(&q, &k, &v, heads, l.sliding)?;
         self.residual_and_mlp(l, x, &attn)
     }
@@ -795,14 +940,17 @@ impl DecoderModel {
             q = per_head(qn, &q, self.head_dim)?;
             k = per_head(kn, &k, self.head_dim)?;
         }
-        let q = self
-            .rotary
-            .apply_packed(&q, self.head_dim, q_positions)?
-            .ok_or_else(packed_attention::refused)?;
-        let k = self
-            .rotary
-            .apply_packed(&k, self.head_dim, &rows.positions)?
-            .ok_or_else(packed_attention::refused)?;
+        let (q, k) = match &self.rotary {
+            Some(rotary) => (
+                rotary
+                    .apply_packed(&q, self.head_dim, q_positions)?
+                    .ok_or_else(packed_attention::refused)?,
+                rotary
+                    .apply_packed(&k, self.head_dim, &rows.positions)?
+                    .ok_or_else(packed_attention::refused)?,
+            ),
+            None => (q, k),
+        };
         let spec = Spec {
             heads: self.heads,
             kv_heads: self.kv_heads,

@@ -8,6 +8,7 @@ mod dense;
 mod gated;
 mod gating_head;
 mod gelu;
+mod gpt2;
 mod internlm2;
 mod layers;
 mod neox;
@@ -67,6 +68,7 @@ pub const SUPPORTED: &[&str] = &[
     "GemmaForSequenceClassification",
     "Gemma2ForSequenceClassification",
     "GPTNeoXForSequenceClassification",
+    "GPT2ForSequenceClassification",
     "Qwen2ForRewardModel",
     "INFORMForSequenceClassification",
     "LlamaForRewardModelWithGating",
@@ -351,7 +353,8 @@ pub fn load(
         | "Qwen3ForSequenceClassification"
         | "GemmaForSequenceClassification"
         | "Gemma2ForSequenceClassification"
-        | "GPTNeoXForSequenceClassification" => decoder::load(
+        | "GPTNeoXForSequenceClassification"
+        | "GPT2ForSequenceClassification" => decoder::load(
             architecture,
             &raw,
             vb,

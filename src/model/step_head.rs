@@ -339,11 +339,12 @@ impl StepHead {
             StepClasses::Linear => (None, linear(vb.pp("score"), hidden, 2, true)?),
             StepClasses::Value => (None, linear(vb.pp("v_head.summary"), hidden, 1, true)?),
             StepClasses::Tokens { good, bad } => {
-                const TABLES: [&str; 4] = [
+                const TABLES: [&str; 5] = [
                     "lm_head.weight",
                     "embed_out.weight",
                     "model.embed_tokens.weight",
                     "gpt_neox.embed_in.weight",
+                    "transformer.wte.weight",
                 ];
                 let name = TABLES
                     .into_iter()
