@@ -104,6 +104,8 @@ pub struct ServeConfig {
     /// Standardize rewards with config.json's `mean` and `std` (OpenRLHF's
     /// `--normalize_reward`).
     pub normalize_reward: bool,
+    /// The label whose logit is the reward (None: the first).
+    pub reward_label: Option<String>,
     /// Inputs of one batch sharing at least this many first tokens compute them once
     /// (decoder models; 0: never).
     pub min_shared_prefix: usize,

@@ -35,6 +35,8 @@ pub enum EvalError {
     Empty(PathBuf),
     #[error(transparent)]
     Load(#[from] LoadError),
+    #[error(transparent)]
+    RewardLabel(#[from] crate::scorer::RewardLabelError),
     #[error("pair {index}: {reason}")]
     Score { index: usize, reason: String },
     #[error("{0}")]
@@ -227,22 +229,29 @@ pub fn evaluate(
     pairs: &[Pair],
     dtype: FloatDType,
     batch_tokens: usize,
+    reward_label: Option<&str>,
 ) -> Result<EvalReport, EvalError> {
+    let load = |members: &MembersConfig| -> Result<Scorer, EvalError> {
+        let mut scorer = Scorer::load(members, Combine::Weights, dtype, &Device::Cpu, None)?;
+        if let Some(label) = reward_label {
+            scorer.reward_from_label(label)?;
+        }
+        Ok(scorer)
+    };
     let inputs: Vec<&Input> = pairs
         .iter()
         .flat_map(|p| [&p.chosen, &p.rejected])
         .collect();
-    let device = Device::Cpu;
     let mut member_scores = Vec::with_capacity(members.dirs.len());
     let mut member_acc = Vec::with_capacity(members.dirs.len());
     for dir in &members.dirs {
         let single = MembersConfig::single(dir);
-        let scorer = Scorer::load(&single, Combine::Weights, dtype, &device, None)?;
+        let scorer = load(&single)?;
         let scores = score_all(&scorer, &inputs, batch_tokens)?;
         member_acc.push(model_eval(dir.display().to_string(), &scores));
         member_scores.push(scores);
     }
-    let fused = Scorer::load(members, Combine::Weights, dtype, &device, None)?;
+    let fused = load(members)?;
     let warm = model_eval(
         "WARM (weight average)".into(),
         &score_all(&fused, &inputs, batch_tokens)?,

@@ -134,6 +134,10 @@ struct ServeArgs {
     /// serve_rm --normalize_reward does: (reward - mean) / std.
     #[arg(long, env = "WARM_NORMALIZE_REWARD")]
     normalize_reward: bool,
+    /// The label whose logit is the reward, for a classifier of several labels (a name
+    /// from config.json's id2label, e.g. POSITIVE, or an index; default: the first).
+    #[arg(long, env = "WARM_REWARD_LABEL")]
+    reward_label: Option<String>,
     /// Inputs of one batch that begin with at least this many equal tokens (one prompt,
     /// several responses) compute them once: decoder models, on any device. 0: never.
     #[arg(long, env = "WARM_MIN_SHARED_PREFIX", default_value_t = warm::model::DEFAULT_MIN_SHARED_PREFIX)]
@@ -179,6 +183,10 @@ struct EvalArgs {
     /// counts once.
     #[arg(long, env = "WARM_MAX_BATCH_TOKENS", default_value_t = 16384)]
     max_batch_tokens: usize,
+    /// The label whose logit is the reward (a name from config.json's id2label, or an
+    /// index; default: the first).
+    #[arg(long, env = "WARM_REWARD_LABEL")]
+    reward_label: Option<String>,
 }
 
 #[derive(Args)]
@@ -278,6 +286,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_input_length: args.max_input_length,
         auto_truncate: args.auto_truncate,
         normalize_reward: args.normalize_reward,
+        reward_label: args.reward_label,
         min_shared_prefix: args.min_shared_prefix,
         tokenization_workers: workers,
         payload_limit: usize::try_from(args.payload_limit)?,
@@ -335,7 +344,13 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
         // Refused before minutes of scoring.
         warm::eval::reward_stats_target(&members)?;
     }
-    let report = warm::eval::evaluate(&members, &pairs, FloatDType::F32, args.max_batch_tokens)?;
+    let report = warm::eval::evaluate(
+        &members,
+        &pairs,
+        FloatDType::F32,
+        args.max_batch_tokens,
+        args.reward_label.as_deref(),
+    )?;
     if args.write_reward_stats {
         let stats = warm::eval::record_reward_stats(&members, &report)?;
         eprintln!(

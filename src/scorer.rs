@@ -38,8 +38,17 @@ pub enum LoadError {
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
 }
 
-/// One input's score: the reward (first logit), with ENS the spread of the members'
-/// rewards, and every label's logit (the members' weighted mean with ENS). A process
+/// Why `--reward-label` cannot be honoured.
+#[derive(Debug, thiserror::Error)]
+pub enum RewardLabelError {
+    #[error("--reward-label '{given}' names no label of the model: its labels are {labels} (a name from config.json's id2label, or an index)")]
+    Unknown { given: String, labels: String },
+    #[error("--reward-label: a process reward model's reward is its weakest step's, not a label's logit")]
+    Steps,
+}
+
+/// One input's score: the reward (the first logit, or `--reward-label`'s), with ENS the
+/// spread of the members' rewards, and every label's logit (the members' weighted mean with ENS). A process
 /// reward model's reward is its weakest step's, and `steps` holds every step's; ArmoRM's
 /// `objectives` its objectives' rewards (both the members' weighted mean with ENS).
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +74,8 @@ pub struct Scorer {
     report: FusionReport,
     /// Per model, the statistics its logits are standardized with (`--normalize-reward`).
     stats: Option<Vec<RewardStats>>,
+    /// Which logit is the reward: the first unless `--reward-label` names another.
+    reward_index: usize,
 }
 
 impl Scorer {
@@ -147,7 +158,46 @@ impl Scorer {
             weights,
             report,
             stats: None,
+            reward_index: 0,
         })
+    }
+
+    /// Makes the logit of `label` (a name from config.json's `id2label`, or an index) the
+    /// reward, as RL loops over classifiers read one (TRL's sentiment example reads
+    /// POSITIVE, the second).
+    pub fn reward_from_label(&mut self, label: &str) -> Result<(), RewardLabelError> {
+        if self.step_spec().is_some() {
+            return Err(RewardLabelError::Steps);
+        }
+        let by_name = self.labels.iter().position(|name| name == label);
+        let by_index = label
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&i| i < self.labels.len());
+        self.reward_index = by_name
+            .or(by_index)
+            .ok_or_else(|| RewardLabelError::Unknown {
+                given: label.to_string(),
+                labels: self
+                    .labels
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| format!("{i} {name}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        Ok(())
+    }
+
+    /// The reward's label: its index and name.
+    pub fn reward_label(&self) -> (usize, &str) {
+        (
+            self.reward_index,
+            self.labels
+                .get(self.reward_index)
+                .map_or("", String::as_str),
+        )
     }
 
     /// Standardizes every logit with the reward statistics in the members' config.json,
@@ -335,7 +385,8 @@ impl Scorer {
         self.models[0].batch_layout()
     }
 
-    /// The reward (first logit) of each sequence, combined across members with ENS.
+    /// The reward (the first logit, or `--reward-label`'s) of each sequence, combined
+    /// across members with ENS.
     pub fn score(&self, sequences: &[&Sequence]) -> Result<Vec<Score>, ModelError> {
         Ok(self.score_batch(sequences)?.0)
     }
@@ -350,7 +401,7 @@ impl Scorer {
                 .standardized(0, forward.logits)
                 .into_iter()
                 .map(|logits| Score {
-                    value: logits.first().copied().unwrap_or(f32::NAN),
+                    value: logits.get(self.reward_index).copied().unwrap_or(f32::NAN),
                     uncertainty: None,
                     logits,
                     steps: steps.as_mut().and_then(Iterator::next),
@@ -387,7 +438,9 @@ impl Scorer {
                     .collect();
                 let rewards: Vec<f64> = per_member
                     .iter()
-                    .map(|rows| f64::from(rows[i].first().copied().unwrap_or(f32::NAN)))
+                    .map(|rows| {
+                        f64::from(rows[i].get(self.reward_index).copied().unwrap_or(f32::NAN))
+                    })
                     .collect();
                 let (mean, std) = weighted_mean_std(&rewards, &self.weights);
                 Score {

@@ -201,6 +201,17 @@ fn load(state: &AppState) -> Result<(), String> {
             .normalize_rewards(&config.members)
             .map_err(|e| e.to_string())?;
     }
+    match &config.reward_label {
+        Some(label) => scorer.reward_from_label(label).map_err(|e| e.to_string())?,
+        None if scorer.num_labels() > 1 && scorer.step_spec().is_none() => {
+            let (index, name) = scorer.reward_label();
+            tracing::warn!(
+                labels = scorer.num_labels(),
+                "the reward is label {index} ({name}), the first: --reward-label picks another"
+            );
+        }
+        None => {}
+    }
     let report = scorer.report().clone();
     let warmup = warm_up_input(&scorer)?;
     scorer
@@ -251,6 +262,7 @@ fn load(state: &AppState) -> Result<(), String> {
         })).collect::<Vec<_>>(),
         "has_chat_template": scorer.has_chat_template(),
         "num_labels": scorer.num_labels(),
+        "reward_label": {"index": scorer.reward_label().0, "name": scorer.reward_label().1},
         "step_tag": step_tag,
         "step_separator": step_separator,
         "reward_token": scorer
