@@ -68,6 +68,10 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
             "{name} case {i}: score {got} vs transformers {want}"
         );
         let at = format!("case {i}");
+        if case.get("logits").is_some() {
+            let logits = Some(scored.logits.clone());
+            assert_parts(name, &at, "logits", &logits, &case["logits"]);
+        }
         assert_parts(name, &at, "steps", &scored.steps, &case["step_scores"]);
         let objectives = &case["objective_scores"];
         assert_parts(name, &at, "objectives", &scored.objectives, objectives);
@@ -89,6 +93,9 @@ fn check_dir(name: &str, dir: PathBuf, expected: &Path) {
             got.value
         );
         let at = format!("batch case {i}");
+        if let Some(logits) = expected.get("batch_logits") {
+            assert_parts(name, &at, "logits", &Some(got.logits.clone()), &logits[i]);
+        }
         let steps = &expected["batch_step_scores"][i];
         assert_parts(name, &at, "steps", &got.steps, steps);
         let objectives = &expected["batch_objective_scores"][i];
@@ -215,6 +222,7 @@ parity! {
     gemma => "gemma",
     gpt_neox => "gpt-neox",
     gpt2 => "gpt2",
+    distilbert => "distilbert",
 }
 
 /// Real pre-trained weights (too large for the repository): run

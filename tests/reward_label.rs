@@ -164,3 +164,27 @@ fn ensembles_combine_the_chosen_logit_and_process_reward_models_refuse_one() {
         Err(RewardLabelError::Steps)
     ));
 }
+
+/// TRL's sentiment loop over lvwerra/distilbert-imdb reads the POSITIVE logit of the
+/// text-classification pipeline (special tokens added): the distilbert fixture (its shape)
+/// served with `--reward-label POSITIVE` gives transformers' second logit as the reward.
+#[test]
+fn distilbert_positive_logit_is_transformers_second_logit() {
+    let expected = common::cases::expected("distilbert");
+    let cases = expected["cases"].as_array().unwrap();
+    let dir = common::server::fixture("distilbert").display().to_string();
+    let server = Server::started(&["--model", &dir, "--reward-label", "POSITIVE"]);
+    let inputs: Vec<Value> = cases
+        .iter()
+        .map(|case| match case["kind"].as_str().unwrap() {
+            "text" => case["text"].clone(),
+            _ => json!({"prompt": case["prompt"], "response": case["response"]}),
+        })
+        .collect();
+    let got = scores(&server, &inputs);
+    assert_eq!(got.len(), cases.len());
+    for (got, case) in got.iter().zip(cases) {
+        let want = case["logits"][1].as_f64().unwrap() as f32;
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    }
+}

@@ -1,7 +1,8 @@
-//! BERT and RoBERTa/XLM-RoBERTa sequence classification: a post-LayerNorm transformer
-//! encoder. BERT reads its pooler (dense + tanh on [CLS]) into `classifier`; RoBERTa's
-//! head is dense + tanh + `out_proj` on <s>, and its position ids start after the padding
-//! id (pad + 1 + i for real tokens).
+//! BERT, RoBERTa/XLM-RoBERTa and DistilBERT sequence classification: a post-LayerNorm
+//! transformer encoder. BERT reads its pooler (dense + tanh on [CLS]) into `classifier`;
+//! RoBERTa's head is dense + tanh + `out_proj` on <s>, and its position ids start after the
+//! padding id (pad + 1 + i for real tokens); DistilBERT's is `pre_classifier` + ReLU +
+//! `classifier` on [CLS], with no token types and its own tensor names.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
@@ -20,15 +21,23 @@ use super::{
 pub enum Flavour {
     Bert,
     Roberta,
+    DistilBert,
 }
 
+/// config.json under BERT's names; DistilBERT's own (`dim`, `n_layers`, ...) are read as
+/// aliases.
 #[derive(serde::Deserialize)]
 struct Config {
     vocab_size: usize,
+    #[serde(alias = "dim")]
     hidden_size: usize,
+    #[serde(alias = "n_layers")]
     num_hidden_layers: usize,
+    #[serde(alias = "n_heads")]
     num_attention_heads: usize,
+    #[serde(alias = "hidden_dim")]
     intermediate_size: usize,
+    #[serde(alias = "activation")]
     hidden_act: Activation,
     max_position_embeddings: usize,
     #[serde(default = "default_type_vocab")]
@@ -69,6 +78,58 @@ enum Head {
     Pooler { dense: Dense, classifier: Dense },
     /// RoBERTa: classifier.dense + tanh + classifier.out_proj.
     Roberta { dense: Dense, out_proj: Dense },
+    /// DistilBERT: pre_classifier + ReLU + classifier.
+    PreClassifier { dense: Dense, classifier: Dense },
+}
+
+/// Where a flavour keeps its tensors.
+struct Names {
+    prefix: &'static str,
+    layers: &'static str,
+    query: &'static str,
+    key: &'static str,
+    value: &'static str,
+    attn_out: &'static str,
+    attn_norm: &'static str,
+    intermediate: &'static str,
+    output: &'static str,
+    out_norm: &'static str,
+}
+
+impl Names {
+    fn of(flavour: Flavour) -> Self {
+        let bert = Self {
+            prefix: "bert",
+            layers: "encoder.layer",
+            query: "attention.self.query",
+            key: "attention.self.key",
+            value: "attention.self.value",
+            attn_out: "attention.output.dense",
+            attn_norm: "attention.output.LayerNorm",
+            intermediate: "intermediate.dense",
+            output: "output.dense",
+            out_norm: "output.LayerNorm",
+        };
+        match flavour {
+            Flavour::Bert => bert,
+            Flavour::Roberta => Self {
+                prefix: "roberta",
+                ..bert
+            },
+            Flavour::DistilBert => Self {
+                prefix: "distilbert",
+                layers: "transformer.layer",
+                query: "attention.q_lin",
+                key: "attention.k_lin",
+                value: "attention.v_lin",
+                attn_out: "attention.out_lin",
+                attn_norm: "sa_layer_norm",
+                intermediate: "ffn.lin1",
+                output: "ffn.lin2",
+                out_norm: "output_layer_norm",
+            },
+        }
+    }
 }
 
 pub struct BertModel {
@@ -114,47 +175,38 @@ pub fn load(
 impl BertModel {
     fn new(cfg: &Config, vb: VarBuilder, flavour: Flavour, num_labels: usize) -> Result<Self> {
         let h = cfg.hidden_size;
-        let prefix = match flavour {
-            Flavour::Bert => "bert",
-            Flavour::Roberta => "roberta",
-        };
+        let names = Names::of(flavour);
+        let prefix = names.prefix;
         let base = if vb.contains_tensor(&format!("{prefix}.embeddings.word_embeddings.weight")) {
             vb.pp(prefix)
         } else {
             vb.clone()
         };
         let emb = base.pp("embeddings");
-        let token_types =
-            if cfg.type_vocab_size > 0 && emb.contains_tensor("token_type_embeddings.weight") {
-                Some(embedding(
-                    emb.pp("token_type_embeddings"),
-                    cfg.type_vocab_size,
-                    h,
-                )?)
-            } else {
-                None
-            };
+        let token_types = if flavour != Flavour::DistilBert
+            && cfg.type_vocab_size > 0
+            && emb.contains_tensor("token_type_embeddings.weight")
+        {
+            Some(embedding(
+                emb.pp("token_type_embeddings"),
+                cfg.type_vocab_size,
+                h,
+            )?)
+        } else {
+            None
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
-                let l = base.pp(format!("encoder.layer.{i}"));
+                let l = base.pp(format!("{}.{i}", names.layers));
                 Ok(Layer {
-                    query: linear(l.pp("attention.self.query"), h, h, true)?,
-                    key: linear(l.pp("attention.self.key"), h, h, true)?,
-                    value: linear(l.pp("attention.self.value"), h, h, true)?,
-                    attn_out: linear(l.pp("attention.output.dense"), h, h, true)?,
-                    attn_norm: layer_norm(
-                        l.pp("attention.output.LayerNorm"),
-                        h,
-                        cfg.layer_norm_eps,
-                    )?,
-                    intermediate: linear(
-                        l.pp("intermediate.dense"),
-                        h,
-                        cfg.intermediate_size,
-                        true,
-                    )?,
-                    output: linear(l.pp("output.dense"), cfg.intermediate_size, h, true)?,
-                    out_norm: layer_norm(l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+                    query: linear(l.pp(names.query), h, h, true)?,
+                    key: linear(l.pp(names.key), h, h, true)?,
+                    value: linear(l.pp(names.value), h, h, true)?,
+                    attn_out: linear(l.pp(names.attn_out), h, h, true)?,
+                    attn_norm: layer_norm(l.pp(names.attn_norm), h, cfg.layer_norm_eps)?,
+                    intermediate: linear(l.pp(names.intermediate), h, cfg.intermediate_size, true)?,
+                    output: linear(l.pp(names.output), cfg.intermediate_size, h, true)?,
+                    out_norm: layer_norm(l.pp(names.out_norm), h, cfg.layer_norm_eps)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -167,13 +219,17 @@ impl BertModel {
                 dense: linear(vb.pp("classifier.dense"), h, h, true)?,
                 out_proj: linear(vb.pp("classifier.out_proj"), h, num_labels, true)?,
             },
+            Flavour::DistilBert => Head::PreClassifier {
+                dense: linear(vb.pp("pre_classifier"), h, h, true)?,
+                classifier: linear(vb.pp("classifier"), h, num_labels, true)?,
+            },
         };
         let pad_id = cfg.pad_token_id.unwrap_or(match flavour {
-            Flavour::Bert => 0,
+            Flavour::Bert | Flavour::DistilBert => 0,
             Flavour::Roberta => 1,
         });
         let max_positions = match flavour {
-            Flavour::Bert => cfg.max_position_embeddings,
+            Flavour::Bert | Flavour::DistilBert => cfg.max_position_embeddings,
             // Positions start at pad_id + 1.
             Flavour::Roberta => cfg
                 .max_position_embeddings
@@ -205,7 +261,7 @@ impl BertModel {
         let mut ids = Vec::with_capacity(sequences.len() * s);
         for seq in sequences {
             match self.flavour {
-                Flavour::Bert => {
+                Flavour::Bert | Flavour::DistilBert => {
                     ids.extend((0..s as u32).map(|p| p.min(self.max_positions as u32 - 1)))
                 }
                 Flavour::Roberta => {
@@ -239,7 +295,8 @@ impl BertModel {
             (Some(tt), Flavour::Bert) => (x + tt.forward(&packing.pack(&batch.type_ids)?)?)?,
             // RoBERTa tokenizers return no token type ids: transformers uses zeros.
             (Some(tt), Flavour::Roberta) => (x + tt.forward(&ids.zeros_like()?)?)?,
-            (None, _) => x,
+            // DistilBERT has none (never loaded).
+            (Some(_), Flavour::DistilBert) | (None, _) => x,
         };
         x = self.embed_norm.forward(&x)?;
         // On the CPU in f32 attention runs on the packed rows too; elsewhere on the padded
@@ -317,6 +374,9 @@ impl BertModel {
                 classifier.forward(&dense.forward(&first)?.tanh()?)
             }
             Head::Roberta { dense, out_proj } => out_proj.forward(&dense.forward(&first)?.tanh()?),
+            Head::PreClassifier { dense, classifier } => {
+                classifier.forward(&dense.forward(&first)?.relu()?)
+            }
         }
     }
 }

@@ -61,6 +61,7 @@ pub const SUPPORTED: &[&str] = &[
     "RobertaForSequenceClassification",
     "XLMRobertaForSequenceClassification",
     "DebertaV2ForSequenceClassification",
+    "DistilBertForSequenceClassification",
     "LlamaForSequenceClassification",
     "MistralForSequenceClassification",
     "Qwen2ForSequenceClassification",
@@ -346,6 +347,7 @@ pub fn load(
         "RobertaForSequenceClassification" | "XLMRobertaForSequenceClassification" => {
             bert::load(&raw, vb, bert::Flavour::Roberta)
         }
+        "DistilBertForSequenceClassification" => bert::load(&raw, vb, bert::Flavour::DistilBert),
         "DebertaV2ForSequenceClassification" => deberta::load(&raw, vb),
         "LlamaForSequenceClassification"
         | "MistralForSequenceClassification"

@@ -532,6 +532,7 @@ mod tests {
         for name in [
             "bert",
             "roberta",
+            "distilbert",
             "deberta-v2",
             "deberta-v2-conv",
             "llama",
