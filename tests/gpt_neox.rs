@@ -161,3 +161,19 @@ fn a_fused_projection_of_the_wrong_size_is_named() {
         "{message}"
     );
 }
+
+/// OpenAssistant's GPTNeoXRewardModel with `pooling: mean` (an average over every token,
+/// which warm does not compute) is refused by name rather than served at the last token.
+#[test]
+fn an_oasst_reward_model_with_mean_pooling_is_refused() {
+    let (_keep, dir) = common::fixture_variant(
+        "oasst-pythia-rm",
+        |config| config["pooling"] = json!("mean"),
+        common::unchanged,
+    );
+    let message = load_error(&dir);
+    assert!(
+        message.contains("pooling 'mean'") && message.contains("'last'"),
+        "{message}"
+    );
+}

@@ -223,6 +223,7 @@ parity! {
     gpt_neox => "gpt-neox",
     gpt2 => "gpt2",
     distilbert => "distilbert",
+    oasst_pythia_rm => "oasst-pythia-rm",
 }
 
 /// Real pre-trained weights (too large for the repository): run

@@ -84,6 +84,7 @@ pub const SUPPORTED: &[&str] = &[
     internlm2::ARCHITECTURE,
     "LlamaRewardModel",
     "EurusRewardModel",
+    "GPTNeoXRewardModel",
 ];
 
 /// Which token's hidden state the score head reads, as transformers does.
@@ -398,6 +399,13 @@ pub fn load(
             vb,
             &score_head::HeadSpec::steps(StepSpec::skywork(tokenizer)?),
         ),
+        // OpenAssistant's reward models (its model_training code): a GPT-NeoX under
+        // `out_proj`, a linear head with a bias, read at the last real token.
+        "GPTNeoXRewardModel" => {
+            refuse_mean_pooling(&raw)?;
+            let head = score_head::HeadSpec::value("out_proj", &vb);
+            decoder::load("GPTNeoXForSequenceClassification", &raw, vb, &head)
+        }
         name if openrlhf::ARCHITECTURES.contains(&name) => openrlhf::load(&raw, vb),
         other => {
             // OpenBMB's classes (UltraRM, Eurus-RM): a backbone under a regression head.
@@ -423,6 +431,17 @@ pub fn load(
                 None => Err(ModelError::Unsupported(other.to_string())),
             }
         }
+    }
+}
+
+/// OpenAssistant's `pooling`: "last" (its default, and its released models') is served;
+/// its "mean" averages every token's hidden state, which warm does not compute.
+fn refuse_mean_pooling(raw: &serde_json::Value) -> Result<(), ModelError> {
+    match raw.get("pooling").and_then(serde_json::Value::as_str) {
+        None | Some("last") => Ok(()),
+        Some(other) => Err(ModelError::Config(format!(
+            "pooling '{other}' is not supported: warm reads the last token (pooling 'last')"
+        ))),
     }
 }
 
