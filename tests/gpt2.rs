@@ -11,10 +11,6 @@ use serde_json::json;
 
 const FIXTURE: &str = "gpt2";
 
-fn f32_tensor(shape: &[usize], values: Vec<f32>) -> Stored {
-    common::float("F32", shape, &values)
-}
-
 /// GPT-2 checkpoints converted from the original carry each layer's causal mask
 /// (`attn.bias`, `[1, 1, n_positions, n_positions]`) and `attn.masked_bias`, which
 /// transformers ignores. Two such members whose score heads differ (the second's
@@ -39,9 +35,12 @@ fn gpt2_checkpoints_with_their_mask_buffers_fuse_and_score() {
             let prefix = format!("transformer.h.{layer}.attn");
             tensors.push((
                 format!("{prefix}.bias"),
-                f32_tensor(&[1, 1, positions, positions], tril.clone()),
+                common::float("F32", &[1, 1, positions, positions], &tril),
             ));
-            tensors.push((format!("{prefix}.masked_bias"), f32_tensor(&[], vec![-1e4])));
+            tensors.push((
+                format!("{prefix}.masked_bias"),
+                common::float("F32", &[], &[-1e4]),
+            ));
         }
         common::write_safetensors(&path, &tensors);
         (keep, dir)
@@ -75,7 +74,10 @@ fn a_value_head_over_gpt2_scores_as_the_classifier_plus_its_bias() {
         .map(|(_, t)| t.clone())
         .unwrap();
     tensors.push(("lm_head.weight".into(), wte));
-    tensors.push(("v_head.summary.bias".into(), f32_tensor(&[1], vec![bias])));
+    tensors.push((
+        "v_head.summary.bias".into(),
+        common::float("F32", &[1], &[bias]),
+    ));
     common::write_safetensors(&path, &tensors);
 
     let (fused, _) = warm::fuse::fuse_to_tensors(
@@ -87,22 +89,7 @@ fn a_value_head_over_gpt2_scores_as_the_classifier_plus_its_bias() {
     assert!(!fused.contains_key("lm_head.weight"));
     assert!(fused.contains_key("transformer.wte.weight"));
 
-    let scorer = warm::scorer::Scorer::load_one(&dir).unwrap();
-    for (i, case) in common::cases::expected(FIXTURE)["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-    {
-        let input = common::cases::input_of(case);
-        let sequence = scorer.encode(&input, false, None, true).unwrap();
-        let got = scorer.score(&[&sequence]).unwrap()[0].value;
-        let want = case["score"].as_f64().unwrap() as f32 + bias;
-        assert!(
-            (got - want).abs() < 1e-4 * want.abs().max(1.0),
-            "case {i}: {got} vs {want}"
-        );
-    }
+    common::cases::assert_scores_shifted(&dir, FIXTURE, bias, 1e-4);
 }
 
 /// GPT-2's per-layer score scaling is refused by name rather than served wrong.

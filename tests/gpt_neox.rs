@@ -11,10 +11,6 @@ use serde_json::json;
 
 const FIXTURE: &str = "gpt-neox";
 
-fn f32_tensor(shape: &[usize], values: Vec<f32>) -> Stored {
-    common::float("F32", shape, &values)
-}
-
 /// Pythia's checkpoints carry each layer's attention buffers (the causal mask as a bool
 /// `attention.bias`, `attention.masked_bias`, `rotary_emb.inv_freq`), which transformers
 /// ignores. Two such members whose score heads differ (the second's tripled) fuse, the
@@ -43,10 +39,13 @@ fn pythia_checkpoints_with_their_buffers_fuse_and_score() {
                 bytes: tril.clone(),
             };
             tensors.push((format!("{prefix}.bias"), mask));
-            tensors.push((format!("{prefix}.masked_bias"), f32_tensor(&[], vec![-1e9])));
+            tensors.push((
+                format!("{prefix}.masked_bias"),
+                common::float("F32", &[], &[-1e9]),
+            ));
             tensors.push((
                 format!("{prefix}.rotary_emb.inv_freq"),
-                f32_tensor(&[2], vec![1.0, 0.01]),
+                common::float("F32", &[2], &[1.0, 0.01]),
             ));
         }
         common::write_safetensors(&path, &tensors);
@@ -101,9 +100,12 @@ fn a_llamafactory_value_head_over_gpt_neox_is_served_without_its_lm_head() {
     let lm_head = common::Rng(7).vec(vocab * hidden, 0.1);
     tensors.push((
         "embed_out.weight".into(),
-        f32_tensor(&[vocab, hidden], lm_head),
+        common::float("F32", &[vocab, hidden], &lm_head),
     ));
-    tensors.push(("v_head.summary.bias".into(), f32_tensor(&[1], vec![bias])));
+    tensors.push((
+        "v_head.summary.bias".into(),
+        common::float("F32", &[1], &[bias]),
+    ));
     common::write_safetensors(&path, &tensors);
 
     let (tensors, _) = warm::fuse::fuse_to_tensors(
@@ -121,19 +123,7 @@ fn a_llamafactory_value_head_over_gpt_neox_is_served_without_its_lm_head() {
     common::warm_fuse(&[&dir, &dir], &fused, &[]);
     assert!(common::read_checkpoint(&fused).contains_key("embed_out.weight"));
     for checkpoint in [&dir, &fused] {
-        let scorer = warm::scorer::Scorer::load_one(checkpoint).unwrap();
-        for (i, case) in common::cases::expected(FIXTURE)["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .enumerate()
-        {
-            let input = common::cases::input_of(case);
-            let sequence = scorer.encode(&input, false, None, true).unwrap();
-            let got = scorer.score(&[&sequence]).unwrap()[0].value;
-            let want = case["score"].as_f64().unwrap() as f32 + bias;
-            assert!((got - want).abs() < 1e-4, "case {i}: {got} vs {want}");
-        }
+        common::cases::assert_scores_shifted(checkpoint, FIXTURE, bias, 1e-4);
     }
 }
 
@@ -145,11 +135,11 @@ fn a_fused_projection_of_the_wrong_size_is_named() {
         |_| {},
         |name, t| {
             if name == "gpt_neox.layers.1.attention.query_key_value.weight" {
-                let values = common::decode(&t.dtype, &t.bytes)[..64 * 32]
+                let values: Vec<f32> = common::decode(&t.dtype, &t.bytes)[..64 * 32]
                     .iter()
                     .map(|&v| v as f32)
                     .collect();
-                (name, f32_tensor(&[64, 32], values))
+                (name, common::float("F32", &[64, 32], &values))
             } else {
                 (name, t)
             }

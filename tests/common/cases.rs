@@ -19,6 +19,16 @@ pub fn expected(name: &str) -> Value {
 /// one at a time, and checks each is `factor` times transformers' score, to `tolerance`
 /// (relative above 1 in magnitude, absolute below).
 pub fn assert_scores(dir: &Path, fixture: &str, factor: f32, tolerance: f32) {
+    check_scores(dir, fixture, tolerance, |s| factor * s);
+}
+
+/// [`assert_scores`] for a checkpoint whose scores are transformers' plus `offset` (a head
+/// with a bias the fixture's has not).
+pub fn assert_scores_shifted(dir: &Path, fixture: &str, offset: f32, tolerance: f32) {
+    check_scores(dir, fixture, tolerance, |s| s + offset);
+}
+
+fn check_scores(dir: &Path, fixture: &str, tolerance: f32, want_of: impl Fn(f32) -> f32) {
     let scorer = Scorer::load_one(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     for (i, case) in expected(fixture)["cases"]
         .as_array()
@@ -28,10 +38,11 @@ pub fn assert_scores(dir: &Path, fixture: &str, factor: f32, tolerance: f32) {
     {
         let sequence = scorer.encode(&input_of(case), false, None, true).unwrap();
         let got = scorer.score(&[&sequence]).unwrap()[0].value;
-        let want = factor * case["score"].as_f64().unwrap() as f32;
+        let transformers = case["score"].as_f64().unwrap() as f32;
+        let want = want_of(transformers);
         assert!(
             (got - want).abs() < tolerance * want.abs().max(1.0),
-            "{}, case {i}: {got} vs {want} ({factor} x transformers)",
+            "{}, case {i}: {got} vs {want} (transformers {transformers})",
             dir.display()
         );
     }
